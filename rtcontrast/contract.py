@@ -1,0 +1,111 @@
+"""The ONNX model contract ``qmap/1``: the interface between researchers and the node.
+
+Inputs
+    image   float32 [N,1,H,W]  stored values (after Modality LUT) / series scale s,
+                               s = ``input_percentile`` percentile of all voxels > 0 of the series
+    te_tr   float32 [N,2]      the input's TE and TR in ms (from the header)
+Outputs
+    pd          float32 [N,1,H,W]  in the units of ``image`` (re-rendering the input reproduces it)
+    t1, t2      float32 [N,1,H,W]  ms
+    te_tr_pred  float32 [N,2]      ms, identified from the image alone
+H and W must be multiples of ``spatial_multiple`` (the caller pads); N is free.
+
+This module is numpy-only so that the node (onnxruntime) and the exporter (torch) share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CONTRACT = "qmap/1"
+INPUT_NAMES: tuple[str, ...] = ("image", "te_tr")
+OUTPUT_NAMES: tuple[str, ...] = ("pd", "t1", "t2", "te_tr_pred")
+REQUIRED_METADATA: tuple[str, ...] = (
+    "rtcontrast.contract",
+    "name",
+    "version",
+    "input_percentile",
+    "spatial_multiple",
+    "te_range_ms",
+    "tr_range_ms",
+    "field_strengths_t",
+)
+
+
+class ContractError(ValueError):
+    """A model file does not honour the contract; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The contract metadata of one model, parsed."""
+
+    name: str
+    version: str
+    input_percentile: float
+    spatial_multiple: int
+    te_range_ms: tuple[float, float]
+    tr_range_ms: tuple[float, float]
+    field_strengths_t: tuple[float, ...]
+
+    def te_tr_in_range(self, te: float, tr: float) -> bool:
+        """True when (TE, TR) lies inside the trained range."""
+        return (self.te_range_ms[0] <= te <= self.te_range_ms[1]) and (
+            self.tr_range_ms[0] <= tr <= self.tr_range_ms[1]
+        )
+
+
+def _pair(text: str, key: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ContractError(f"metadata {key!r} must be 'low,high' in ms, got {text!r}") from exc
+    if not lo < hi:
+        raise ContractError(f"metadata {key!r} must have low < high, got {text!r}")
+    return lo, hi
+
+
+def parse_metadata(meta: dict[str, str]) -> ModelInfo:
+    """Validate a model's metadata_props against ``qmap/1`` and return them parsed."""
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ContractError(f"model metadata lacks {', '.join(missing)} (required by {CONTRACT})")
+    if meta["rtcontrast.contract"] != CONTRACT:
+        raise ContractError(
+            f"model declares contract {meta['rtcontrast.contract']!r}; this node knows {CONTRACT!r}"
+        )
+    try:
+        pct = float(meta["input_percentile"])
+        mult = int(meta["spatial_multiple"])
+        fields = tuple(float(v) for v in meta["field_strengths_t"].split(","))
+    except ValueError as exc:
+        raise ContractError(f"model metadata has a malformed number: {exc}") from exc
+    if not 0 < pct <= 100:
+        raise ContractError(f"input_percentile must be in (0, 100], got {pct}")
+    if mult < 1:
+        raise ContractError(f"spatial_multiple must be >= 1, got {mult}")
+    return ModelInfo(
+        name=meta["name"],
+        version=meta["version"],
+        input_percentile=pct,
+        spatial_multiple=mult,
+        te_range_ms=_pair(meta["te_range_ms"], "te_range_ms"),
+        tr_range_ms=_pair(meta["tr_range_ms"], "tr_range_ms"),
+        field_strengths_t=fields,
+    )
+
+
+def series_scale(values: np.ndarray, percentile: float) -> float:
+    """The series scale s: the ``percentile`` of all voxels > 0 (1.0 for an empty series)."""
+    pos = values[values > 0]
+    if pos.size == 0:
+        return 1.0
+    s = float(np.percentile(pos, percentile))
+    return s if s > 0 else 1.0
+
+
+def pad_amounts(h: int, w: int, multiple: int) -> tuple[int, int]:
+    """How many rows/columns to add (at the bottom/right) to reach the next multiple."""
+    return (-h) % multiple, (-w) % multiple
