@@ -124,11 +124,15 @@ class Orthanc:
         self.stop()
         raise OrthancError(f"Orthanc did not answer within {self.start_timeout_s} s; log:\n{self.log_tail()}")
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """Stop Orthanc (SIGTERM, then SIGKILL after ``timeout_s``); storage is kept."""
+    def stop(self, timeout_s: float = 15.0, kill: bool = False) -> None:
+        """Stop Orthanc; storage is kept.
+
+        SIGTERM (a clean stop takes ~3 s), then SIGKILL after ``timeout_s``;
+        ``kill=True`` sends SIGKILL at once (a crash; also the fast teardown).
+        """
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -225,4 +229,4 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(kill=True)
