@@ -1,0 +1,157 @@
+"""Quantitative maps through onnxruntime, per the ``qmap/1`` contract (the node's only model code).
+
+The node never imports torch.  This module loads a model file, refuses one whose
+contract it does not know (with a message that says what is wrong), picks the
+execution provider (CUDA when a GPU is really there, else CPU, decided once and logged
+once), and runs a whole series: series scale, padding to the model's multiple,
+batching, cropping, and un-scaling PD back to stored-value units.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from rtcontrast.contract import (
+    CONTRACT,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    ContractError,
+    ModelInfo,
+    pad_amounts,
+    parse_metadata,
+    series_scale,
+)
+
+log = logging.getLogger("rtcontrast.qmap")
+
+
+def cuda_present() -> bool:
+    """True when an NVIDIA driver and device are visible (checked before asking ORT for CUDA).
+
+    onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU and logs
+    an error when asked for it there; probing the driver first keeps start-up clean.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if not any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl")) and not os.environ.get("RTCONTRAST_FORCE_CUDA_PROBE"):
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def choose_providers(preference: str = "auto") -> list[str]:
+    """Execution providers for ``preference`` in {auto, cpu, cuda}."""
+    if preference == "cpu":
+        return ["CPUExecutionProvider"]
+    if preference == "cuda":
+        if not cuda_present():
+            raise RuntimeError("execution_provider 'cuda' requested but no CUDA device/driver is present")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if preference != "auto":
+        raise ValueError(f"unknown execution provider preference {preference!r} (auto|cpu|cuda)")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_present() else ["CPUExecutionProvider"]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class QMaps:
+    """Maps of one series, [N,H,W] float32, in the series' stored-value units (PD) and ms."""
+
+    pd: np.ndarray
+    t1: np.ndarray
+    t2: np.ndarray
+    te_tr_pred: np.ndarray  # [N,2] ms, identified per slice
+    scale: float  # the series scale s used for the model input
+
+
+def _check_io(sess: ort.InferenceSession, path: Path) -> None:
+    ins = {i.name: i for i in sess.get_inputs()}
+    outs = {o.name: o for o in sess.get_outputs()}
+    if set(ins) != set(INPUT_NAMES):
+        raise ContractError(f"{path}: inputs are {sorted(ins)}, {CONTRACT} requires {list(INPUT_NAMES)}")
+    missing = [n for n in OUTPUT_NAMES if n not in outs]
+    if missing:
+        raise ContractError(f"{path}: outputs lack {missing}; {CONTRACT} requires {list(OUTPUT_NAMES)}")
+    if len(ins["image"].shape) != 4 or len(ins["te_tr"].shape) != 2:
+        raise ContractError(f"{path}: input ranks must be image [N,1,H,W] and te_tr [N,2], got "
+                            f"{ins['image'].shape} and {ins['te_tr'].shape}")
+    for n in INPUT_NAMES:
+        if ins[n].type != "tensor(float)":
+            raise ContractError(f"{path}: input {n!r} must be float32, is {ins[n].type}")
+
+
+class QMapModel:
+    """A loaded ``qmap/1`` model ready to run series."""
+
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ContractError(f"model file {self.path} does not exist")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=choose_providers(provider))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ContractError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
+        _check_io(self.session, self.path)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.info: ModelInfo = parse_metadata(meta)
+        except ContractError as exc:
+            raise ContractError(f"{self.path}: {exc}") from exc
+        self.sha256 = file_sha256(self.path)
+        self.provider = self.session.get_providers()[0]
+
+    def describe(self) -> str:
+        return (f"model {self.info.name} {self.info.version} ({self.path.name}, sha256 {self.sha256[:12]}) "
+                f"on {self.provider}")
+
+    def run_normalised(self, image: np.ndarray, te_tr: np.ndarray) -> dict[str, np.ndarray]:
+        """One raw ``session.run`` on already normalised, padded input [N,1,H,W]."""
+        outs = self.session.run(list(OUTPUT_NAMES), {"image": image, "te_tr": te_tr})
+        return dict(zip(OUTPUT_NAMES, outs))
+
+    def predict(self, pixels: np.ndarray, te_ms: float, tr_ms: float, batch_size: int = 8) -> QMaps:
+        """Maps of a series ``pixels`` [N,H,W] (stored values after Modality LUT)."""
+        if pixels.ndim != 3:
+            raise ValueError(f"pixels must be [N,H,W], got shape {pixels.shape}")
+        n, h, w = pixels.shape
+        s = series_scale(pixels, self.info.input_percentile)
+        ph, pw = pad_amounts(h, w, self.info.spatial_multiple)
+        pd = np.empty((n, h, w), np.float32)
+        t1 = np.empty_like(pd)
+        t2 = np.empty_like(pd)
+        te_tr_pred = np.empty((n, 2), np.float32)
+        inv = np.float32(1.0 / s)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            x = np.zeros((stop - start, 1, h + ph, w + pw), np.float32)
+            x[:, 0, :h, :w] = pixels[start:stop] * inv
+            tt = np.tile(np.array([[te_ms, tr_ms]], np.float32), (stop - start, 1))
+            o = self.run_normalised(x, tt)
+            pd[start:stop] = o["pd"][:, 0, :h, :w] * np.float32(s)
+            t1[start:stop] = o["t1"][:, 0, :h, :w]
+            t2[start:stop] = o["t2"][:, 0, :h, :w]
+            te_tr_pred[start:stop] = o["te_tr_pred"]
+        return QMaps(pd=pd, t1=t1, t2=t2, te_tr_pred=te_tr_pred, scale=s)
