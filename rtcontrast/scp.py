@@ -268,10 +268,17 @@ class StorageSCP:
 
     def _on_established(self, event: evt.Event) -> None:
         st = self._state(event.assoc)
-        for cx in event.assoc.rejected_contexts:
+        accepted = {str(cx.abstract_syntax) for cx in event.assoc.accepted_contexts}
+        refused = sorted(
+            {str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts} - accepted
+        )
+        if refused:
+            # One line per association: storescu-like peers propose ~100 SOP classes.
+            shown = ", ".join(refused[:10]) + (f" and {len(refused) - 10} more" if len(refused) > 10 else "")
             LOG.warning(
-                "refused presentation context from %s (AE %s): %s (%s) is not accepted by this node",
-                st.peer, st.calling_ae, cx.abstract_syntax.name, cx.abstract_syntax,
+                "association from %s (AE %s): refused presentation contexts for %d SOP class(es) "
+                "this node does not accept (only MR and Enhanced MR Image Storage): %s",
+                st.peer, st.calling_ae, len(refused), shown,
             )
 
     def _on_rejected(self, event: evt.Event) -> None:
