@@ -31,6 +31,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import format_number_as_ds
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
@@ -176,9 +177,8 @@ def _code_item(code: Any) -> Dataset:
 
 
 def _ds_number(value: float) -> str:
-    """A DS string of at most 16 characters."""
-    text = f"{value:.6g}"
-    return text if len(text) <= 16 else f"{value:.8e}"[:16]
+    """A DS string of at most 16 characters, as precise as fits."""
+    return format_number_as_ds(float(value))
 
 
 def _now(now: _dt.datetime | None) -> _dt.datetime:
@@ -323,8 +323,7 @@ def _series_template(
         t.PatientPosition = ""  # Type 2C: required for MR (patient-based geometry)
     if "SliceThickness" not in t:
         t.SliceThickness = None
-    t.ImageOrientationPatient = [_ds_number(v) for v in volume.orientation]
-    t.PixelSpacing = [_ds_number(v) for v in volume.pixel_spacing]
+    # ImageOrientationPatient and PixelSpacing: the source's own strings (copied above), never reformatted
     _equipment(t, src, node, when, contribution)
     # MR Image module
     t.ScanningSequence = scanning_sequence
@@ -390,11 +389,11 @@ def _instances(
         # New element objects (cheap shallow copies), so that setting an attribute on one
         # output never changes the others; sequence values stay shared (read-only).
         ds = Dataset({tag: copy.copy(elem) for tag, elem in template.items()})
+        hdr = ref.header
         sop_uid = uids.instance_uid(node.uid_root, ref.sop_instance_uid, ref.frame_number, recipe_key, model.version)
         _put(ds, "SOPInstanceUID", sop_uid)
         _put(ds, "InstanceNumber", i + 1)
-        _put(ds, "ImagePositionPatient", [_ds_number(v) for v in ref.image_position])
-        hdr = ref.header
+        _take(ds, hdr, "ImagePositionPatient")  # the source's exact value
         if ref.frame_number is None and "SliceLocation" in hdr:
             _take(ds, hdr, "SliceLocation")
         if ref.slice_thickness is not None:

@@ -294,19 +294,24 @@ def _multiframe_frames(path: Path, ds: Dataset) -> list[_Frame]:
             lut.RescaleSlope = slope
             lut.RescaleIntercept = intercept
         px = np.asarray(apply_modality_lut(arr[k], lut), dtype=np.float32)
-        hdr = base_top.copy()  # shallow: shares the (immutable in use) top-level elements
+        # A new element dict per frame (a shallow Dataset.copy() would share it between frames).
+        hdr = Dataset(dict(base_top.items()))
         hdr.file_meta = base.file_meta
-        hdr.ImagePositionPatient = [float(v) for v in pos_a]
-        hdr.ImageOrientationPatient = [float(v) for v in ori_a]
-        hdr.PixelSpacing = [float(v) for v in spc_a]
-        if thick is not None:
-            hdr.SliceThickness = thick
-        if between is not None:
-            hdr.SpacingBetweenSlices = between
-        if te is not None:
-            hdr.EchoTime = te
-        if tr is not None:
-            hdr.RepetitionTime = tr
+        flat = {
+            "ImagePositionPatient": list(pos),  # the DS values as sent (original strings kept)
+            "ImageOrientationPatient": list(ori),
+            "PixelSpacing": list(spacing),
+            "SliceThickness": thick,
+            "SpacingBetweenSlices": between,
+            "EchoTime": te,
+            "RepetitionTime": tr,
+        }
+        for kw, value in flat.items():
+            if value is None:
+                continue
+            if kw in hdr:
+                del hdr[kw]  # only from this frame's dict
+            setattr(hdr, kw, value)
         ref = SliceRef(
             path=path,
             sop_class_uid=str(ds.SOPClassUID),

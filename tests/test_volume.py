@@ -94,10 +94,13 @@ def test_enhanced_mr_split_into_frames(tmp_path: Path, timing_per_frame: bool) -
     assert [s.frame_number for s in v.slices] == [order.index(i) + 1 for i in range(5)]
     assert {s.sop_class_uid for s in v.slices} == {ENHANCED_MR_IMAGE_STORAGE}
     assert (v.te_ms, v.tr_ms) == (12.0, 600.0)
-    h = v.slices[2].header
-    assert float(h.EchoTime) == 12.0 and float(h.SliceThickness) == 2.0
-    np.testing.assert_allclose([float(x) for x in h.ImagePositionPatient], v.slices[2].image_position)
-    assert "PerFrameFunctionalGroupsSequence" not in h and "PixelData" not in h
+    for s in v.slices:  # each frame's header holds that frame's geometry
+        h = s.header
+        assert float(h.EchoTime) == 12.0 and float(h.SliceThickness) == 2.0
+        np.testing.assert_allclose([float(x) for x in h.ImagePositionPatient], s.image_position)
+        assert "PerFrameFunctionalGroupsSequence" not in h and "PixelData" not in h
+    positions = [tuple(s.header.ImagePositionPatient) for s in v.slices]
+    assert len(set(positions)) == 5
     assert v.slice_spacing == pytest.approx(2.5, abs=1e-4)
 
 
