@@ -139,7 +139,9 @@ class _AssocState:
     stored: int = 0
     refused: int = 0
     series: set[tuple[str, str]] = field(default_factory=set)
-    outcome: str = "closed"
+    outcome: str = "open"  # released | aborted | rejected
+    closed: bool = False
+    logged: bool = False
 
 
 class _Refusal(Exception):
@@ -174,7 +176,6 @@ class StorageSCP:
         self.on_stored = on_stored
         self.on_released = on_released
         self._server: Any = None
-        self._states: dict[int, _AssocState] = {}
         self._lock = threading.Lock()
         self.ae = self._make_ae()
 
@@ -244,8 +245,12 @@ class StorageSCP:
 
     # ------------------------------------------------------------------ association events
     def _state(self, assoc: Any) -> _AssocState:
+        """Per-association counters, kept on the association object itself."""
+        st = getattr(assoc, "_rtcontrast_state", None)
+        if st is not None:
+            return st
         with self._lock:
-            st = self._states.get(id(assoc))
+            st = getattr(assoc, "_rtcontrast_state", None)
             if st is None:
                 req = assoc.requestor
                 prim = getattr(req, "primitive", None)
@@ -254,8 +259,26 @@ class StorageSCP:
                     called_ae=str(getattr(prim, "called_ae_title", "") or "").strip(),
                     peer=f"{req.address}:{req.port}",
                 )
-                self._states[id(assoc)] = st
+                assoc._rtcontrast_state = st
             return st
+
+    def _finish(self, st: _AssocState, *, outcome: str | None = None, closed: bool = False) -> None:
+        """Log the one summary line once the outcome is known and the connection closed.
+
+        EVT_ABORTED and EVT_CONN_CLOSE arrive in either order (different threads).
+        """
+        with self._lock:
+            if outcome is not None and st.outcome == "open":
+                st.outcome = outcome
+            st.closed = st.closed or closed
+            ready = st.closed and st.outcome != "open" and not st.logged
+            if ready:
+                st.logged = True
+        if ready and st.outcome != "rejected":
+            LOG.info(
+                "association %s from %s (AE %s -> %s): %d instance(s) stored, %d refused, %d series",
+                st.outcome, st.peer, st.calling_ae, st.called_ae, st.stored, st.refused, len(st.series),
+            )
 
     def _on_conn_open(self, event: evt.Event) -> None:
         # Nagle + delayed ACK costs ~40 ms per C-STORE response round trip.
@@ -283,7 +306,7 @@ class StorageSCP:
 
     def _on_rejected(self, event: evt.Event) -> None:
         st = self._state(event.assoc)
-        st.outcome = "rejected"
+        self._finish(st, outcome="rejected")
         allowed = self.settings.allowed_calling_aets
         if allowed and st.calling_ae not in [a.strip() for a in allowed]:
             why = f"calling AE title {st.calling_ae!r} not recognised (not in the allow-list)"
@@ -295,7 +318,7 @@ class StorageSCP:
 
     def _on_released(self, event: evt.Event) -> None:
         st = self._state(event.assoc)
-        st.outcome = "released"
+        self._finish(st, outcome="released")
         if st.series:
             try:
                 self.on_released(set(st.series))
@@ -303,19 +326,13 @@ class StorageSCP:
                 LOG.exception("on_released callback failed for association from %s", st.peer)
 
     def _on_aborted(self, event: evt.Event) -> None:
-        self._state(event.assoc).outcome = "aborted"
+        self._finish(self._state(event.assoc), outcome="aborted")
 
     def _on_conn_close(self, event: evt.Event) -> None:
-        with self._lock:
-            st = self._states.pop(id(event.assoc), None)
-        if st is None or st.outcome == "rejected":
-            return
-        if st.outcome == "closed" and getattr(event.assoc, "is_aborted", False):
-            st.outcome = "aborted"
-        LOG.info(
-            "association %s from %s (AE %s -> %s): %d instance(s) stored, %d refused, %d series",
-            st.outcome, st.peer, st.calling_ae, st.called_ae, st.stored, st.refused, len(st.series),
-        )
+        st = self._state(event.assoc)
+        if st.outcome == "open" and getattr(event.assoc, "is_aborted", False):
+            self._finish(st, outcome="aborted")
+        self._finish(st, closed=True)
 
     # ------------------------------------------------------------------ DIMSE
     def _on_c_echo(self, event: evt.Event) -> int:

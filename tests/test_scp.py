@@ -171,12 +171,14 @@ def test_resend_overwrites_same_file(node_factory: Callable[..., Node]) -> None:
     assert len(node.spool.iter_all_files()) == 1
 
 
-def test_aborted_association_stores_but_does_not_shorten(node_factory: Callable[..., Node]) -> None:
+def test_aborted_association_stores_but_does_not_shorten(node_factory: Callable[..., Node],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="rtcontrast")
     node = node_factory()
     res = storescu(node.port, get_testdata_file("MR_small.dcm"), extra=["--abort"])
     assert "Received Store Response (Success)" in res.stderr
     assert len(node.stored) == 1 and node.stored[0].path.exists()
-    time.sleep(0.3)
+    assert wait_for(lambda: "association aborted" in caplog.text)
     assert node.released == []
 
 

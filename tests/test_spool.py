@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import errno
+import os
 from pathlib import Path
 
 import pydicom
@@ -87,3 +89,18 @@ def test_quarantine_and_partial_cleanup(tmp_path: Path) -> None:
     leftover = path.parent / ".half-written.tmp"
     leftover.write_bytes(b"x")
     assert spool.remove_partial() == 1 and not leftover.exists() and path.exists()
+
+
+def test_disk_full_during_write_is_spoolfull_and_leaves_no_temp(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path)
+    ds = mr()
+    spool.series_dir(ds.StudyInstanceUID, ds.SeriesInstanceUID).mkdir(parents=True)
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(SpoolFull, match="No space"):
+        spool.store(ds)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
