@@ -85,8 +85,7 @@ def storescu_profile(workdir: Path, sop_class: str, ts: str) -> list[str]:
 
 
 def relabelled(src: Path | str, dst: Path, **attrs: str) -> Path:
-    """A copy of ``src`` with dataset attributes replaced (file meta kept consistent
-    for SOP Class/Instance unless ``keep_meta`` semantics are wanted by the caller)."""
+    """A copy of ``src`` with dataset attributes replaced (file meta kept consistent)."""
     ds = pydicom.dcmread(src)
     for key, value in attrs.items():
         setattr(ds, key, value)
