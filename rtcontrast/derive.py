@@ -396,8 +396,8 @@ def _instances(
         _take(ds, hdr, "ImagePositionPatient")  # the source's exact value
         if ref.frame_number is None and "SliceLocation" in hdr:
             _take(ds, hdr, "SliceLocation")
-        if ref.slice_thickness is not None:
-            _put(ds, "SliceThickness", _ds_number(ref.slice_thickness))
+        if hdr.get("SliceThickness") not in (None, ""):
+            _take(ds, hdr, "SliceThickness")
         _put(ds, "SourceImageSequence", DicomSequence([_source_image_item(ref)]))
         _put(ds, "PixelData", le[i].tobytes())
         fm = FileMetaDataset()

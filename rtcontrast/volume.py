@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.uid
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 
@@ -205,7 +205,9 @@ def _header_without_bulk(ds: Dataset) -> Dataset:
 def _read(path: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+    except FileNotFoundError as exc:
+        raise VolumeError(f"{path}: file not found") from exc
+    except Exception as exc:  # InvalidDicomError, EOFError, struct/value errors of a corrupt file
         raise VolumeError(f"{path}: unparseable file, not readable as DICOM: {exc}") from exc
     if "TransferSyntaxUID" not in ds.file_meta:
         raise VolumeError(f"{path}: unparseable file, no File Meta Information (TransferSyntaxUID)")
@@ -328,6 +330,8 @@ def _multiframe_frames(path: Path, ds: Dataset) -> list[_Frame]:
 def _load(path: Path) -> list[_Frame]:
     ds = _read(path)
     sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class and not pydicom.uid.UID(sop_class).is_valid:
+        raise VolumeError(f"{path}: unparseable file, SOPClassUID {sop_class!r} is not a valid UID (truncated file?)")
     if sop_class not in SUPPORTED_SOP_CLASSES:
         raise VolumeError(
             f"{path}: unsupported SOP class {sop_class or '(none)'}; expected MR Image Storage or Enhanced MR"

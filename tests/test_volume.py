@@ -209,6 +209,16 @@ def test_reject_unparseable(tmp_path: Path) -> None:
     _expect([*paths, bad], "unparseable file", "junk.dcm")
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("keep", [400, -500])
+def test_reject_truncated_file(tmp_path: Path, keep: int) -> None:
+    paths = write_series(make_series(phantom(2)), tmp_path)
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[:keep])
+    msg = _expect(paths, str(paths[1]))
+    assert ("unparseable file" in msg) if keep > 0 else ("pixel data shorter" in msg), msg
+
+
 def test_reject_two_series(tmp_path: Path) -> None:
     a = make_series(phantom(2), spec=SeriesSpec(series_number=3))
     b = make_series(phantom(2), spec=SeriesSpec(series_number=4))
