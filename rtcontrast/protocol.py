@@ -1,0 +1,555 @@
+"""The protocol (config/protocol.yaml): what is eligible, what to produce, where to send it.
+
+Why a separate file from the node config: the protocol is clinical content (which
+series are accepted, which synthetic contrasts with which TE/TR and series numbers, which
+QA thresholds), versioned and hashed into every job's audit record; the node config is
+plumbing.  The node runs with no protocol file: :func:`load_protocol` (None) gives the
+embedded defaults, which equal the shipped config/protocol.yaml.
+
+Eligibility (:func:`check_eligibility`) lives here too because it is driven by the
+protocol's ``match`` rules; every refusal has a reason an MR physicist can act on, e.g.
+"ScanningSequence 'GR' is gradient echo: not spin-echo".  TE/TR against the model's
+trained range is checked by the node (it knows the model), not here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydicom.dataset import Dataset
+
+from rtcontrast.config import ConfigError, Loc, StrictModel, check_ae_title, format_loc, load_yaml_model
+from rtcontrast.outbox import DicomDestination, FolderDestination
+
+DEFAULT_PROTOCOL = Path("config/protocol.yaml")
+
+#: Defined terms of (0018,0020) ScanningSequence and (0018,0021) SequenceVariant.
+SCANNING_SEQUENCES = ("SE", "IR", "GR", "EP", "RM")
+SEQUENCE_VARIANTS = ("SK", "MTC", "SS", "TRSS", "SP", "MP", "OSP", "NONE")
+_SS_NAMES = {
+    "SE": "spin echo",
+    "IR": "inversion recovery",
+    "GR": "gradient echo",
+    "EP": "echo planar",
+    "RM": "research mode",
+}
+_SV_NAMES = {
+    "SK": "segmented k-space",
+    "MTC": "magnetization transfer contrast",
+    "SS": "steady state",
+    "TRSS": "time reversed steady state",
+    "SP": "spoiled",
+    "MP": "magnetization prepared",
+    "OSP": "oversampling phase",
+    "NONE": "no variant",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FSE_NAME_RE = re.compile(r"tse|fse|rare|haste|turbo|frfse", re.IGNORECASE)
+
+
+# -- models -------------------------------------------------------------------------
+class DicomDestinationConfig(StrictModel):
+    """A C-STORE SCP; ``calling_ae`` defaults to the node's AE title."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    ae_title: str
+    calling_ae: str | None = None
+    connect_timeout_s: float = Field(10.0, gt=0)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    max_pdu: int = Field(16382, ge=0)
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    @field_validator("ae_title", "calling_ae")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else check_ae_title(v)
+
+
+class FolderDestinationConfig(StrictModel):
+    """A directory (relative paths: from the node's working directory)."""
+
+    path: Path
+
+
+class DestinationConfig(StrictModel):
+    """Exactly one of ``dicom`` or ``folder``."""
+
+    dicom: DicomDestinationConfig | None = None
+    folder: FolderDestinationConfig | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DestinationConfig:
+        if (self.dicom is None) == (self.folder is None):
+            raise ValueError("a destination has exactly one of 'dicom' or 'folder'")
+        return self
+
+
+def _check_regex(v: str | None) -> str | None:
+    if v is not None:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {v!r}: {exc}") from exc
+    return v
+
+
+class MatchRules(StrictModel):
+    """Which received series are eligible (see :func:`check_eligibility`)."""
+
+    modality: str = "MR"
+    scanning_sequence_include: list[Literal["SE", "IR", "GR", "EP", "RM"]] = Field(default_factory=lambda: ["SE"])
+    scanning_sequence_exclude: list[Literal["SE", "IR", "GR", "EP", "RM"]] = Field(
+        default_factory=lambda: ["IR", "GR", "EP"]
+    )
+    sequence_variant_exclude: list[Literal["SK", "MTC", "SS", "TRSS", "SP", "MP", "OSP", "NONE"]] = Field(
+        default_factory=lambda: ["MP", "MTC", "SS", "TRSS"]
+    )
+    allow_fse: bool = True
+    series_description_regex: str | None = None
+    protocol_name_regex: str | None = None
+    body_part_regex: str | None = None
+    calling_aes: list[str] = Field(default_factory=list, description="empty: any calling AE")
+
+    @field_validator("series_description_regex", "protocol_name_regex", "body_part_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        return _check_regex(v)
+
+    @field_validator("calling_aes")
+    @classmethod
+    def _aes(cls, v: list[str]) -> list[str]:
+        return [check_ae_title(a) for a in v]
+
+
+class Recipe(StrictModel):
+    """One synthetic spin-echo contrast: TE/TR, series number, label, destinations."""
+
+    key: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    label: str = Field(min_length=1, max_length=40)
+    te_ms: float = Field(gt=0)
+    tr_ms: float = Field(gt=0)
+    series_number: int = Field(ge=1, le=2**31 - 1)
+    description: str | None = Field(None, max_length=64, description="SeriesDescription; starts with SYNTH")
+    destinations: list[str] = Field(min_length=1)
+
+    @field_validator("description")
+    @classmethod
+    def _synth(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("SYNTH"):
+            raise ValueError("a synthetic series description must start with 'SYNTH' (never mistaken for acquired)")
+        return v
+
+    @property
+    def series_description(self) -> str:
+        """The SeriesDescription: ``description`` or ``SYNTH <label> TE<te> TR<tr>`` (<= 64 chars)."""
+        return self.description or f"SYNTH {self.label} TE{self.te_ms:g} TR{self.tr_ms:g}"[:64]
+
+
+class MapSeriesNumbers(StrictModel):
+    """Series numbers of the PD, T1 and T2 map series."""
+
+    PD: int = Field(ge=1)
+    T1: int = Field(ge=1)
+    T2: int = Field(ge=1)
+
+
+class Maps(StrictModel):
+    """Whether to send the PD/T1/T2 maps: as Parametric Maps, as classic MR images (TPS)."""
+
+    parametric: bool = False
+    classic: bool = False
+    destinations: list[str] = Field(default_factory=list)
+    classic_series_numbers: MapSeriesNumbers = Field(
+        default_factory=lambda: MapSeriesNumbers(PD=980, T1=981, T2=982)
+    )
+    parametric_series_numbers: MapSeriesNumbers = Field(
+        default_factory=lambda: MapSeriesNumbers(PD=990, T1=991, T2=992)
+    )
+    content_qualification: Literal["RESEARCH", "PRODUCT", "SERVICE"] = "RESEARCH"
+
+
+class SeriesNumberRange(StrictModel):
+    """Derived series numbers live here, away from the scanner's own numbers."""
+
+    min: int = Field(900, ge=1)
+    max: int = Field(999, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> SeriesNumberRange:
+        if self.max < self.min:
+            raise ValueError("series_number_range needs min <= max")
+        return self
+
+
+class QA(StrictModel):
+    """Self-consistency thresholds of a job and what to do when one is exceeded."""
+
+    max_self_nrmse: float = Field(0.15, gt=0)
+    max_te_error_frac: float = Field(0.3, gt=0)
+    max_tr_error_frac: float = Field(0.5, gt=0)
+    action: Literal["send", "warn", "hold"] = "warn"
+
+
+def _default_recipes() -> list[Recipe]:
+    rows = [
+        ("T2w_75", "T2w TE75 TR4500", 75.0, 4500.0, 901),
+        ("T2w_120", "T2w TE120 TR4500", 120.0, 4500.0, 902),
+        ("T1w_400", "T1w TE8 TR400", 8.0, 400.0, 903),
+        ("T1w_750", "T1w TE8 TR750", 8.0, 750.0, 904),
+        ("PDw", "PDw TE8 TR4500", 8.0, 4500.0, 905),
+        ("T2w_TSE", "T2w TSE-like TE100 TR3000", 100.0, 3000.0, 906),
+        ("T1w_600", "T1w TE12 TR600", 12.0, 600.0, 907),
+    ]
+    return [
+        Recipe(key=k, label=lab, te_ms=te, tr_ms=tr, series_number=sn, destinations=["export"])
+        for k, lab, te, tr, sn in rows
+    ]
+
+
+def _default_destinations() -> dict[str, DestinationConfig]:
+    return {"export": DestinationConfig(folder=FolderDestinationConfig(path=Path("./var/export")))}
+
+
+class ProtocolConfig(StrictModel):
+    """The whole protocol.  ``content_hash`` identifies its content in the audit."""
+
+    version: str = Field("1", min_length=1, max_length=64)
+    destinations: dict[str, DestinationConfig] = Field(default_factory=_default_destinations)
+    match: MatchRules = Field(default_factory=MatchRules)
+    recipes: list[Recipe] = Field(default_factory=_default_recipes, min_length=1)
+    maps: Maps = Field(default_factory=Maps)
+    series_number_range: SeriesNumberRange = Field(default_factory=SeriesNumberRange)
+    qa: QA = Field(default_factory=QA)
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> ProtocolConfig:
+        # load_protocol runs the same checks on the raw file (with line numbers) itself.
+        if info.context and info.context.get("cross_checked"):
+            return self
+        problems = protocol_cross_checks(self.model_dump(mode="json"))
+        if problems:
+            raise ValueError("; ".join(f"{format_loc(loc)}: {msg}" for loc, msg in problems))
+        return self
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 of the protocol's content (canonical JSON), independent of comments/layout."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def audit_version(self) -> str:
+        """``<version>+sha256:<first 12 hex>``: what a job's audit record names."""
+        return f"{self.version}+sha256:{self.content_hash[:12]}"
+
+    def recipe(self, key: str) -> Recipe:
+        """The recipe with ``key`` (KeyError if none)."""
+        for r in self.recipes:
+            if r.key == key:
+                return r
+        raise KeyError(key)
+
+
+# -- cross-field checks (on raw data, so they run even when other fields are wrong) ---
+def _items(value: Any) -> Iterator[tuple[int, Any]]:
+    return enumerate(value) if isinstance(value, list) else iter(())
+
+
+def protocol_cross_checks(raw: Any) -> list[tuple[Loc, str]]:
+    """Unknown destinations, duplicate keys/series numbers, numbers outside the range."""
+    if not isinstance(raw, dict):
+        return []
+    out: list[tuple[Loc, str]] = []
+    dests = raw.get("destinations", {"export": None})
+    known: set[str] | None = None
+    if isinstance(dests, dict):
+        known = {str(k) for k in dests}
+        for name in dests:
+            if not _NAME_RE.match(str(name)):
+                out.append((("destinations", str(name)),
+                            "a destination name is letters, digits, '_', '-', '.' (it names a directory)"))
+
+    def check_dest_list(loc: Loc, value: Any) -> None:
+        if known is None:
+            return
+        for k, d in _items(value):
+            if isinstance(d, str) and d not in known:
+                out.append((loc + (k,), f"unknown destination '{d}' (defined: {', '.join(sorted(known)) or 'none'})"))
+
+    rng = raw.get("series_number_range") or {}
+    lo = rng.get("min", 900) if isinstance(rng, dict) else 900
+    hi = rng.get("max", 999) if isinstance(rng, dict) else 999
+    in_range = isinstance(lo, int) and isinstance(hi, int)
+    numbers: dict[int, Loc] = {}
+
+    def check_number(loc: Loc, n: Any) -> None:
+        if not isinstance(n, int) or isinstance(n, bool):
+            return
+        if in_range and not lo <= n <= hi:
+            out.append((loc, f"series number {n} is outside series_number_range {lo}-{hi}"))
+        if n in numbers:
+            out.append((loc, f"duplicate series number {n} (also {format_loc(numbers[n])})"))
+        else:
+            numbers[n] = loc
+
+    keys: dict[str, Loc] = {}
+    for i, r in _items(raw.get("recipes")):
+        if not isinstance(r, dict):
+            continue
+        key = r.get("key")
+        if isinstance(key, str):
+            if key in keys:
+                out.append((("recipes", i, "key"), f"duplicate recipe key '{key}' (also {format_loc(keys[key])})"))
+            else:
+                keys[key] = ("recipes", i, "key")
+        check_number(("recipes", i, "series_number"), r.get("series_number"))
+        check_dest_list(("recipes", i, "destinations"), r.get("destinations"))
+
+    maps = raw.get("maps")
+    if isinstance(maps, dict):
+        check_dest_list(("maps", "destinations"), maps.get("destinations"))
+        for kind in ("classic", "parametric"):
+            nums = maps.get(f"{kind}_series_numbers")
+            if maps.get(kind) is True and isinstance(nums, dict):
+                for q in ("PD", "T1", "T2"):
+                    check_number(("maps", f"{kind}_series_numbers", q), nums.get(q))
+        if (maps.get("classic") is True or maps.get("parametric") is True) and not maps.get("destinations"):
+            out.append((("maps", "destinations"), "maps are enabled but have no destinations"))
+    return out
+
+
+def load_protocol(path: Path | str | None = None) -> ProtocolConfig:
+    """The protocol from ``path``, or the embedded defaults when ``path`` is None.
+
+    Raises :class:`~rtcontrast.config.ConfigError` listing every problem as
+    ``file:line: field.path: message``.
+    """
+    if path is None:
+        return ProtocolConfig()
+    return load_yaml_model(path, ProtocolConfig, protocol_cross_checks, context={"cross_checked": True})
+
+
+def build_destinations(
+    protocol: ProtocolConfig, default_calling_ae: str
+) -> dict[str, DicomDestination | FolderDestination]:
+    """The outbox destinations the protocol names (calling AE defaults to the node's)."""
+    out: dict[str, DicomDestination | FolderDestination] = {}
+    for name, d in protocol.destinations.items():
+        if d.folder is not None:
+            out[name] = FolderDestination(name=name, path=Path(d.folder.path))
+        else:
+            c = d.dicom
+            assert c is not None
+            out[name] = DicomDestination(
+                name=name, host=c.host, port=c.port, ae_title=c.ae_title,
+                calling_ae=c.calling_ae or default_calling_ae,
+                connect_timeout_s=c.connect_timeout_s, acse_timeout_s=c.acse_timeout_s,
+                dimse_timeout_s=c.dimse_timeout_s, network_timeout_s=c.network_timeout_s,
+                max_pdu=c.max_pdu, tls=c.tls, tls_ca_file=c.tls_ca_file,
+                tls_cert_file=c.tls_cert_file, tls_key_file=c.tls_key_file,
+            )
+    return out
+
+
+# -- eligibility --------------------------------------------------------------------
+def _text(value: Any) -> list[str]:
+    """A (possibly multi-valued) string attribute as a list of stripped upper-case values."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        vals = [str(v) for v in value]
+    else:
+        vals = str(value).split("\\")
+    return [v.strip().upper() for v in vals if v.strip()]
+
+
+def _lookup(ds: Dataset, keyword: str) -> Any:
+    """``keyword`` at the top level, else in the first item of any functional group macro.
+
+    Enhanced MR keeps most acquisition attributes in the Shared (or first Per-Frame)
+    Functional Groups, e.g. RepetitionTime in MRTimingAndRelatedParametersSequence.
+    """
+    if keyword in ds and ds[keyword].value not in (None, ""):
+        return ds[keyword].value
+    for group_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = ds.get(group_kw)
+        if not groups:
+            continue
+        for elem in groups[0]:
+            if elem.VR == "SQ" and elem.value:
+                item = elem.value[0]
+                if keyword in item and item[keyword].value not in (None, ""):
+                    return item[keyword].value
+    return None
+
+
+def is_enhanced(ds: Dataset) -> bool:
+    """True for a multi-frame Enhanced MR header (functional groups)."""
+    return "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _number(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+    return None if value is None else float(value)
+
+
+def header_te_tr(ds: Dataset) -> tuple[float | None, float | None]:
+    """(TE, TR) in ms from a classic or Enhanced MR header; None where absent.
+
+    Raises ValueError when a value is present but not a number.
+    """
+    te_raw = _lookup(ds, "EffectiveEchoTime") if is_enhanced(ds) else None
+    if te_raw is None:
+        te_raw = _lookup(ds, "EchoTime")
+    return _number(te_raw), _number(_lookup(ds, "RepetitionTime"))
+
+
+def _echo_train(ds: Dataset) -> int:
+    for kw in ("EchoTrainLength", "RFEchoTrainLength"):
+        v = _lookup(ds, kw)
+        try:
+            if v is not None:
+                return int(v)
+        except (TypeError, ValueError):
+            continue
+    return 1
+
+
+def _fse(ds: Dataset) -> str | None:
+    """Why the series is fast/turbo spin echo, or None."""
+    etl = _echo_train(ds)
+    if etl > 1:
+        return f"EchoTrainLength {etl}"
+    name = str(ds.get("SequenceName", "") or _lookup(ds, "PulseSequenceName") or "")
+    if _FSE_NAME_RE.search(name):
+        return f"SequenceName '{name}'"
+    opts = _text(ds.get("ScanOptions"))
+    hit = [o for o in opts if "FSE" in o or "FAST_GEMS" in o or "TSE" in o]
+    if hit:
+        return "ScanOptions '" + "\\".join(opts) + "'"
+    return None
+
+
+def _sequence_checks(ds: Dataset, rules: MatchRules) -> str | None:
+    if is_enhanced(ds):
+        eps = str(_lookup(ds, "EchoPulseSequence") or "").strip().upper()
+        if not eps:
+            return "EchoPulseSequence missing: cannot tell spin-echo from gradient echo"
+        if eps == "GRADIENT":
+            return "EchoPulseSequence 'GRADIENT' is gradient echo: not spin-echo"
+        if eps == "BOTH":
+            return "EchoPulseSequence 'BOTH' is mixed spin/gradient echo: not spin-echo"
+        if eps != "SPIN":
+            return f"EchoPulseSequence '{eps}' is not SPIN"
+        if "IR" in rules.scanning_sequence_exclude and str(_lookup(ds, "InversionRecovery") or "").upper() == "YES":
+            return "InversionRecovery 'YES' is inversion recovery: not plain spin-echo"
+        if "EP" in rules.scanning_sequence_exclude and str(_lookup(ds, "EchoPlanarPulseSequence") or "").upper() == "YES":
+            return "EchoPlanarPulseSequence 'YES' is echo planar: not spin-echo"
+        return None
+    ss = _text(ds.get("ScanningSequence"))
+    if not ss:
+        return "ScanningSequence missing"
+    shown = "\\".join(ss)
+    for code in rules.scanning_sequence_exclude:
+        if code in ss:
+            suffix = "not plain spin-echo" if "SE" in ss else "not spin-echo"
+            return f"ScanningSequence '{shown}' is {_SS_NAMES[code]}: {suffix}"
+    for code in rules.scanning_sequence_include:
+        if code not in ss:
+            return f"ScanningSequence '{shown}' does not include {code} ({_SS_NAMES[code]})"
+    sv = _text(ds.get("SequenceVariant"))
+    for code in rules.sequence_variant_exclude:
+        if code in sv:
+            shown_sv = "\\".join(sv)
+            return f"SequenceVariant '{shown_sv}' includes {code} ({_SV_NAMES[code]}): not plain spin-echo"
+    return None
+
+
+def check_eligibility(
+    header: Dataset, rules: MatchRules | ProtocolConfig, calling_ae: str | None = None
+) -> tuple[bool, str]:
+    """Is this series (one representative header) eligible?  ``(ok, reason)``.
+
+    Checks, in order: Modality, calling AE, sequence type (classic ScanningSequence /
+    SequenceVariant, or Enhanced MR EchoPulseSequence and modifiers), fast spin echo
+    (allowed unless ``allow_fse`` is false), TE and TR present and positive, then the
+    SeriesDescription / ProtocolName / BodyPartExamined regexes (``re.search``).  The
+    reason of a refusal names the attribute, its value and why; on success it says what
+    was recognised.
+    """
+    if isinstance(rules, ProtocolConfig):
+        rules = rules.match
+    modality = str(header.get("Modality", "") or "").strip()
+    if not modality:
+        return False, "Modality missing"
+    if modality.upper() != rules.modality.upper():
+        return False, f"Modality '{modality}' is not {rules.modality}"
+    if rules.calling_aes:
+        ae = (calling_ae or "").strip()
+        if ae not in rules.calling_aes:
+            return False, f"calling AE '{ae}' is not one of the protocol's calling_aes ({', '.join(rules.calling_aes)})"
+    why = _sequence_checks(header, rules)
+    if why:
+        return False, why
+    fse = _fse(header)
+    if fse and not rules.allow_fse:
+        return False, f"fast/turbo spin-echo ({fse}) and the protocol has allow_fse false"
+    try:
+        te, tr = header_te_tr(header)
+    except (TypeError, ValueError) as exc:
+        return False, f"TE/TR not a number: {exc}"
+    if te is None:
+        return False, "TE missing"
+    if tr is None:
+        return False, "TR missing"
+    if te <= 0:
+        return False, f"TE {te:g} ms is not positive"
+    if tr <= 0:
+        return False, f"TR {tr:g} ms is not positive"
+    for kw, pattern in (
+        ("SeriesDescription", rules.series_description_regex),
+        ("ProtocolName", rules.protocol_name_regex),
+        ("BodyPartExamined", rules.body_part_regex),
+    ):
+        if pattern is None:
+            continue
+        value = str(header.get(kw, "") or "")
+        if not re.search(pattern, value):
+            return False, f"{kw} '{value}' does not match '{pattern}'"
+    kind = f"fast spin-echo ({fse})" if fse else "spin-echo"
+    return True, f"eligible: {kind}, TE {te:g} ms, TR {tr:g} ms"
+
+
+__all__ = [
+    "ConfigError",
+    "DestinationConfig",
+    "DicomDestinationConfig",
+    "FolderDestinationConfig",
+    "MatchRules",
+    "Maps",
+    "ProtocolConfig",
+    "QA",
+    "Recipe",
+    "SeriesNumberRange",
+    "build_destinations",
+    "check_eligibility",
+    "header_te_tr",
+    "is_enhanced",
+    "load_protocol",
+    "protocol_cross_checks",
+]
