@@ -459,6 +459,26 @@ class Outbox:
         """How many of the job's instances are not yet delivered nor dead (0: job done)."""
         return self.job_counts(job_id)[PENDING]
 
+    def prune(self, delivered_before: float) -> int:
+        """Retention: drop rows delivered before ``delivered_before`` (epoch s) and their files.
+
+        Pending and dead-letter rows are never pruned: they are work still owed.
+        """
+        with self.lock, transaction(self.conn) as c:
+            rows = c.execute(
+                "SELECT id, path FROM outbox_items WHERE state = 'delivered' AND delivered_at < ?",
+                (delivered_before,),
+            ).fetchall()
+            c.executemany("DELETE FROM outbox_items WHERE id = ?", [(r["id"],) for r in rows])
+        for r in rows:
+            path = Path(r["path"])
+            path.unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()  # the job directory, once empty
+            except OSError:
+                pass
+        return len(rows)
+
     # -- outcomes ------------------------------------------------------------------
     def record(
         self,

@@ -270,6 +270,11 @@ def test_background_sender_and_concurrent_enqueue(outbox: Outbox, orthanc: Ortha
         sender.stop()
     assert outbox.counts()["tps"][DELIVERED] == 8
     assert len(orthanc.instances()) == 8
+    # retention drops delivered rows only, and the emptied job directories
+    outbox.enqueue("late", "tps", mr_series(1), now=time.time() + 3600)
+    assert outbox.prune(time.time() + 1) == 8
+    assert outbox.counts()["tps"] == {PENDING: 1, DELIVERED: 0, DEAD_LETTER: 0}
+    assert [p.name for p in (outbox.root / "tps").iterdir()] == ["late"]
 
 
 def test_bad_names_rejected(outbox: Outbox) -> None:
@@ -289,3 +294,33 @@ def test_retry_policy_bounds() -> None:
     assert delays[-1] == 30
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
+
+
+def test_rejected_and_silent_peers_are_failures(outbox: Outbox) -> None:
+    """Association rejected (wrong calling AE) and a peer that never answers (ACSE timeout)."""
+    ae = AE(ae_title="TPS")
+    ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1"])
+    ae.require_calling_aet = ["SOMEONE_ELSE"]
+    p = free_port()
+    server = ae.start_server(("127.0.0.1", p), block=False)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+        outbox.enqueue("r", "rejecting", mr_series(1), now=0.0)
+        outbox.enqueue("s", "silent", mr_series(1), now=0.0)
+        dests = {
+            "rejecting": DicomDestination("rejecting", "127.0.0.1", p, "TPS", connect_timeout_s=3),
+            "silent": DicomDestination("silent", "127.0.0.1", silent.getsockname()[1], "TPS",
+                                       connect_timeout_s=2, acse_timeout_s=1, network_timeout_s=2),
+        }
+        t0 = time.monotonic()
+        assert Sender(outbox, dests, FAST).run_once(0.0) == 0
+        assert time.monotonic() - t0 < 15
+    finally:
+        server.shutdown()
+        silent.close()
+    [r] = outbox.items(job_id="r")
+    [s] = outbox.items(job_id="s")
+    assert r.state == PENDING and "rejected" in (r.last_error or ""), r.last_error
+    assert s.state == PENDING and s.attempts == 1 and "association" in (s.last_error or ""), s.last_error
