@@ -295,7 +295,8 @@ def render_slice(
         x = -x
     lab = _paint(subject, x, y, z_mm)
 
-    trng = np.random.default_rng(subject.seed * 7919 + int(round(z_mm * 10)) if texture_seed is None else texture_seed)
+    tseed = (subject.seed * 7919 + int(round(z_mm * 10))) % 2**63 if texture_seed is None else texture_seed
+    trng = np.random.default_rng(tseed)
     fields = [_smooth_field(trng, (hh, ww), int(trng.integers(6, 20))) for _ in range(3)]
     pd = np.zeros((hh, ww), np.float32)
     r1 = np.zeros((hh, ww), np.float32)

@@ -174,8 +174,12 @@ def save_checkpoint(path: Path, model: QMapNet, opt: torch.optim.Optimizer, step
     tmp.replace(path)
 
 
-def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None) -> Path:
-    """Run training; returns the path of the best checkpoint."""
+def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop_after: int | None = None) -> Path:
+    """Run training; returns the path of the best checkpoint.
+
+    ``stop_after`` ends this run at that step (checkpointed) without changing the
+    schedule, for time-boxed jobs that ``--resume`` later.
+    """
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     dev = torch.device(device)
@@ -196,10 +200,15 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None) -> P
         log.info("resumed from %s at step %d", resume, step)
     bank = dataset.build_bank(range(0, cfg.n_train_subjects), cfg.patch, Path(cfg.cache_dir))
     val = validation_batches(cfg)
+    if step == 0:
+        v0 = validate(model, val, cfg, dev)
+        v0.update(step=0, elapsed_s=0.0)
+        history.append(v0)
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
     t0 = time.time()
-    while step < cfg.steps:
+    end = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    while step < end:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         idx = rng.integers(0, len(bank), cfg.batch_size)
@@ -220,7 +229,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None) -> P
             if v["render"] < best:
                 best = v["render"]
                 save_checkpoint(out / "best.pt", model, opt, step, cfg, best, rng, history)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step in (cfg.steps, end):
             save_checkpoint(out / "last.pt", model, opt, step, cfg, best, rng, history)
     bar.close()
     return out / "best.pt"
@@ -231,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="training YAML (default: built-in defaults)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--resume", default=None, help="checkpoint to resume from (last.pt)")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) at this step; resume later")
     ap.add_argument("--steps", type=int, default=None, help="override the number of steps")
     ap.add_argument("--out-dir", default=None, help="override the output folder")
     a = ap.parse_args(argv)
@@ -242,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.out_dir = a.out_dir
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-    best = train(cfg, a.device, a.resume)
+    best = train(cfg, a.device, a.resume, a.stop_after)
     print(best)
     return 0
 
