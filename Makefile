@@ -1,0 +1,33 @@
+# rtcontrast: the two commands a newcomer needs are `make run` and `make test`.
+PY := .venv/bin/python
+
+.PHONY: run test test-full setup setup-test check-config bench train export evaluate install
+
+setup:
+	bash scripts/setup.sh
+
+setup-test:
+	bash scripts/setup.sh --test
+
+## Set up and run the node on its embedded defaults (local spool, SQLite, shipped model, CPU if no GPU).
+run: setup
+	$(PY) node.py run
+
+## Set up and run the test suite (the same command CI runs). Slow suites: `make test-full`.
+test: setup-test
+	$(PY) -m pytest -m "not slow" -q
+
+test-full: setup-test
+	$(PY) -m pytest -q
+
+check-config: setup
+	$(PY) node.py check-config
+
+train: setup-test
+	$(PY) -m rtcontrast.train --config config/train_default.yaml
+
+export: setup-test
+	$(PY) export_onnx.py var/train/default/best.pt --out models/qmap-pelvis.onnx
+
+evaluate: setup-test
+	$(PY) -m rtcontrast.evaluate --model models/qmap-pelvis.onnx
