@@ -1,0 +1,568 @@
+"""The node: receive, complete series, run jobs, deliver — wired together, restartable.
+
+Threads (all in one process):
+
+* the Storage SCP's association threads (pynetdicom) write each instance to the spool,
+  record it in the job store and touch its series in the :class:`SeriesTracker`;
+* the *scheduler* turns due series into jobs (``create_job``) for the worker, marks
+  ``queued`` jobs ``delivered`` once the outbox has delivered all of their instances,
+  and prunes delivered outbox rows past ``retention_days``;
+* one *worker* runs jobs one at a time (:func:`rtcontrast.pipeline.run_job`): the model
+  and the two CPU cores are shared, and one job at a time keeps latency predictable;
+* the outbox *sender* delivers with retries and backoff.
+
+Restart (what :meth:`Node.start` does before it listens): delete partial spool writes,
+re-run every unfinished job from assembly (stages are deterministic and the derived UIDs
+too, so re-enqueueing replaces the same outbox rows and the TPS replaces, never
+duplicates), touch every series with instances that no job has claimed yet, and let the
+sender carry on with every pending outbox row.  A job already ``queued`` is not re-run:
+its instances are durable in the outbox.
+
+A newer job for the same series supersedes an older one that has not started yet (the
+newer one's membership snapshot covers the whole series): the older one ends ``failed``
+with the reason ``superseded by job N``.
+
+Paths: relative paths are relative to the working directory.  The model path falls back
+to the installation's ``models/`` when the working directory has none (so ``python
+node.py run`` finds the shipped model from anywhere), and the protocol's default export
+folder (``./var/export``) follows the node's ``export_dir`` (default ``<var_dir>/export``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rtcontrast import __version__, db
+from rtcontrast.config import ConfigError, NodeConfig
+from rtcontrast.contract import ContractError
+from rtcontrast.jobs import JobStore
+from rtcontrast.outbox import Destination, FolderDestination, Outbox, RetryPolicy, Sender
+from rtcontrast.pipeline import PipelineContext, node_identity, run_job
+from rtcontrast.protocol import ProtocolConfig, build_destinations
+from rtcontrast.qmap import QMapModel
+from rtcontrast.scp import ScpSettings, StorageSCP, StoredInstance
+from rtcontrast.series import SeriesTracker
+from rtcontrast.spool import Spool
+
+__all__ = [
+    "Node",
+    "NodeStatus",
+    "check_config",
+    "cmd_check_config",
+    "cmd_resend",
+    "cmd_run",
+    "cmd_status",
+    "read_status",
+    "resend_dead_letters",
+    "resolve_model_path",
+]
+
+log = logging.getLogger("rtcontrast.node")
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_DEFAULT_EXPORT = Path("var/export")
+#: Job states that are re-run from assembly after a restart.
+_RERUN_STATES = frozenset({"received", "assembling", "inferring", "rendering", "deriving"})
+_MONITOR_INTERVAL_S = 0.5
+_PRUNE_INTERVAL_S = 3600.0
+
+
+def resolve_model_path(path: Path) -> Path:
+    """``path`` if it exists; a relative path missing here is looked up in the installation."""
+    if path.exists() or path.is_absolute():
+        return path
+    alt = _PACKAGE_ROOT / path
+    return alt if alt.exists() else path
+
+
+class Node:
+    """One rtcontrast node.  ``Node(config, protocol).start()``; ``stop()``; or ``run_forever()``.
+
+    The model is loaded in the constructor, so a model with an unknown contract is refused
+    (:class:`~rtcontrast.contract.ContractError`) before anything listens.
+    """
+
+    def __init__(self, config: NodeConfig, protocol: ProtocolConfig, *, model: QMapModel | None = None) -> None:
+        self.config = config
+        self.protocol = protocol
+        self.model = model or QMapModel(resolve_model_path(config.model_path), config.execution_provider)
+        log.info(
+            "model %s %s sha256 %s on %s (%s); TE %g-%g ms, TR %g-%g ms",
+            self.model.info.name, self.model.info.version, self.model.sha256[:12], self.model.provider,
+            self.model.path, *self.model.info.te_range_ms, *self.model.info.tr_range_ms,
+        )
+        self.destinations: dict[str, Destination] = {}
+        for name, dest in build_destinations(protocol, config.ae_title).items():
+            if isinstance(dest, FolderDestination) and Path(dest.path) == _DEFAULT_EXPORT:
+                dest = FolderDestination(name=name, path=config.export_path)
+            self.destinations[name] = dest
+        self.tracker = SeriesTracker(config.series_idle_timeout_s, config.release_grace_s)
+        self._work: queue.Queue[int | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._busy = threading.Event()  # the worker is running a job
+        self._started = False
+        self.scp: StorageSCP | None = None
+        self.sender: Sender | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Open the stores, resume unfinished work, start the threads and listen."""
+        if self._started:
+            raise RuntimeError("node already started")
+        c = self.config
+        c.var_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(c.spool_path, c.limits.min_free_disk_bytes)
+        self.spool.remove_partial()
+        self.jobs_conn = db.connect(c.db_file)
+        self.jobs = JobStore(self.jobs_conn)
+        self.outbox_conn = db.connect(c.db_file)
+        self.outbox = Outbox(self.outbox_conn, c.outbox_path)
+        d = c.delivery
+        self.sender = Sender(
+            self.outbox,
+            self.destinations,
+            RetryPolicy(max_attempts=d.max_attempts, base_delay_s=d.base_delay_s, max_delay_s=d.max_delay_s),
+            poll_interval_s=d.poll_interval_s,
+        )
+        self.ctx = PipelineContext(
+            protocol=self.protocol,
+            model=self.model,
+            node=node_identity(
+                ae_title=c.ae_title,
+                model=self.model,
+                manufacturer=c.identity.manufacturer,
+                model_name=c.identity.model_name,
+                station_name=c.identity.station_name,
+                device_serial_number=c.identity.device_serial_number,
+                institution_name=c.identity.institution_name,
+                uid_root=c.uid_root,
+            ),
+            jobs=self.jobs,
+            outbox=self.outbox,
+            on_enqueued=self.sender.wake,
+        )
+        self._work = queue.Queue()
+        self._resume()
+        self._stop.clear()
+        for name, target in (("scheduler", self._scheduler_loop), ("worker", self._worker_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.sender.start()
+        if c.allowed_ips:
+            log.warning("allowed_ips is set but not enforced by this version's SCP; use a firewall")
+        self.scp = StorageSCP(
+            ScpSettings(
+                ae_title=c.ae_title,
+                host=c.bind_host,
+                port=c.port,
+                max_associations=c.limits.max_associations,
+                max_pdu_size=c.limits.max_pdu_bytes,
+                max_instance_bytes=c.limits.max_instance_bytes,
+                allowed_calling_aets=list(c.allowed_calling_aes) or None,
+                require_called_aet=c.require_called_ae,
+            ),
+            self.spool,
+            on_stored=self._on_stored,
+            on_released=self._on_released,
+        )
+        self.scp.start()
+        self._started = True
+        log.info(
+            "listening on %s:%d as %s (protocol %s: %d recipe(s), destinations %s)",
+            c.bind_host, self.scp.port, c.ae_title, self.protocol.audit_version, len(self.protocol.recipes),
+            ", ".join(sorted(self.destinations)) or "none",
+        )
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop listening, let the worker finish its job (bounded), stop the sender, close."""
+        if not self._started:
+            return
+        log.info("stopping")
+        if self.scp is not None:
+            self.scp.stop()
+        self._stop.set()
+        self._wake.set()
+        self._work.put(None)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("%s thread still busy at shutdown; its job resumes at the next start", t.name)
+        self._threads.clear()
+        if self.sender is not None:
+            self.sender.stop(max(0.1, deadline - time.monotonic()))
+        if not any(t.is_alive() for t in threading.enumerate() if t.name == "worker"):
+            self.jobs_conn.close()
+            self.outbox_conn.close()
+        self._started = False
+        log.info("stopped")
+
+    def run_forever(self) -> None:
+        """Start, then block until SIGTERM/SIGINT (or :meth:`request_stop`), then stop cleanly."""
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            self._stop.set()
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def request_stop(self) -> None:
+        """Make :meth:`run_forever` return (thread-safe)."""
+        self._stop.set()
+
+    @property
+    def port(self) -> int:
+        """The bound DICOM port (useful with port 0)."""
+        return self.scp.port if self.scp is not None else self.config.port
+
+    def __enter__(self) -> Node:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ receive side
+    def _on_stored(self, inst: StoredInstance) -> None:
+        self.jobs.record_instance(inst)
+        self.tracker.touch(inst.study_uid, inst.series_uid, time.monotonic())
+
+    def _on_released(self, keys: set[tuple[str, str]]) -> None:
+        self.tracker.released(keys, time.monotonic())
+        self._wake.set()
+
+    # ------------------------------------------------------------------ restart
+    def _resume(self) -> None:
+        rerun = [j for j in self.jobs.unfinished_jobs() if j.state in _RERUN_STATES]
+        for j in rerun:
+            log.info("resuming job %d series %s (was %s): re-running from assembly", j.id, j.series_uid, j.state)
+            self.jobs.audit(j.id, "resumed", {"state": j.state})
+            self._work.put(j.id)
+        now = time.monotonic()
+        open_series = self.jobs.series_with_unconsumed_instances()
+        for study, series in open_series:
+            self.tracker.touch(study, series, now)
+        pending = sum(v["pending"] for v in self.outbox.counts().values())
+        if rerun or open_series or pending:
+            log.info(
+                "restart: %d job(s) re-run, %d series awaiting completion, %d outbox item(s) pending",
+                len(rerun), len(open_series), pending,
+            )
+
+    # ------------------------------------------------------------------ threads
+    def _scheduler_loop(self) -> None:
+        last_monitor = 0.0
+        last_prune = 0.0
+        while not self._stop.is_set():
+            try:
+                now = time.monotonic()
+                for study, series in self.tracker.due(now):
+                    job_id = self.jobs.create_job(study, series)
+                    if job_id is not None:
+                        log.info("series %s complete: job %d created", series, job_id)
+                        self._work.put(job_id)
+                if now - last_monitor >= _MONITOR_INTERVAL_S:
+                    last_monitor = now
+                    self._check_deliveries()
+                if now - last_prune >= _PRUNE_INTERVAL_S:
+                    last_prune = now
+                    n = self.outbox.prune(time.time() - self.config.retention_days * 86400)
+                    if n:
+                        log.info("retention: pruned %d delivered outbox row(s)", n)
+            except Exception:  # keep scheduling; the failure is in the log
+                log.exception("scheduler iteration failed")
+            nxt = self.tracker.next_deadline()
+            wait = _MONITOR_INTERVAL_S if nxt is None else min(_MONITOR_INTERVAL_S, max(0.01, nxt - time.monotonic()))
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _check_deliveries(self) -> None:
+        for job in self.jobs.unfinished_jobs():
+            if job.state != "queued":
+                continue
+            counts = self.outbox.job_counts(job.id)
+            if counts["pending"]:
+                continue
+            if counts["dead_letter"]:
+                reason = f"{counts['dead_letter']} instance(s) dead-lettered (see node.py status / resend)"
+                if job.reason != reason:
+                    log.error("job %d series %s: %s", job.id, job.series_uid, reason)
+                    self.jobs.set_state(job.id, "queued", reason)
+                continue
+            self.jobs.set_state(job.id, "delivered")
+            log.info("job %d series %s delivered: %d instance(s)", job.id, job.series_uid, counts["delivered"])
+
+    def _superseded_by(self, job_id: int) -> int | None:
+        job = self.jobs.job(job_id)
+        if job is None:
+            return None
+        newer = [j.id for j in self.jobs.jobs_for_series(job.study_uid, job.series_uid) if j.id > job_id]
+        return max(newer) if newer else None
+
+    def _worker_loop(self) -> None:
+        while not self._stop.is_set():
+            job_id = self._work.get()
+            if job_id is None or self._stop.is_set():
+                break
+            self._busy.set()
+            try:
+                newer = self._superseded_by(job_id)
+                if newer is not None:
+                    log.info("job %d superseded by job %d (same series, newer instances)", job_id, newer)
+                    self.jobs.set_state(job_id, "failed", f"superseded by job {newer}")
+                    continue
+                run_job(self.ctx, job_id)
+            except Exception:
+                log.exception("job %d failed unexpectedly", job_id)
+            finally:
+                self._busy.clear()
+                self._work.task_done()
+
+    # ------------------------------------------------------------------ for tests and status
+    def idle(self) -> bool:
+        """Nothing open, queued, running or pending delivery (tests wait for this)."""
+        if self.tracker.pending() or not self._work.empty() or self._busy.is_set():
+            return False
+        if any(j.state in _RERUN_STATES or j.state == "queued" for j in self.jobs.unfinished_jobs()):
+            return False
+        return True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until :meth:`idle` (True) or ``timeout_s`` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.idle():
+                return True
+            time.sleep(0.1)
+        return self.idle()
+
+
+# ---------------------------------------------------------------------- status / resend
+
+
+@dataclass
+class NodeStatus:
+    """What ``node.py status`` shows."""
+
+    db_path: Path
+    queues: dict[str, dict[str, int]]
+    recent_jobs: list[dict[str, Any]]
+    dead_letters: list[dict[str, Any]]
+    spool_path: Path
+    spool_free_bytes: int | None
+    jobs_by_state: dict[str, int]
+
+    def render(self) -> str:
+        """Human-readable, UIDs only (no patient data is stored in these tables)."""
+        out = [f"database: {self.db_path}"]
+        free = "unknown" if self.spool_free_bytes is None else f"{self.spool_free_bytes / 1024**3:.1f} GiB"
+        out.append(f"spool: {self.spool_path} ({free} free)")
+        out.append("jobs by state: " + (", ".join(f"{k} {v}" for k, v in sorted(self.jobs_by_state.items())) or "none"))
+        out.append("outbox per destination:")
+        if not self.queues:
+            out.append("  (empty)")
+        for dest, counts in sorted(self.queues.items()):
+            out.append(f"  {dest}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        out.append(f"recent jobs ({len(self.recent_jobs)}):")
+        for j in self.recent_jobs:
+            reason = f" - {j['reason']}" if j["reason"] else ""
+            out.append(f"  #{j['id']} {j['state']:<10} {j['created_at'][:19]} series {j['series_uid']}"
+                       f" ({j['instance_count']} inst){reason}")
+        out.append(f"dead letters: {len(self.dead_letters)}")
+        for d in self.dead_letters[:20]:
+            out.append(f"  job {d['job_id']} -> {d['destination']}: {d['sop_instance_uid']} "
+                       f"after {d['attempts']} attempt(s): {d['last_error']}")
+        if len(self.dead_letters) > 20:
+            out.append(f"  ... and {len(self.dead_letters) - 20} more")
+        return "\n".join(out)
+
+
+def read_status(config: NodeConfig, n_jobs: int = 10) -> NodeStatus:
+    """Read the node's state from its database (safe while the node runs: WAL readers)."""
+    conn = db.connect(config.db_file)
+    try:
+        jobs = JobStore(conn)
+        outbox = Outbox(conn, config.outbox_path)
+        by_state = {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+        recent = [
+            {"id": j.id, "state": j.state, "series_uid": j.series_uid, "created_at": j.created_at,
+             "instance_count": j.instance_count, "reason": j.reason}
+            for j in jobs.recent_jobs(n_jobs)
+        ]
+        dead = [
+            {"job_id": d.job_id, "destination": d.destination, "sop_instance_uid": d.sop_instance_uid,
+             "attempts": d.attempts, "last_error": d.last_error}
+            for d in outbox.dead_letters()
+        ]
+        queues = outbox.counts()
+    finally:
+        conn.close()
+    try:
+        free: int | None = int(shutil.disk_usage(config.spool_path if config.spool_path.exists() else config.var_dir).free)
+    except OSError:
+        free = None
+    return NodeStatus(config.db_file, queues, recent, dead, config.spool_path, free, by_state)
+
+
+def resend_dead_letters(config: NodeConfig, destination: str | None = None, job_id: int | None = None) -> int:
+    """Put dead letters back to pending (a running node's sender picks them up); how many."""
+    conn = db.connect(config.db_file)
+    try:
+        return Outbox(conn, config.outbox_path).retry_dead(destination=destination, job_id=job_id)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------- CLI commands
+# node.py (the entry point) is argparse only; the commands live here so they are testable.
+
+_SHIPPED_NODE = Path("config/node.yaml")
+_SHIPPED_PROTOCOL = Path("config/protocol.yaml")
+
+
+def _load(config_path: Path | None, protocol_path: Path | None) -> tuple[NodeConfig, ProtocolConfig]:
+    from rtcontrast.config import load_node_config
+    from rtcontrast.protocol import load_protocol
+
+    errors: list[str] = []
+    config = protocol = None
+    try:
+        config = load_node_config(config_path)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    try:
+        protocol = load_protocol(protocol_path)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(errors)
+    assert config is not None and protocol is not None
+    return config, protocol
+
+
+def check_config(config_path: Path | None, protocol_path: Path | None) -> tuple[list[str], str]:
+    """Validate node config, protocol and the model's contract: (errors, one-line summary).
+
+    Each error reads ``file:line: field: message``.  ``None`` paths mean the embedded
+    defaults.
+    """
+    from rtcontrast.config import line_of, read_yaml
+
+    try:
+        config, protocol = _load(config_path, protocol_path)
+    except ConfigError as exc:
+        return exc.errors, ""
+    model_file = resolve_model_path(config.model_path)
+    try:
+        model = QMapModel(model_file, "cpu" if config.execution_provider == "auto" else config.execution_provider)
+    except (ContractError, RuntimeError) as exc:
+        where = "(embedded defaults):1"
+        if config_path is not None:
+            _, lines = read_yaml(Path(config_path))
+            where = f"{config_path}:{line_of(lines, ('model_path',))}"
+        return [f"{where}: model_path: {exc}"], ""
+    summary = (
+        f"OK: node {config_path or '(embedded defaults)'} (AE {config.ae_title}, port {config.port}, "
+        f"var {config.var_dir}); protocol {protocol_path or '(embedded defaults)'} ({protocol.audit_version}, "
+        f"{len(protocol.recipes)} recipe(s), destinations {', '.join(sorted(protocol.destinations))}); "
+        f"model {model.info.name} {model.info.version} sha256 {model.sha256[:12]}"
+    )
+    return [], summary
+
+
+def cmd_check_config(config_path: Path | None, protocol_path: Path | None) -> int:
+    """``node.py check-config``: shipped files by default; exit 1 and every error when wrong."""
+    if config_path is None and _SHIPPED_NODE.exists():
+        config_path = _SHIPPED_NODE
+    if protocol_path is None and _SHIPPED_PROTOCOL.exists():
+        protocol_path = _SHIPPED_PROTOCOL
+    errors, summary = check_config(config_path, protocol_path)
+    if errors:
+        for e in errors:
+            print(e, file=sys.stderr)
+        print(f"{len(errors)} error(s)", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+def cmd_run(config_path: Path | None, protocol_path: Path | None, port: int | None = None) -> int:
+    """``node.py run``: embedded defaults unless files are given; blocks until SIGTERM/SIGINT."""
+    from rtcontrast.logs import setup_logging
+
+    try:
+        config, protocol = _load(config_path, protocol_path)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    if port is not None:
+        config.port = port
+    setup_logging(config.log_format, config.log_level)
+    log.info(
+        "rtcontrast %s starting: node config %s, protocol %s",
+        __version__, config_path or "(embedded defaults)", protocol_path or "(embedded defaults)",
+    )
+    try:
+        node = Node(config, protocol)
+    except (ContractError, RuntimeError) as exc:
+        log.error("model refused: %s", exc)
+        return 3
+    try:
+        node.run_forever()
+    except OSError as exc:  # e.g. the port is taken
+        log.error("cannot run: %s", exc)
+        return 1
+    return 0
+
+
+def cmd_status(config_path: Path | None, n_jobs: int = 10) -> int:
+    """``node.py status``: queues, recent jobs, dead letters, spool free space."""
+    try:
+        config, _ = _load(config_path, None)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    if not config.db_file.exists():
+        print(f"no database at {config.db_file}: the node has not run with this configuration yet")
+        return 1
+    print(read_status(config, n_jobs).render())
+    return 0
+
+
+def cmd_resend(config_path: Path | None, destination: str | None, job_id: int | None) -> int:
+    """``node.py resend``: dead letters back to pending (optionally one destination / job)."""
+    try:
+        config, _ = _load(config_path, None)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    if not config.db_file.exists():
+        print(f"no database at {config.db_file}", file=sys.stderr)
+        return 1
+    n = resend_dead_letters(config, destination, job_id)
+    print(f"{n} dead letter(s) put back to pending"
+          + (f" for destination {destination}" if destination else "") + (f" of job {job_id}" if job_id else ""))
+    return 0

@@ -1,0 +1,398 @@
+"""The per-job stages: eligibility -> assemble -> infer -> render -> derive -> enqueue, with QA.
+
+Why one function per job (:func:`run_job`) rather than a persistent stage machine: every
+stage is deterministic (same files, same protocol, same model give the same pixels and,
+through :mod:`rtcontrast.uids`, the same UIDs) and the outbox replaces rows of the same
+SOP instance, so the simplest correct resume after a crash is to run an unfinished job
+again from the start.  The job's state still moves through ``assembling``, ``inferring``,
+``rendering``, ``deriving`` and ``queued`` so that ``node.py status`` and the audit show
+where a job is (or where it died).
+
+Outcomes (the job's final state here):
+
+* ``ineligible``: the protocol's match rules refuse the series, or TE/TR are absent or
+  outside the model's trained range; the reason names the attribute, the value and the
+  range.  Nothing is produced.
+* ``failed``: the files do not form a volume (:class:`~rtcontrast.volume.VolumeError`),
+  a spooled file is missing, or derivation failed; the reason is the error message.  The
+  received files stay in the spool.
+* ``held``: QA exceeded a threshold and the protocol's ``qa.action`` is ``hold``: nothing
+  is sent (an admin decides).
+* ``queued``: the derived instances are in the outbox for every destination; the node
+  marks the job ``delivered`` once the outbox has delivered them all.
+
+QA numbers (stored in ``job.qa`` and audited): ``self_nrmse`` (re-rendering the input
+from the maps), the TE/TR identified from the image against the header (relative
+error), map percentiles over the body, and the per-stage durations in seconds.
+
+Logs carry the series UID and job id, never patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from rtcontrast import __version__
+from rtcontrast.derive import (
+    ModelIdentity,
+    NodeIdentity,
+    RecipeInfo,
+    derive_contrast_series,
+    derive_map_images,
+    derive_parametric_maps,
+)
+from rtcontrast.jobs import JobStore
+from rtcontrast.outbox import Outbox
+from rtcontrast.protocol import ProtocolConfig, check_eligibility, header_te_tr
+from rtcontrast.qmap import QMapModel, QMaps
+from rtcontrast.render import render, self_nrmse, to_uint16, window_from_percentiles
+from rtcontrast.volume import Volume, VolumeError, assemble
+
+__all__ = ["PipelineContext", "JobResult", "run_job", "node_identity", "model_identity", "STAGES"]
+
+log = logging.getLogger("rtcontrast.pipeline")
+
+#: Stages timed for every job (seconds in ``qa["timings_s"]``).
+STAGES: tuple[str, ...] = ("assemble", "infer", "render", "derive", "enqueue")
+#: Map percentiles reported in QA.
+_PERCENTILES = (5, 50, 95)
+#: Voxels above this fraction of the series scale count as body for QA statistics.
+_BODY_FRACTION = 0.05
+
+
+@dataclass
+class PipelineContext:
+    """What a job needs: protocol, model, identities, and the durable stores.
+
+    ``on_enqueued`` is called after instances were queued (the node wakes the sender).
+    """
+
+    protocol: ProtocolConfig
+    model: QMapModel
+    node: NodeIdentity
+    jobs: JobStore
+    outbox: Outbox
+    on_enqueued: Callable[[], None] | None = None
+
+    @property
+    def model_identity(self) -> ModelIdentity:
+        return model_identity(self.model)
+
+
+@dataclass
+class JobResult:
+    """The outcome of :func:`run_job`."""
+
+    job_id: int
+    state: str
+    reason: str | None = None
+    qa: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    queued: dict[str, int] = field(default_factory=dict)  # destination -> instances
+
+
+def model_identity(model: QMapModel) -> ModelIdentity:
+    """The model as named in derived objects and in the job record."""
+    return ModelIdentity(name=model.info.name, version=model.info.version, sha256=model.sha256)
+
+
+def node_identity(
+    *,
+    ae_title: str,
+    model: QMapModel,
+    manufacturer: str = "rtcontrast",
+    model_name: str = "rtcontrast node",
+    station_name: str = "RTCONTRAST",
+    device_serial_number: str = "RTC-0001",
+    institution_name: str | None = None,
+    uid_root: str | None = None,
+) -> NodeIdentity:
+    """General Equipment of derived objects; SoftwareVersions names rtcontrast and the model."""
+    software = f"rtcontrast {__version__}; {model.info.name} {model.info.version}"
+    return NodeIdentity(
+        model_name=model_name,
+        software_versions=software[:64],
+        device_serial_number=device_serial_number,
+        station_name=station_name,
+        manufacturer=manufacturer,
+        institution_name=institution_name,
+        uid_root=uid_root,
+        ae_title=ae_title,
+    )
+
+
+class _Stop(Exception):
+    """End the job in ``state`` with ``reason`` (ineligible, failed, held)."""
+
+    def __init__(self, state: str, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- QA
+
+
+def _percentiles(values: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    v = values[mask] if mask.any() else values.ravel()
+    if v.size == 0:
+        return {}
+    ps = np.percentile(v.astype(np.float64), _PERCENTILES)
+    return {f"p{p}": round(float(x), 3) for p, x in zip(_PERCENTILES, ps)}
+
+
+def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> dict[str, Any]:
+    """Self-consistency numbers of one job (JSON-serialisable)."""
+    te_pred = float(np.median(maps.te_tr_pred[:, 0]))
+    tr_pred = float(np.median(maps.te_tr_pred[:, 1]))
+    mask = pixels > _BODY_FRACTION * maps.scale
+    return {
+        "self_nrmse": round(self_nrmse(maps, pixels, te_ms, tr_ms), 5),
+        "te_header_ms": te_ms,
+        "tr_header_ms": tr_ms,
+        "te_pred_ms": round(te_pred, 3),
+        "tr_pred_ms": round(tr_pred, 3),
+        "te_error_frac": round(abs(te_pred - te_ms) / te_ms, 4),
+        "tr_error_frac": round(abs(tr_pred - tr_ms) / tr_ms, 4),
+        "series_scale": round(float(maps.scale), 4),
+        "body_voxels": int(mask.sum()),
+        "t1_ms": _percentiles(maps.t1, mask),
+        "t2_ms": _percentiles(maps.t2, mask),
+        "pd": _percentiles(maps.pd / np.float32(maps.scale), mask),
+    }
+
+
+def qa_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
+    """Which protocol QA thresholds the job exceeds, each as a short sentence."""
+    t = protocol.qa
+    out = []
+    if qa["self_nrmse"] > t.max_self_nrmse:
+        out.append(f"self NRMSE {qa['self_nrmse']:.3f} > {t.max_self_nrmse:g}")
+    if qa["te_error_frac"] > t.max_te_error_frac:
+        out.append(
+            f"TE from image {qa['te_pred_ms']:.1f} ms vs header {qa['te_header_ms']:g} ms "
+            f"(error {qa['te_error_frac']:.2f} > {t.max_te_error_frac:g})"
+        )
+    if qa["tr_error_frac"] > t.max_tr_error_frac:
+        out.append(
+            f"TR from image {qa['tr_pred_ms']:.0f} ms vs header {qa['tr_header_ms']:g} ms "
+            f"(error {qa['tr_error_frac']:.2f} > {t.max_tr_error_frac:g})"
+        )
+    return out
+
+
+def _flag(datasets: list[Dataset], warning: str) -> None:
+    """QA action 'warn': a warning in ImageComments and a ' QA!' SeriesDescription suffix."""
+    for ds in datasets:
+        desc = str(ds.get("SeriesDescription", "") or "")
+        suffix = " QA!"
+        ds.SeriesDescription = (desc[: 64 - len(suffix)] + suffix) if not desc.endswith(suffix) else desc
+        ds.ImageComments = f"QA WARNING: {warning}"[:10240]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _first_header(paths: list[Path]) -> Dataset:
+    try:
+        return pydicom.dcmread(paths[0], stop_before_pixels=True)
+    except Exception as exc:  # the volume stage would fail the same way; say which file
+        raise _Stop("failed", f"{paths[0].name}: unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+def _timing_from(volume: Volume, header: Dataset) -> tuple[float | None, float | None]:
+    te, tr = volume.te_ms, volume.tr_ms
+    if te is None or tr is None:
+        hte, htr = header_te_tr(header)
+        te = te if te is not None else hte
+        tr = tr if tr is not None else htr
+    return te, tr
+
+
+def check_range(model: QMapModel, te: float | None, tr: float | None) -> str | None:
+    """Why (TE, TR) cannot go to this model, or None when inside its trained range."""
+    if te is None:
+        return "TE missing"
+    if tr is None:
+        return "TR missing"
+    (te_lo, te_hi), (tr_lo, tr_hi) = model.info.te_range_ms, model.info.tr_range_ms
+    problems = []
+    if not te_lo <= te <= te_hi:
+        problems.append(f"TE {te:g} ms outside the model's trained range {te_lo:g}-{te_hi:g} ms")
+    if not tr_lo <= tr <= tr_hi:
+        problems.append(f"TR {tr:g} ms outside the model's trained range {tr_lo:g}-{tr_hi:g} ms")
+    if problems:
+        return "; ".join(problems) + f" (model {model.info.name} {model.info.version})"
+    return None
+
+
+def _derive_all(
+    ctx: PipelineContext, volume: Volume, maps: QMaps, rendered: dict[str, tuple[np.ndarray, Any]]
+) -> dict[str, list[Dataset]]:
+    """Datasets per destination: one series per recipe, plus maps as the protocol says."""
+    p = ctx.protocol
+    model = ctx.model_identity
+    per_dest: dict[str, list[Dataset]] = {}
+    for recipe in p.recipes:
+        u16, win = rendered[recipe.key]
+        info = RecipeInfo(
+            key=recipe.key,
+            te_ms=recipe.te_ms,
+            tr_ms=recipe.tr_ms,
+            series_number=recipe.series_number,
+            series_description=recipe.series_description,
+        )
+        dss = derive_contrast_series(volume, u16, info, ctx.node, model, (win.center, win.width))
+        for dest in recipe.destinations:
+            per_dest.setdefault(dest, []).extend(dss)
+    if p.maps.classic or p.maps.parametric:
+        values = {"T1": maps.t1, "T2": maps.t2, "PD": maps.pd / np.float32(maps.scale)}
+        extra: list[Dataset] = []
+        if p.maps.classic:
+            nums = p.maps.classic_series_numbers
+            for q in ("T1", "T2", "PD"):
+                extra.extend(derive_map_images(volume, values[q], q, getattr(nums, q), ctx.node, model))
+        if p.maps.parametric:
+            nums = p.maps.parametric_series_numbers
+            extra.extend(
+                derive_parametric_maps(
+                    volume, values, ctx.node, model, {"T1": nums.T1, "T2": nums.T2, "PD": nums.PD},
+                    content_qualification=p.maps.content_qualification,
+                )
+            )
+        for dest in p.maps.destinations:
+            per_dest.setdefault(dest, []).extend(extra)
+    return per_dest
+
+
+def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
+    """Run one job through every stage and leave it in its final pipeline state.
+
+    Never raises for a bad series (the job ends ``ineligible``/``failed``/``held`` with a
+    reason); an unexpected exception (a bug, a full disk in the outbox) propagates after
+    the job was marked ``failed`` with the error, so the caller can log the traceback.
+    """
+    jobs, protocol, model = ctx.jobs, ctx.protocol, ctx.model
+    job = jobs.job(job_id)
+    if job is None:
+        raise KeyError(f"no job {job_id}")
+    series = job.series_uid
+    mid = ctx.model_identity
+    timings: dict[str, float] = {}
+    qa: dict[str, Any] = {}
+    result = JobResult(job_id=job_id, state="failed", qa=qa, timings_s=timings)
+    ident = dict(
+        protocol_version=protocol.audit_version,
+        model_name=mid.name,
+        model_version=mid.version,
+        model_sha256=mid.sha256,
+    )
+
+    def finish(state: str, reason: str | None) -> JobResult:
+        if timings:
+            qa["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+        jobs.set_state(job_id, state, reason, qa=qa or None)
+        result.state, result.reason = state, reason
+        return result
+
+    try:
+        # -- assemble (incl. eligibility on the first header: cheap, before decoding pixels)
+        t0 = time.perf_counter()
+        jobs.set_state(job_id, "assembling", None, **ident)
+        members = jobs.job_instances(job_id)
+        if not members:
+            raise _Stop("failed", "the job has no instances")
+        paths = [m.path for m in members]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise _Stop("failed", f"{len(missing)} spooled file(s) missing, e.g. {missing[0]}")
+        header = _first_header(paths)
+        calling_ae = next((m.calling_ae for m in members if m.calling_ae), None)
+        ok, why = check_eligibility(header, protocol, calling_ae=calling_ae)
+        if not ok:
+            raise _Stop("ineligible", why)
+        try:
+            volume = assemble(paths)
+        except VolumeError as exc:
+            raise _Stop("failed", f"volume: {exc}") from exc
+        te, tr = _timing_from(volume, header)
+        out_of_range = check_range(model, te, tr)
+        if out_of_range:
+            raise _Stop("ineligible", out_of_range)
+        assert te is not None and tr is not None
+        qa["slices"] = int(volume.pixels.shape[0])
+        qa["matrix"] = [int(volume.pixels.shape[1]), int(volume.pixels.shape[2])]
+        timings["assemble"] = time.perf_counter() - t0
+
+        # -- infer + QA
+        t0 = time.perf_counter()
+        jobs.set_state(job_id, "inferring")
+        maps = model.predict(volume.pixels, te, tr)
+        qa.update(compute_qa(maps, volume.pixels, te, tr))
+        violations = qa_violations(qa, protocol)
+        qa["violations"] = violations
+        qa["action"] = protocol.qa.action if violations else "none"
+        timings["infer"] = time.perf_counter() - t0
+        if violations and protocol.qa.action == "hold":
+            raise _Stop("held", "QA hold: " + "; ".join(violations))
+
+        # -- render every recipe
+        t0 = time.perf_counter()
+        jobs.set_state(job_id, "rendering")
+        rendered = {}
+        for recipe in protocol.recipes:
+            u16 = to_uint16(render(maps, recipe.te_ms, recipe.tr_ms))
+            rendered[recipe.key] = (u16, window_from_percentiles(u16))
+        timings["render"] = time.perf_counter() - t0
+
+        # -- derive
+        t0 = time.perf_counter()
+        jobs.set_state(job_id, "deriving")
+        per_dest = _derive_all(ctx, volume, maps, rendered)
+        if violations and protocol.qa.action == "warn":
+            flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
+            _flag(list(flagged.values()), "; ".join(violations))
+        timings["derive"] = time.perf_counter() - t0
+
+        # -- enqueue
+        t0 = time.perf_counter()
+        for dest, dss in per_dest.items():
+            ctx.outbox.enqueue(job_id, dest, dss)
+            result.queued[dest] = len(dss)
+        timings["enqueue"] = time.perf_counter() - t0
+        if ctx.on_enqueued is not None:
+            ctx.on_enqueued()
+        qa["queued"] = dict(result.queued)
+        if violations:
+            log.warning("job %d series %s: QA %s: %s", job_id, series, protocol.qa.action, "; ".join(violations))
+        finish("queued", "QA warning: " + "; ".join(violations) if violations else None)
+    except _Stop as stop:
+        level = logging.INFO if stop.state == "ineligible" else logging.WARNING
+        log.log(level, "job %d series %s %s: %s", job_id, series, stop.state, stop.reason)
+        jobs.audit(job_id, stop.state, {"reason": stop.reason})
+        finish(stop.state, stop.reason)
+    except Exception as exc:
+        finish("failed", f"unexpected error: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if timings:
+            log.info(
+                "job %d series %s timings: %s",
+                job_id, series, " ".join(f"{k}={timings[k]:.3f}s" for k in STAGES if k in timings),
+            )
+    if result.state == "queued":
+        log.info(
+            "job %d series %s queued: %s (self NRMSE %.3f)",
+            job_id, series, ", ".join(f"{n} to {d}" for d, n in result.queued.items()), qa.get("self_nrmse", 0.0),
+        )
+        jobs.audit(job_id, "qa", {k: v for k, v in qa.items()})
+    return result
