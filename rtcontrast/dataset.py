@@ -122,10 +122,70 @@ def make_sample(maps: phantom.Maps, te: float, tr: float, rng: np.random.Generat
     )
 
 
-def stack(samples: list[Sample]) -> dict[str, np.ndarray]:
-    """Batch samples into arrays [N,1,H,W] and te_tr [N,2]."""
+@dataclass
+class MultiSample:
+    """``qmap/2`` input: K slots, some present, each divided by its own series scale.
+
+    Truth (``clean``, ``pd_img``) is in the units of the first present input, like the
+    model's PD.  All inputs share one receive-bias field (same coil, same session) but
+    have their own gain and noise (the scanner scales each series on its own).
+    """
+
+    image: np.ndarray  # [K,H,W]
+    te_tr: np.ndarray  # [K,2]
+    present: np.ndarray  # [K]
+    clean: np.ndarray  # [H,W] first present input, noise-free
+    pd_img: np.ndarray
+    t1: np.ndarray
+    t2: np.ndarray
+    labels: np.ndarray
+    te: float  # first present input's TE/TR
+    tr: float
+
+
+def make_multi_sample(maps: phantom.Maps, contrasts: list[tuple[float, float]], slots: list[int], k: int,
+                      rng: np.random.Generator, scale_jitter: float = 0.0) -> MultiSample:
+    """Acquire ``maps`` at each contrast into ``slots`` of ``k`` (others absent, zero)."""
+    h, w = maps.pd.shape
+    image = np.zeros((k, h, w), np.float32)
+    te_tr = np.zeros((k, 2), np.float32)
+    present = np.zeros(k, np.float32)
+    bias_strength = float(rng.uniform(0.0, 0.25))
+    bias = phantom.bias_field(rng, maps.pd.shape, bias_strength)
+    first = min(slots)
+    truth: tuple[np.ndarray, np.ndarray] | None = None
+    for (te, tr), slot in zip(contrasts, slots):
+        acq = phantom.acquire(maps, te, tr, rng, bias_strength=0.0)
+        gain_b = bias  # shared coil sensitivity
+        img = acq.image * gain_b
+        s = series_scale(img, INPUT_PERCENTILE)
+        if scale_jitter:
+            s *= float(np.exp(rng.uniform(-scale_jitter, scale_jitter)))
+        image[slot] = img / s
+        te_tr[slot] = (te, tr)
+        present[slot] = 1.0
+        if slot == first:
+            truth = ((acq.clean * gain_b / s).astype(np.float32), (maps.pd * acq.gain * gain_b / s).astype(np.float32))
+    assert truth is not None
+    return MultiSample(image=image, te_tr=te_tr, present=present, clean=truth[0], pd_img=truth[1], t1=maps.t1,
+                       t2=maps.t2, labels=maps.labels, te=float(te_tr[first, 0]), tr=float(te_tr[first, 1]))
+
+
+def stack(samples: list[Sample] | list[MultiSample]) -> dict[str, np.ndarray]:
+    """Batch samples: image [N,1|K,H,W], te_tr [N,2] (qmap/1) or [N,K,2] + present [N,K] (qmap/2).
+
+    ``te_tr0`` [N,2] is always the (first present) input's TE/TR and ``clean``/``pd_img``
+    are in its units, so the losses do not depend on the contract.
+    """
     out = {k: np.stack([getattr(s, k) for s in samples])[:, None].astype(np.float32)
-           for k in ("image", "clean", "pd_img", "t1", "t2")}
+           for k in ("clean", "pd_img", "t1", "t2")}
     out["labels"] = np.stack([s.labels for s in samples])[:, None]
-    out["te_tr"] = np.array([[s.te, s.tr] for s in samples], dtype=np.float32)
+    out["te_tr0"] = np.array([[s.te, s.tr] for s in samples], dtype=np.float32)
+    if isinstance(samples[0], MultiSample):
+        out["image"] = np.stack([s.image for s in samples]).astype(np.float32)
+        out["te_tr"] = np.stack([s.te_tr for s in samples]).astype(np.float32)
+        out["present"] = np.stack([s.present for s in samples]).astype(np.float32)
+    else:
+        out["image"] = np.stack([s.image for s in samples])[:, None].astype(np.float32)
+        out["te_tr"] = out["te_tr0"].copy()
     return out

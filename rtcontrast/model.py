@@ -137,3 +137,77 @@ class QMapNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class QMapFusionNet(nn.Module):
+    """``qmap/2``: K co-registered SE images (any non-empty subset present) -> PD, T1, T2.
+
+    One image gives one equation per voxel for three unknowns; two or more images with
+    different TE/TR make the maps determined.  A shared encoder (image only, so the
+    identification head stays honest) runs on every input; at every level the features
+    of each input are conditioned on that input's TE/TR (1x1 conv) and fused over the
+    *present* inputs by masked mean and max, so any subset works and input order does
+    not matter.  The decoder predicts T1, T2 and a denoised copy of the first present
+    input; PD = c / E(TE_first, TR_first, T1, T2) is in the units of that input.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None, max_inputs: int = 4) -> None:
+        super().__init__()
+        self.cfg = cfg or ModelConfig()
+        self.max_inputs = max_inputs
+        w = self.cfg.widths
+        self.enc = nn.ModuleList()
+        cin = 1
+        for c in w:
+            self.enc.append(ConvBlock(cin, c))
+            cin = c
+        self.cond = nn.ModuleList([nn.Conv2d(c + 2, c, 1) for c in w])
+        self.fuse = nn.ModuleList([nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.ReLU(inplace=True)) for c in w])
+        self.dec = nn.ModuleList()
+        for i in range(len(w) - 2, -1, -1):
+            self.dec.append(ConvBlock(w[i + 1] + w[i] + 2, w[i]))
+        self.head = nn.Conv2d(w[0] + 1, 3, 1)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.copy_(torch.tensor([_unbound(1000.0, *T1_RANGE), _unbound(60.0, *T2_RANGE), 0.0]))
+        self.id_head = nn.Sequential(nn.Linear(2 * w[-1], self.cfg.id_hidden), nn.ReLU(inplace=True),
+                                     nn.Linear(self.cfg.id_hidden, 2))
+
+    def forward(self, image: torch.Tensor, te_tr: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n, k, h, w_ = image.shape
+        # one-hot of the first present input: present * (cumsum(present) == 1)
+        first = present * (torch.cumsum(present, dim=1) == 1).to(present.dtype)  # [N,K]
+        x = image.reshape(n * k, 1, h, w_)
+        cond_all = norm_te_tr(te_tr.reshape(n * k, 2))[:, :, None, None]  # [N*K,2,1,1]
+        pm = present.reshape(n, k, 1, 1, 1)
+        npresent = present.sum(dim=1).clamp(min=1.0).reshape(n, 1, 1, 1)
+        fused = []
+        for i, blk in enumerate(self.enc):
+            if i > 0:
+                x = F.max_pool2d(x, 2)
+            x = blk(x)
+            hh, ww = x.shape[2], x.shape[3]
+            fx = self.cond[i](torch.cat([x, cond_all.expand(-1, -1, hh, ww)], dim=1))
+            fx = fx.reshape(n, k, fx.shape[1], hh, ww)
+            mean = (fx * pm).sum(dim=1) / npresent
+            mx = (fx + (pm - 1.0) * 1e4).amax(dim=1)
+            fused.append(self.fuse[i](torch.cat([mean, mx], dim=1)))
+        bott = x.reshape(n, k, x.shape[1], x.shape[2], x.shape[3])
+        pooled = torch.cat([bott.mean(dim=(3, 4)), bott.amax(dim=(3, 4))], dim=2)  # [N,K,2C]
+        idr = self.id_head(pooled)  # [N,K,2]
+        idr = (idr * first[:, :, None]).sum(dim=1)
+        te_tr_pred = torch.cat([_bounded(idr[:, 0:1], *TE_ID_RANGE), _bounded(idr[:, 1:2], *TR_ID_RANGE)], dim=1)
+        te_tr0 = (te_tr * first[:, :, None]).sum(dim=1)  # [N,2]
+        img0 = (image * first[:, :, None, None]).sum(dim=1, keepdim=True)  # [N,1,H,W]
+        cond = norm_te_tr(te_tr0)[:, :, None, None]
+        y = fused[-1]
+        for j, blk in enumerate(self.dec):
+            skip = fused[len(fused) - 2 - j]
+            y = F.interpolate(y, size=skip.shape[2:], mode="bilinear", align_corners=False)
+            y = blk(torch.cat([y, skip, cond.expand(-1, -1, skip.shape[2], skip.shape[3])], dim=1))
+        out = self.head(torch.cat([y, img0], dim=1))
+        t1 = _bounded(out[:, 0:1], *T1_RANGE)
+        t2 = _bounded(out[:, 1:2], *T2_RANGE)
+        clean = F.relu(img0 + out[:, 2:3])
+        e = weighting(te_tr0[:, 0:1, None, None], te_tr0[:, 1:2, None, None], t1, t2, xp=torch).clamp(min=MIN_WEIGHTING)
+        return clean / e, t1, t2, te_tr_pred

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from rtcontrast import dataset
-from rtcontrast.model import ModelConfig, QMapNet
+from rtcontrast.model import ModelConfig, QMapFusionNet, QMapNet
 from rtcontrast.physics import SEED_CONTRASTS, signal
 
 log = logging.getLogger("rtcontrast.train")
@@ -67,6 +67,11 @@ class TrainConfig:
     cache_dir: str = "var/cache"
     out_dir: str = "var/train/default"
     model: dict[str, Any] = field(default_factory=lambda: {"widths": [16, 32, 64, 96, 128], "id_hidden": 64})
+    #: "qmap/1" (one input) or "qmap/2" (K co-registered inputs, any subset present)
+    contract: str = "qmap/1"
+    max_inputs: int = 4
+    #: qmap/2: probability of 1, 2, ... present inputs per sample
+    p_inputs: list[float] = field(default_factory=lambda: [0.3, 0.35, 0.2, 0.15])
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -82,6 +87,16 @@ def batch_to_torch(b: dict[str, np.ndarray], device: torch.device) -> dict[str, 
 
 
 def make_batch(bank: dataset.Bank, idx: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> dict[str, np.ndarray]:
+    if cfg.contract == "qmap/2":
+        multi = []
+        p = np.asarray(cfg.p_inputs[: cfg.max_inputs], float)
+        for i in idx:
+            m = int(rng.choice(np.arange(1, len(p) + 1), p=p / p.sum()))
+            contrasts = [dataset.random_contrast(rng, cfg.p_seed_contrast) for _ in range(m)]
+            slots = sorted(rng.choice(cfg.max_inputs, m, replace=False).tolist())
+            multi.append(dataset.make_multi_sample(bank.maps(int(i)), contrasts, slots, cfg.max_inputs, rng,
+                                                   cfg.scale_jitter))
+        return dataset.stack(multi)
     samples = []
     for i in idx:
         te, tr = dataset.random_contrast(rng, cfg.p_seed_contrast)
@@ -89,13 +104,28 @@ def make_batch(bank: dataset.Bank, idx: np.ndarray, rng: np.random.Generator, cf
     return dataset.stack(samples)
 
 
+def build_model(cfg: TrainConfig) -> QMapNet | QMapFusionNet:
+    """The network for the configured contract."""
+    if cfg.contract == "qmap/2":
+        return QMapFusionNet(ModelConfig(**cfg.model), max_inputs=cfg.max_inputs)
+    if cfg.contract != "qmap/1":
+        raise SystemExit(f"unknown contract {cfg.contract!r} (qmap/1 or qmap/2)")
+    return QMapNet(ModelConfig(**cfg.model))
+
+
+def run_model(model: QMapNet | QMapFusionNet, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if isinstance(model, QMapFusionNet):
+        return model(b["image"], b["te_tr"], b["present"])
+    return model(b["image"], b["te_tr"])
+
+
 def target_contrasts(rng: np.random.Generator, n_random: int) -> list[tuple[float, float]]:
     return list(SEED_CONTRASTS) + [dataset.random_contrast(rng, 0.0) for _ in range(n_random)]
 
 
-def losses(model: QMapNet, b: dict[str, torch.Tensor], targets: list[tuple[float, float]], cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def losses(model: QMapNet | QMapFusionNet, b: dict[str, torch.Tensor], targets: list[tuple[float, float]], cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """All loss terms of one batch (weighted sum under 'total')."""
-    pd, t1, t2, te_tr_pred = model(b["image"], b["te_tr"])
+    pd, t1, t2, te_tr_pred = run_model(model, b)
     tissue = (b["pd_img"] > 0) & (b["t1"] > 0) & (b["labels"] != 3)
     strong = tissue & (b["pd_img"] > 0.1 * b["pd_img"].amax(dim=(2, 3), keepdim=True))
     nm = strong.sum().clamp(min=1)
@@ -110,10 +140,10 @@ def losses(model: QMapNet, b: dict[str, torch.Tensor], targets: list[tuple[float
         l_render = l_render + ((pred - truth).abs() / norm).mean()
     l_render = l_render / len(targets)
     # The denoised input is the input's own rendering.
-    te0, tr0 = b["te_tr"][:, 0, None, None, None], b["te_tr"][:, 1, None, None, None]
+    te0, tr0 = b["te_tr0"][:, 0, None, None, None], b["te_tr0"][:, 1, None, None, None]
     own = signal(pd, te0, tr0, t1, t2, xp=torch)
     l_clean = F.l1_loss(own, b["clean"])
-    l_ident = (torch.log(te_tr_pred) - torch.log(b["te_tr"])).abs().mean()
+    l_ident = (torch.log(te_tr_pred) - torch.log(b["te_tr0"])).abs().mean()
     total = (cfg.w_render * l_render + cfg.w_maps * l_maps + cfg.w_pd * l_pd + cfg.w_clean * l_clean
              + cfg.w_ident * l_ident)
     return {"total": total, "render": l_render, "maps": l_maps, "pd": l_pd, "clean": l_clean, "ident": l_ident}
@@ -146,7 +176,7 @@ def validation_batches(cfg: TrainConfig) -> list[dict[str, np.ndarray]]:
 
 
 @torch.no_grad()
-def validate(model: QMapNet, batches: list[dict[str, np.ndarray]], cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+def validate(model: QMapNet | QMapFusionNet, batches: list[dict[str, np.ndarray]], cfg: TrainConfig, device: torch.device) -> dict[str, float]:
     model.eval()
     acc: dict[str, float] = {}
     for b in batches:
@@ -157,12 +187,14 @@ def validate(model: QMapNet, batches: list[dict[str, np.ndarray]], cfg: TrainCon
     return acc
 
 
-def save_checkpoint(path: Path, model: QMapNet, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+def save_checkpoint(path: Path, model: QMapNet | QMapFusionNet, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
                     best: float, rng: np.random.Generator, history: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({
         "model": model.state_dict(),
         "model_config": model.cfg.to_dict(),
+        "contract": cfg.contract,
+        "max_inputs": cfg.max_inputs if cfg.contract == "qmap/2" else 1,
         "train_config": asdict(cfg),
         "optimizer": opt.state_dict(),
         "step": step,
@@ -186,7 +218,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    model = QMapNet(ModelConfig(**cfg.model)).to(dev)
+    model = build_model(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     step, best, history = 0, float("inf"), []
