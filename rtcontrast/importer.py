@@ -122,8 +122,11 @@ class PairedGroup:
 
     @property
     def same_matrix(self) -> bool:
-        """All series have the same slices x rows x columns (voxel-wise use needs no resampling
-        only if their geometry also matches; :func:`load_series` gives each its own stack)."""
+        """All series have the same slices x rows x columns.
+
+        Why: voxel-wise use (a fit, a paired loss) needs one grid; same matrix is necessary,
+        not sufficient (positions/spacing are checked when the volumes are loaded).
+        """
         return len({(s.n_slices, s.rows, s.cols) for s in self.series}) == 1
 
 
@@ -493,12 +496,11 @@ def _nifti_patient(path: Path, root: Path, meta: dict[str, Any]) -> tuple[str, s
 
 def _scan_nifti(files: list[Path], root: Path, rules: MatchRules, report: ImportReport) -> None:
     try:
-        import nibabel  # noqa: F401  (optional dependency)
+        import nibabel as nib  # optional dependency (the node itself never needs NIfTI)
     except ImportError:
         for p in files:
             report.skipped.append((str(p), "NIfTI file: nibabel not installed (pip install nibabel) so it cannot be read"))
         return
-    import nibabel as nib
 
     for path in files:
         stem = _nifti_stem(path)
@@ -576,9 +578,13 @@ def _pair(series: Iterable[SeriesInfo]) -> list[PairedGroup]:
     return groups
 
 
-def _walk(root: Path) -> list[Path]:
+def _walk(root: Path, report: ImportReport) -> list[Path]:
     out = []
-    for d, dirs, files in os.walk(root, onerror=None):
+
+    def unreadable(exc: OSError) -> None:
+        report.skipped.append((str(exc.filename), f"unreadable folder: {exc.strerror}"))
+
+    for d, dirs, files in os.walk(root, onerror=unreadable):
         dirs.sort()
         for f in sorted(files):
             out.append(Path(d) / f)
@@ -599,7 +605,7 @@ def scan(root: Path | str, rules: MatchRules | None = None) -> ImportReport:
         raise NotADirectoryError(f"{root} is not a folder")
     rules = rules or load_protocol(None).match
     report = ImportReport(root=root)
-    files = _walk(root)
+    files = _walk(root, report)
     report.files_scanned = len(files)
     named_nifti = {p for p in files if _nifti_stem(p) is not None}
     nifti = []

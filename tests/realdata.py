@@ -74,12 +74,15 @@ def build_real_like_dataset(
       (a paired group), ``.dcm`` files; plus a copy of one T1w file (duplicate);
     * patient B: T2w SE 90/4000, RLE Lossless, shuffled, files without extension, nested;
       plus a CT series (Modality CT) that must be skipped;
-    * patient C: T1w SE 12/600 as one Enhanced MR object; plus a gradient-echo series
+    * patient C: T1w SE 12/600 as one Enhanced MR object (frames stored in reverse); plus a gradient-echo series
       (ScanningSequence GR) and an SE series without EchoTime, both skipped;
     * junk: a text file, a truncated DICOM file.
 
+    ``pixels`` are the eligible series' images as stored, in slice (z) order; ``maps`` the
+    ground-truth phantom maps [N,H,W] of each patient.
+
     Returns ``{"patients": {key: {"patient_id", "patient_name", "folder", "maps"}},
-    "series": {name: {"patient", "series_uid", "for_uid", "te", "tr", "n_slices", "shape"}},
+    "series": {name: {"patient", "series_uid", "for_uid", "te", "tr", "n_slices", "shape", "pixels"}},
     "eligible": [names], "paired": [[names]], "skipped": {what: series_uid or path},
     "sensitive": [strings that must never be printed]}``.
     """
@@ -95,10 +98,11 @@ def build_real_like_dataset(
         out["patients"][key] = {"patient_id": pid, "patient_name": name, "folder": folder, "maps": m}
         out["sensitive"] += [pid, name, *name.split("^")]
 
-    def record(name: str, key: str, spec: SeriesSpec, eligible: bool) -> None:
+    def record(name: str, key: str, spec: SeriesSpec, eligible: bool, images: np.ndarray) -> None:
         out["series"][name] = {
             "patient": key, "series_uid": spec.series_uid, "for_uid": spec.frame_of_reference_uid,
             "te": spec.te, "tr": spec.tr, "n_slices": n_slices, "shape": (n_slices, h, w),
+            "pixels": np.rint(images).astype(np.float32),  # as stored (integers), slice order = z order
         }
         if eligible:
             out["eligible"].append(name)
@@ -108,10 +112,11 @@ def build_real_like_dataset(
     a_dir = root / PATIENTS["A"][2]
     t1 = _spec("A", 8.0, 500.0, 3, "T1 SE AX", **kw)
     t2 = _spec("A", 90.0, 4000.0, 4, "T2 SE AX", **kw)
-    p_t1 = write_series(make_series(_images(maps["A"], 8.0, 500.0, seed + 1), spec=t1), a_dir / "S3_T1")
-    write_series(make_series(_images(maps["A"], 90.0, 4000.0, seed + 2), spec=t2), a_dir / "S4_T2")
-    record("A_T1w", "A", t1, True)
-    record("A_T2w", "A", t2, True)
+    img_t1, img_t2 = _images(maps["A"], 8.0, 500.0, seed + 1), _images(maps["A"], 90.0, 4000.0, seed + 2)
+    p_t1 = write_series(make_series(img_t1, spec=t1), a_dir / "S3_T1")
+    write_series(make_series(img_t2, spec=t2), a_dir / "S4_T2")
+    record("A_T1w", "A", t1, True, img_t1)
+    record("A_T2w", "A", t2, True, img_t2)
     out["paired"].append(["A_T1w", "A_T2w"])
     dup = a_dir / "copy_of_first_slice.dcm"
     shutil.copyfile(p_t1[0], dup)
@@ -120,11 +125,12 @@ def build_real_like_dataset(
     # -- patient B: one T2w, compressed, shuffled, no extension; plus CT
     b_dir = root / PATIENTS["B"][2]
     t2b = _spec("B", 90.0, 4000.0, 5, "t2_se_tra", **kw)
-    paths = write_series(make_series(_images(maps["B"], 90.0, 4000.0, seed + 3), spec=t2b, transfer_syntax=RLELossless),
+    img_b = _images(maps["B"], 90.0, 4000.0, seed + 3)
+    paths = write_series(make_series(img_b, spec=t2b, transfer_syntax=RLELossless),
                          b_dir / "MR" / "0005", shuffle=True, seed=seed)
     for k, p in enumerate(paths):
         p.rename(p.with_name(f"IM{k:05d}"))
-    record("B_T2w", "B", t2b, True)
+    record("B_T2w", "B", t2b, True, img_b)
     ct = _spec("B", 0.0, 0.0, 2, "CT PELVIS", **kw)
     ct_dss = make_series(np.full((2, h, w), 40.0, np.float32), spec=ct)
     for ds in ct_dss:
@@ -139,10 +145,11 @@ def build_real_like_dataset(
     # -- patient C: Enhanced MR T1w, gradient echo, SE without TE
     c_dir = root / PATIENTS["C"][2]
     t1c = _spec("C", 12.0, 600.0, 7, "T1 SE ENH", **kw)
-    enh = make_enhanced(_images(maps["C"], 12.0, 600.0, seed + 4), spec=t1c)
+    img_c = _images(maps["C"], 12.0, 600.0, seed + 4)
+    enh = make_enhanced(img_c, spec=t1c, frame_order=list(range(n_slices))[::-1])
     (c_dir / "enh").mkdir(parents=True, exist_ok=True)
     enh.save_as(c_dir / "enh" / "MR_ENHANCED", enforce_file_format=True)
-    record("C_T1w", "C", t1c, True)
+    record("C_T1w", "C", t1c, True, img_c)
     gre = _spec("C", 4.0, 300.0, 8, "GRE T1 AX", scanning_sequence="GR", sequence_variant="SP", **kw)
     write_series(make_series(_images(maps["C"], 4.0, 300.0, seed + 5), spec=gre), c_dir / "gre")
     out["skipped"]["gradient_echo"] = gre.series_uid
