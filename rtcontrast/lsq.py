@@ -161,8 +161,8 @@ def fit(
     ``images`` [K, ...] are co-registered magnitude images in one intensity scale (PD comes
     out in that scale); ``te_tr`` [K, 2] is (TE, TR) in ms per image.  ``mask`` (shape
     ``images.shape[1:]``) selects the voxels to fit; without it, voxels where every image is
-    below ``background_frac`` of the brightest signal are background.  Voxels not fitted are
-    0 in all three maps.  Returns float32 arrays of shape ``images.shape[1:]``.
+    below ``background_frac`` of the brightest signal are background.  Voxels not fitted,
+    and voxels whose fitted PD is 0 (no signal: T1/T2 undetermined), are 0 in all three maps.  Returns float32 arrays of shape ``images.shape[1:]``.
 
     Raises ValueError when the design cannot determine the parameters: fewer than two
     distinct TR (T1), fewer than two distinct TE (T2), or fewer than three distinct contrasts.
