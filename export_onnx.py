@@ -23,8 +23,8 @@ import onnx
 import torch
 
 from rtcontrast import dataset, phantom
-from rtcontrast.contract import CONTRACT, INPUT_NAMES, OUTPUT_NAMES
-from rtcontrast.model import T1_RANGE, T2_RANGE, ModelConfig, QMapNet
+from rtcontrast.contract import CONTRACT, CONTRACT_FUSION, INPUT_NAMES, INPUT_NAMES_FUSION, OUTPUT_NAMES
+from rtcontrast.model import T1_RANGE, T2_RANGE, ModelConfig, QMapFusionNet, QMapNet
 from rtcontrast.qmap import QMapModel
 
 OPSET = 17
@@ -32,26 +32,35 @@ OPSET = 17
 PARITY_RTOL = 2e-3
 
 
-def load_checkpoint(path: str | Path) -> tuple[QMapNet, dict]:
+def load_checkpoint(path: str | Path) -> tuple[QMapNet | QMapFusionNet, dict]:
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    model = QMapNet(ModelConfig(**ck["model_config"]))
+    if ck.get("contract", CONTRACT) == CONTRACT_FUSION:
+        model: QMapNet | QMapFusionNet = QMapFusionNet(ModelConfig(**ck["model_config"]), max_inputs=ck["max_inputs"])
+    else:
+        model = QMapNet(ModelConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
     model.eval()
     return model, ck
 
 
-def export(model: QMapNet, out: Path, metadata: dict[str, str]) -> None:
-    """torch -> ONNX with dynamic N/H/W and the contract metadata."""
-    x = torch.rand(2, 1, 64, 96)
-    tt = torch.tensor([[80.0, 3000.0], [10.0, 500.0]])
+def export(model: QMapNet | QMapFusionNet, out: Path, metadata: dict[str, str]) -> None:
+    """torch -> ONNX with dynamic N/H/W (and K for qmap/2) and the contract metadata."""
     tmp = out.with_suffix(".tmp.onnx")
+    dyn = {"pd": {0: "N", 2: "H", 3: "W"}, "t1": {0: "N", 2: "H", 3: "W"}, "t2": {0: "N", 2: "H", 3: "W"},
+           "te_tr_pred": {0: "N"}}
+    if isinstance(model, QMapFusionNet):
+        k = model.max_inputs
+        args: tuple = (torch.rand(2, k, 64, 96), torch.tensor([[[80.0, 3000.0]] * k, [[10.0, 500.0]] * k]),
+                       torch.tensor([[1.0] + [0.0] * (k - 1), [1.0] * k]))
+        names = list(INPUT_NAMES_FUSION)
+        dyn.update({"image": {0: "N", 2: "H", 3: "W"}, "te_tr": {0: "N"}, "present": {0: "N"}})
+    else:
+        args = (torch.rand(2, 1, 64, 96), torch.tensor([[80.0, 3000.0], [10.0, 500.0]]))
+        names = list(INPUT_NAMES)
+        dyn.update({"image": {0: "N", 2: "H", 3: "W"}, "te_tr": {0: "N"}})
     with torch.no_grad():
-        torch.onnx.export(
-            model, (x, tt), str(tmp), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-            dynamic_axes={"image": {0: "N", 2: "H", 3: "W"}, "te_tr": {0: "N"}, "pd": {0: "N", 2: "H", 3: "W"},
-                          "t1": {0: "N", 2: "H", 3: "W"}, "t2": {0: "N", 2: "H", 3: "W"}, "te_tr_pred": {0: "N"}},
-            opset_version=OPSET, dynamo=False,
-        )
+        torch.onnx.export(model, args, str(tmp), input_names=names, output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
     m = onnx.load(str(tmp))
     del m.metadata_props[:]
     for k, v in metadata.items():
@@ -62,7 +71,7 @@ def export(model: QMapNet, out: Path, metadata: dict[str, str]) -> None:
     tmp.replace(out)
 
 
-def parity(model: QMapNet, onnx_path: Path) -> dict:
+def parity(model: QMapNet | QMapFusionNet, onnx_path: Path) -> dict:
     """Compare ONNX (onnxruntime CPU) with torch on held-out phantom slices of several sizes."""
     qm = QMapModel(onnx_path, provider="cpu")
     rng = np.random.default_rng(7)
@@ -70,12 +79,17 @@ def parity(model: QMapNet, onnx_path: Path) -> dict:
     checked = []
     for k, (h, w) in enumerate(((128, 128), (256, 256), (160, 224))):
         maps = phantom.random_slice(dataset.HELDOUT_SEED_BASE + 900 + k, (max(h, w), max(h, w)))
-        sl = dataset.make_sample(maps, *dataset.random_contrast(rng), rng)
-        img = sl.image[:h, :w][None, None].astype(np.float32)
-        tt = np.array([[sl.te, sl.tr]], np.float32)
+        if isinstance(model, QMapFusionNet):
+            m = 1 + k % model.max_inputs
+            ms = dataset.make_multi_sample(maps, [dataset.random_contrast(rng) for _ in range(m)],
+                                           list(range(m)), model.max_inputs, rng)
+            feeds = (ms.image[None, :, :h, :w].copy(), ms.te_tr[None], ms.present[None])
+        else:
+            sl = dataset.make_sample(maps, *dataset.random_contrast(rng), rng)
+            feeds = (sl.image[:h, :w][None, None].astype(np.float32), np.array([[sl.te, sl.tr]], np.float32))
         with torch.no_grad():
-            ref = [t.numpy() for t in model(torch.from_numpy(img), torch.from_numpy(tt))]
-        got = qm.run_normalised(img, tt)
+            ref = [t.numpy() for t in model(*(torch.from_numpy(np.ascontiguousarray(f)) for f in feeds))]
+        got = qm.run_normalised(*feeds)
         for name, r in zip(OUTPUT_NAMES, ref):
             g = got[name]
             floor = 1e-3 * max(float(np.abs(r).max()), 1e-6)
@@ -100,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     version = a.version or tc.get("version", "0.0.0")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    fusion = isinstance(model, QMapFusionNet)
     meta = {
-        "rtcontrast.contract": CONTRACT,
+        "rtcontrast.contract": CONTRACT_FUSION if fusion else CONTRACT,
         "name": name,
         "version": version,
         "input_percentile": str(dataset.INPUT_PERCENTILE),
@@ -110,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "tr_range_ms": ",".join(str(v) for v in dataset.TR_RANGE_MS),
         "field_strengths_t": ",".join(str(v) for v in dataset.FIELD_STRENGTHS_T),
     }
+    if fusion:
+        meta["max_inputs"] = str(model.max_inputs)
     export(model, out, meta)
     par = parity(model, out)
     print(f"parity: 99.9th percentile relative error {par['p999_relative_error']:.2e} (tolerance {PARITY_RTOL:.0e})")
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     qm = QMapModel(out, provider="cpu")
     card = {
-        "contract": CONTRACT,
+        "contract": meta["rtcontrast.contract"],
         "name": name,
         "version": version,
         "file": out.name,

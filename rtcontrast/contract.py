@@ -10,6 +10,13 @@ Outputs
     te_tr_pred  float32 [N,2]      ms, identified from the image alone
 H and W must be multiples of ``spatial_multiple`` (the caller pads); N is free.
 
+``qmap/2`` (fusion of K co-registered spin-echo series of one frame of reference):
+    image    float32 [N,K,H,W]  each present input divided by its own series scale; absent slots zero
+    te_tr    float32 [N,K,2]    ms (absent slots: any value, ignored)
+    present  float32 [N,K]      1 = present, 0 = missing; at least one present
+    outputs as ``qmap/1``; PD in the units of the first present input.  Metadata as
+    ``qmap/1`` plus ``max_inputs``.
+
 This module is numpy-only so that the node (onnxruntime) and the exporter (torch) share it.
 """
 
@@ -20,7 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 
 CONTRACT = "qmap/1"
+CONTRACT_FUSION = "qmap/2"
+KNOWN_CONTRACTS: tuple[str, ...] = (CONTRACT, CONTRACT_FUSION)
 INPUT_NAMES: tuple[str, ...] = ("image", "te_tr")
+INPUT_NAMES_FUSION: tuple[str, ...] = ("image", "te_tr", "present")
 OUTPUT_NAMES: tuple[str, ...] = ("pd", "t1", "t2", "te_tr_pred")
 REQUIRED_METADATA: tuple[str, ...] = (
     "rtcontrast.contract",
@@ -49,6 +59,13 @@ class ModelInfo:
     te_range_ms: tuple[float, float]
     tr_range_ms: tuple[float, float]
     field_strengths_t: tuple[float, ...]
+    contract: str = CONTRACT
+    max_inputs: int = 1
+
+    @property
+    def fusion(self) -> bool:
+        """True for a ``qmap/2`` model (several inputs)."""
+        return self.contract == CONTRACT_FUSION
 
     def te_tr_in_range(self, te: float, tr: float) -> bool:
         """True when (TE, TR) lies inside the trained range."""
@@ -72,10 +89,19 @@ def parse_metadata(meta: dict[str, str]) -> ModelInfo:
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise ContractError(f"model metadata lacks {', '.join(missing)} (required by {CONTRACT})")
-    if meta["rtcontrast.contract"] != CONTRACT:
+    contract = meta["rtcontrast.contract"]
+    if contract not in KNOWN_CONTRACTS:
         raise ContractError(
-            f"model declares contract {meta['rtcontrast.contract']!r}; this node knows {CONTRACT!r}"
+            f"model declares contract {contract!r}; this node knows {' and '.join(map(repr, KNOWN_CONTRACTS))}"
         )
+    max_inputs = 1
+    if contract == CONTRACT_FUSION:
+        try:
+            max_inputs = int(meta["max_inputs"])
+        except (KeyError, ValueError) as exc:
+            raise ContractError(f"{CONTRACT_FUSION} model metadata needs an integer 'max_inputs'") from exc
+        if max_inputs < 1:
+            raise ContractError(f"max_inputs must be >= 1, got {max_inputs}")
     try:
         pct = float(meta["input_percentile"])
         mult = int(meta["spatial_multiple"])
@@ -94,6 +120,8 @@ def parse_metadata(meta: dict[str, str]) -> ModelInfo:
         te_range_ms=_pair(meta["te_range_ms"], "te_range_ms"),
         tr_range_ms=_pair(meta["tr_range_ms"], "tr_range_ms"),
         field_strengths_t=fields,
+        contract=contract,
+        max_inputs=max_inputs,
     )
 
 

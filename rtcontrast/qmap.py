@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from rtcontrast.contract import (
-    CONTRACT,
     INPUT_NAMES,
+    INPUT_NAMES_FUSION,
     OUTPUT_NAMES,
     ContractError,
     ModelInfo,
@@ -82,18 +82,20 @@ class QMaps:
     scale: float  # the series scale s used for the model input
 
 
-def _check_io(sess: ort.InferenceSession, path: Path) -> None:
+def _check_io(sess: ort.InferenceSession, path: Path, info: ModelInfo) -> None:
     ins = {i.name: i for i in sess.get_inputs()}
     outs = {o.name: o for o in sess.get_outputs()}
-    if set(ins) != set(INPUT_NAMES):
-        raise ContractError(f"{path}: inputs are {sorted(ins)}, {CONTRACT} requires {list(INPUT_NAMES)}")
+    names = INPUT_NAMES_FUSION if info.fusion else INPUT_NAMES
+    if set(ins) != set(names):
+        raise ContractError(f"{path}: inputs are {sorted(ins)}, {info.contract} requires {list(names)}")
     missing = [n for n in OUTPUT_NAMES if n not in outs]
     if missing:
-        raise ContractError(f"{path}: outputs lack {missing}; {CONTRACT} requires {list(OUTPUT_NAMES)}")
-    if len(ins["image"].shape) != 4 or len(ins["te_tr"].shape) != 2:
-        raise ContractError(f"{path}: input ranks must be image [N,1,H,W] and te_tr [N,2], got "
+        raise ContractError(f"{path}: outputs lack {missing}; {info.contract} requires {list(OUTPUT_NAMES)}")
+    te_rank = 3 if info.fusion else 2
+    if len(ins["image"].shape) != 4 or len(ins["te_tr"].shape) != te_rank:
+        raise ContractError(f"{path}: input ranks must be image 4 and te_tr {te_rank} for {info.contract}, got "
                             f"{ins['image'].shape} and {ins['te_tr'].shape}")
-    for n in INPUT_NAMES:
+    for n in names:
         if ins[n].type != "tensor(float)":
             raise ContractError(f"{path}: input {n!r} must be float32, is {ins[n].type}")
 
@@ -114,12 +116,12 @@ class QMapModel:
             self.session = ort.InferenceSession(str(self.path), so, providers=choose_providers(provider))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ContractError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
-        _check_io(self.session, self.path)
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
             self.info: ModelInfo = parse_metadata(meta)
         except ContractError as exc:
             raise ContractError(f"{self.path}: {exc}") from exc
+        _check_io(self.session, self.path, self.info)
         self.sha256 = file_sha256(self.path)
         self.provider = self.session.get_providers()[0]
 
@@ -127,29 +129,55 @@ class QMapModel:
         return (f"model {self.info.name} {self.info.version} ({self.path.name}, sha256 {self.sha256[:12]}) "
                 f"on {self.provider}")
 
-    def run_normalised(self, image: np.ndarray, te_tr: np.ndarray) -> dict[str, np.ndarray]:
-        """One raw ``session.run`` on already normalised, padded input [N,1,H,W]."""
-        outs = self.session.run(list(OUTPUT_NAMES), {"image": image, "te_tr": te_tr})
+    def run_normalised(self, image: np.ndarray, te_tr: np.ndarray, present: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One raw ``session.run`` on already normalised, padded input (``present`` for qmap/2)."""
+        feeds = {"image": image, "te_tr": te_tr}
+        if self.info.fusion:
+            if present is None:
+                raise ValueError(f"{self.info.contract} model needs 'present'")
+            feeds["present"] = present
+        outs = self.session.run(list(OUTPUT_NAMES), feeds)
         return dict(zip(OUTPUT_NAMES, outs))
 
     def predict(self, pixels: np.ndarray, te_ms: float, tr_ms: float, batch_size: int = 8) -> QMaps:
         """Maps of a series ``pixels`` [N,H,W] (stored values after Modality LUT)."""
+        return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size)
+
+    def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int = 8) -> QMaps:
+        """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
+
+        The first series is the geometric target and defines PD's units.  Several inputs
+        need a ``qmap/2`` model; extra inputs beyond its ``max_inputs`` are an error.
+        """
+        if not inputs:
+            raise ValueError("no input series")
+        if len(inputs) > self.info.max_inputs:
+            raise ValueError(f"{len(inputs)} input series, model {self.info.name} takes at most {self.info.max_inputs}")
+        pixels = inputs[0][0]
         if pixels.ndim != 3:
             raise ValueError(f"pixels must be [N,H,W], got shape {pixels.shape}")
+        for extra, _, _ in inputs[1:]:
+            if extra.shape != pixels.shape:
+                raise ValueError(f"input series shapes differ: {extra.shape} vs {pixels.shape}")
         n, h, w = pixels.shape
-        s = series_scale(pixels, self.info.input_percentile)
+        scales = [series_scale(p, self.info.input_percentile) for p, _, _ in inputs]
+        s = scales[0]
         ph, pw = pad_amounts(h, w, self.info.spatial_multiple)
+        k = self.info.max_inputs if self.info.fusion else 1
         pd = np.empty((n, h, w), np.float32)
         t1 = np.empty_like(pd)
         t2 = np.empty_like(pd)
         te_tr_pred = np.empty((n, 2), np.float32)
-        inv = np.float32(1.0 / s)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            x = np.zeros((stop - start, 1, h + ph, w + pw), np.float32)
-            x[:, 0, :h, :w] = pixels[start:stop] * inv
-            tt = np.tile(np.array([[te_ms, tr_ms]], np.float32), (stop - start, 1))
-            o = self.run_normalised(x, tt)
+            x = np.zeros((stop - start, k, h + ph, w + pw), np.float32)
+            tt = np.zeros((stop - start, k, 2), np.float32)
+            for j, ((px, te, tr), sc) in enumerate(zip(inputs, scales)):
+                x[:, j, :h, :w] = px[start:stop] * np.float32(1.0 / sc)
+                tt[:, j] = (te, tr)
+            present = np.zeros((stop - start, k), np.float32)
+            present[:, : len(inputs)] = 1.0
+            o = self.run_normalised(x, tt if self.info.fusion else tt[:, 0], present)
             pd[start:stop] = o["pd"][:, 0, :h, :w] * np.float32(s)
             t1[start:stop] = o["t1"][:, 0, :h, :w]
             t2[start:stop] = o["t2"][:, 0, :h, :w]
