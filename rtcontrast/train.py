@@ -45,7 +45,7 @@ class TrainConfig:
     name: str = "qmap-pelvis"
     version: str = "1.0.0"
     seed: int = 1234
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 12
     patch: int = 128
     n_train_subjects: int = 2400
@@ -69,9 +69,9 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"widths": [16, 32, 64, 96, 128], "id_hidden": 64})
     #: "qmap/1" (one input) or "qmap/2" (K co-registered inputs, any subset present)
     contract: str = "qmap/1"
-    max_inputs: int = 4
+    max_inputs: int = 5
     #: qmap/2: probability of 1, 2, ... present inputs per sample
-    p_inputs: list[float] = field(default_factory=lambda: [0.3, 0.35, 0.2, 0.15])
+    p_inputs: list[float] = field(default_factory=lambda: [0.3, 0.3, 0.2, 0.1, 0.1])
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
