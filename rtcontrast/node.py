@@ -160,6 +160,7 @@ class Node:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        self._started = True  # from here on stop() has threads to end, even if listening fails
         self.sender.start()
         if c.allowed_ips:
             log.warning("allowed_ips is set but not enforced by this version's SCP; use a firewall")
@@ -179,7 +180,6 @@ class Node:
             on_released=self._on_released,
         )
         self.scp.start()
-        self._started = True
         log.info(
             "listening on %s:%d as %s (protocol %s: %d recipe(s), destinations %s)",
             c.bind_host, self.scp.port, c.ae_title, self.protocol.audit_version, len(self.protocol.recipes),

@@ -389,10 +389,11 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
                 "job %d series %s timings: %s",
                 job_id, series, " ".join(f"{k}={timings[k]:.3f}s" for k in STAGES if k in timings),
             )
+    if "self_nrmse" in qa:  # inference ran: QA numbers go to the audit (queued or held)
+        jobs.audit(job_id, "qa", dict(qa))
     if result.state == "queued":
         log.info(
             "job %d series %s queued: %s (self NRMSE %.3f)",
             job_id, series, ", ".join(f"{n} to {d}" for d, n in result.queued.items()), qa.get("self_nrmse", 0.0),
         )
-        jobs.audit(job_id, "qa", {k: v for k, v in qa.items()})
     return result

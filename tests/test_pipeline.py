@@ -269,6 +269,8 @@ def test_qa_hold_sends_nothing(tmp_path: Path, model: QMapModel) -> None:
     assert env.outbox.items(job_id=job_id) == []
     job = env.jobs.job(job_id)
     assert job is not None and job.qa is not None and job.qa["violations"] and job.qa["action"] == "hold"
+    audited = [e.detail for e in env.jobs.audit_events(job_id) if e.event == "qa"]
+    assert len(audited) == 1 and audited[0] is not None and audited[0]["violations"] == job.qa["violations"]
 
 
 def test_qa_warn_flags_every_image(tmp_path: Path, model: QMapModel) -> None:
