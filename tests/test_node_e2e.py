@@ -401,7 +401,7 @@ def test_embedded_defaults_export_to_var_export(tmp_path: Path) -> None:
     assert rc == 0
     text = proc.text()
     assert f"listening on 0.0.0.0:{port} as RTCONTRAST" in text
-    assert text.count("model qmap-pelvis") == 1 and "sha256" in text and "CPUExecutionProvider" in text
+    assert text.count("model qmap-pelvis") == 1 and "sha256" in text and "ExecutionProvider" in text
     assert (tmp_path / "var" / "rtcontrast.db").exists() and (tmp_path / "var" / "spool").is_dir()
     exported = next(export.rglob("*.dcm"))
     assert exported.parent.parent.name == src[0].StudyInstanceUID
