@@ -211,3 +211,32 @@ class QMapFusionNet(nn.Module):
         clean = F.relu(img0 + out[:, 2:3])
         e = weighting(te_tr0[:, 0:1, None, None], te_tr0[:, 1:2, None, None], t1, t2, xp=torch).clamp(min=MIN_WEIGHTING)
         return clean / e, t1, t2, te_tr_pred
+
+
+def fusion_from_single(single_state: dict[str, torch.Tensor], cfg: ModelConfig, max_inputs: int) -> QMapFusionNet:
+    """A ``qmap/2`` network that starts as a trained ``qmap/1`` network.
+
+    Encoder, decoder, heads and identification head are copied; the new per-input
+    conditioning convs start as identity on the features (zero on TE/TR) and the fusion
+    convs as identity on the masked mean (zero on the max), so with one input present the
+    fusion network computes exactly what the single-input network did.  Training then
+    only has to learn how to use the extra inputs: it starts from the single-input
+    quality instead of from scratch.
+    """
+    net = QMapFusionNet(cfg, max_inputs=max_inputs)
+    own = net.state_dict()
+    for k, v in single_state.items():
+        if k in own and own[k].shape == v.shape:
+            own[k] = v.clone()
+    net.load_state_dict(own)
+    with torch.no_grad():
+        for c, conv in zip(cfg.widths, net.cond):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.weight[:, :c, 0, 0] = torch.eye(c)
+        for c, seq in zip(cfg.widths, net.fuse):
+            conv = seq[0]
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.weight[:, :c, 0, 0] = torch.eye(c)
+    return net
