@@ -135,6 +135,48 @@ class QMapNet(nn.Module):
         return pd, t1, t2, te_tr_pred
 
 
+    def identify(self, image: torch.Tensor) -> torch.Tensor:
+        """TE/TR [N,2] (ms) identified from ``image`` [N,1,H,W] alone (encoder + id head only).
+
+        Why a separate method: training on unpaired real data asks the identifier to recover
+        the TE/TR at which an image was *rendered* from predicted maps (the seed's
+        contrast-identification loss).  The same computation as in :meth:`forward`, which
+        stays untouched so the exported ONNX graph does not change.
+        """
+        x = image
+        for i, blk in enumerate(self.enc):
+            if i > 0:
+                x = F.max_pool2d(x, 2)
+            x = blk(x)
+        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+        idr = self.id_head(pooled)
+        return torch.cat([_bounded(idr[:, 0:1], *TE_ID_RANGE), _bounded(idr[:, 1:2], *TR_ID_RANGE)], dim=1)
+
+
+class Discriminator(nn.Module):
+    """Small real-vs-rendered critic for adversarial fine-tuning on real images (training only).
+
+    After the seed's identifier: strided 4x4 convolutions with LeakyReLU(0.2) and dropout,
+    global average pooling, one logit (> 0: "looks like a real acquisition").  It keeps
+    images rendered from the predicted maps at real-looking contrasts realistic; it is
+    never exported.
+    """
+
+    def __init__(self, widths: list[int] | None = None, dropout: float = 0.2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for c in widths or [16, 32, 64]:
+            layers += [nn.Conv2d(cin, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True), nn.Dropout2d(dropout)]
+            cin = c
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(cin, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits [N] for normalised images [N,1,H,W]."""
+        return self.out(self.body(image).mean(dim=(2, 3)))[:, 0]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
