@@ -171,6 +171,43 @@ class Limits(StrictModel):
     min_free_disk_bytes: int = Field(1024**3, ge=0, description="below this free space, C-STORE is refused 0xA700")
 
 
+class Tls(StrictModel):
+    """DICOM TLS listener (PS3.15 Annex B) beside, or instead of, the plain port.
+
+    Why a separate port: a peer chooses TLS before the first byte, so one port cannot
+    serve both; 2762 is the port IANA registered for DICOM over TLS.
+    """
+
+    enabled: bool = False
+    port: int = Field(2762, ge=1, le=65535, description="the TLS port")
+    plain_port_enabled: bool = Field(True, description="false: no plain (unencrypted) listener on `port`")
+    cert_file: Path | None = Field(None, description="this node's certificate (PEM, chain allowed)")
+    key_file: Path | None = Field(None, description="its private key (PEM, unencrypted)")
+    ca_file: Path | None = Field(None, description="CA bundle that signs accepted client certificates")
+    require_client_cert: bool = Field(False, description="refuse peers without a certificate signed by ca_file")
+    handshake_timeout_s: float = Field(10.0, gt=0, description="a peer silent this long in the handshake is dropped")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Tls:
+        problems: list[str] = []
+        if self.enabled:
+            for name in ("cert_file", "key_file"):
+                value = getattr(self, name)
+                if value is None:
+                    problems.append(f"enabled: true needs {name}")
+                elif not Path(value).is_file():
+                    problems.append(f"{name} {str(value)!r} is not a readable file")
+            if self.ca_file is not None and not Path(self.ca_file).is_file():
+                problems.append(f"ca_file {str(self.ca_file)!r} is not a readable file")
+            if self.require_client_cert and self.ca_file is None:
+                problems.append("require_client_cert needs ca_file (the CA that signs client certificates)")
+        elif not self.plain_port_enabled:
+            problems.append("plain_port_enabled is false and TLS is disabled: the node would not listen at all")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class Metrics(StrictModel):
     """Prometheus-style metrics endpoint (loopback by default)."""
 
@@ -226,6 +263,7 @@ class NodeConfig(StrictModel):
     limits: Limits = Field(default_factory=Limits)
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty: any")
     allowed_ips: list[str] = Field(default_factory=list, description="addresses or CIDR networks; empty: any")
+    tls: Tls = Field(default_factory=Tls)
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics: Metrics = Field(default_factory=Metrics)
@@ -253,6 +291,12 @@ class NodeConfig(StrictModel):
             except ValueError as exc:
                 raise ValueError(f"{a!r} is not an IP address or CIDR network") from exc
         return v
+
+    @model_validator(mode="after")
+    def _ports(self) -> NodeConfig:
+        if self.tls.enabled and self.tls.plain_port_enabled and self.tls.port == self.port:
+            raise ValueError(f"tls.port and port are both {self.port}: TLS needs its own port")
+        return self
 
     @field_validator("uid_root")
     @classmethod
