@@ -54,6 +54,27 @@ _FSE_NAME_RE = re.compile(r"tse|fse|rare|haste|turbo|frfse", re.IGNORECASE)
 
 
 # -- models -------------------------------------------------------------------------
+class DestinationTls(StrictModel):
+    """TLS towards one DICOM destination: verify its certificate, optionally present ours.
+
+    ``ca_file`` null verifies against the system CA store; ``server_hostname`` is the name
+    the peer's certificate must carry when it differs from ``host`` (e.g. ``host`` is an
+    address and the certificate names the DNS name).
+    """
+
+    enabled: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = Field(None, description="client certificate (PEM), when the peer asks for one")
+    key_file: str | None = Field(None, description="its private key (PEM); null: inside cert_file")
+    server_hostname: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTls:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+
 class DicomDestinationConfig(StrictModel):
     """A C-STORE SCP; ``calling_ae`` defaults to the node's AE title."""
 
@@ -66,10 +87,7 @@ class DicomDestinationConfig(StrictModel):
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
     max_pdu: int = Field(16382, ge=0)
-    tls: bool = False
-    tls_ca_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
+    tls: DestinationTls = Field(default_factory=DestinationTls)
 
     @field_validator("ae_title", "calling_ae")
     @classmethod
@@ -357,8 +375,9 @@ def build_destinations(
                 calling_ae=c.calling_ae or default_calling_ae,
                 connect_timeout_s=c.connect_timeout_s, acse_timeout_s=c.acse_timeout_s,
                 dimse_timeout_s=c.dimse_timeout_s, network_timeout_s=c.network_timeout_s,
-                max_pdu=c.max_pdu, tls=c.tls, tls_ca_file=c.tls_ca_file,
-                tls_cert_file=c.tls_cert_file, tls_key_file=c.tls_key_file,
+                max_pdu=c.max_pdu, tls=c.tls.enabled, tls_ca_file=c.tls.ca_file,
+                tls_cert_file=c.tls.cert_file, tls_key_file=c.tls.key_file,
+                tls_server_hostname=c.tls.server_hostname,
             )
     return out
 
@@ -538,6 +557,7 @@ def check_eligibility(
 __all__ = [
     "ConfigError",
     "DestinationConfig",
+    "DestinationTls",
     "DicomDestinationConfig",
     "FolderDestinationConfig",
     "MatchRules",
