@@ -17,7 +17,8 @@ Outcomes (the job's final state here):
   a spooled file is missing, or derivation failed; the reason is the error message.  The
   received files stay in the spool.
 * ``held``: QA exceeded a threshold and the protocol's ``qa.action`` is ``hold``: nothing
-  is sent (an admin decides).
+  is sent; the QA preview is written so an admin can decide (``node.py release``
+  re-runs the job with ``hold_override``: sent, flagged as a QA warning).
 * ``queued``: the derived instances are in the outbox for every destination; the node
   marks the job ``delivered`` once the outbox has delivered them all.
 
@@ -74,6 +75,9 @@ class PipelineContext:
     """What a job needs: protocol, model, identities, and the durable stores.
 
     ``on_enqueued`` is called after instances were queued (the node wakes the sender).
+    ``job_dir(job_id)`` names the job's folder for its QA preview (None: no preview).
+    ``hold_override``: an admin released this job (``node.py release``), so a QA hold
+    becomes a warning (the images are flagged, the job is sent).
     """
 
     protocol: ProtocolConfig
@@ -82,6 +86,8 @@ class PipelineContext:
     jobs: JobStore
     outbox: Outbox
     on_enqueued: Callable[[], None] | None = None
+    job_dir: Callable[[int], Path] | None = None
+    hold_override: bool = False
 
     @property
     def model_identity(self) -> ModelIdentity:
@@ -274,6 +280,30 @@ def _derive_all(
     return per_dest
 
 
+def _write_preview(
+    ctx: PipelineContext, job_id: int, series: str, volume: Volume, maps: QMaps,
+    rendered: dict[str, tuple[np.ndarray, Any]], qa: dict[str, Any],
+) -> None:
+    """The QA montage in the job folder; a failure is logged, never fails the job."""
+    if ctx.job_dir is None:
+        return
+    from rtcontrast.preview import PREVIEW_NAME, write_preview
+
+    try:
+        labels = {r.key: r.label for r in ctx.protocol.recipes}
+        path = write_preview(
+            ctx.job_dir(job_id) / PREVIEW_NAME,
+            volume.pixels,
+            {"PD (rel.)": maps.pd / np.float32(maps.scale), "T1 [ms]": maps.t1, "T2 [ms]": maps.t2},
+            {labels.get(k, k): u16 for k, (u16, _) in rendered.items()},
+            f"job {job_id} series {series}",
+            qa,
+        )
+        qa["preview"] = str(path)
+    except Exception as exc:  # a missing font or a full disk must not stop the series
+        log.warning("job %d series %s: QA preview not written: %s: %s", job_id, series, type(exc).__name__, exc)
+
+
 def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
     """Run one job through every stage and leave it in its final pipeline state.
 
@@ -342,10 +372,12 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         qa["violations"] = violations
         qa["action"] = protocol.qa.action if violations else "none"
         timings["infer"] = time.perf_counter() - t0
-        if violations and protocol.qa.action == "hold":
-            raise _Stop("held", "QA hold: " + "; ".join(violations))
+        hold = bool(violations) and protocol.qa.action == "hold"
+        if hold and ctx.hold_override:
+            qa["action"] = "released"
+            jobs.audit(job_id, "hold_overridden", {"violations": violations})
 
-        # -- render every recipe
+        # -- render every recipe (also for a held job: its preview shows them)
         t0 = time.perf_counter()
         jobs.set_state(job_id, "rendering")
         rendered = {}
@@ -353,12 +385,15 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
             u16 = to_uint16(render(maps, recipe.te_ms, recipe.tr_ms))
             rendered[recipe.key] = (u16, window_from_percentiles(u16))
         timings["render"] = time.perf_counter() - t0
+        _write_preview(ctx, job_id, series, volume, maps, rendered, qa)
+        if hold and not ctx.hold_override:
+            raise _Stop("held", "QA hold: " + "; ".join(violations))
 
         # -- derive
         t0 = time.perf_counter()
         jobs.set_state(job_id, "deriving")
         per_dest = _derive_all(ctx, volume, maps, rendered)
-        if violations and protocol.qa.action == "warn":
+        if violations and (protocol.qa.action == "warn" or (hold and ctx.hold_override)):
             flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
             _flag(list(flagged.values()), "; ".join(violations))
         timings["derive"] = time.perf_counter() - t0
