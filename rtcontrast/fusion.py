@@ -1,0 +1,96 @@
+"""Fusion: put every spin-echo series of one frame of reference on the target's grid.
+
+One SE image gives one equation per voxel for three unknowns; a T1-weighted and a
+T2-weighted series of the same frame of reference (usual in pelvic RT protocols) make
+the maps far better determined.  A ``qmap/2`` model takes them together; this module
+decides which series belong together and brings them onto the grid of the series being
+processed (the geometric target), so the derived images keep the target's geometry.
+
+* Same grid (orientation, pixel spacing, matrix, slice positions within tolerance): the
+  partner's pixels are used as they are.
+* Otherwise, when the protocol allows resampling: trilinear interpolation of the
+  partner at the target's voxel centres (patient coordinates from each series' DICOM
+  geometry; outside the partner's field of view -> 0), and the lineage says so.
+* Otherwise the partner is left out, with the reason logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from rtcontrast.volume import Volume
+
+#: Tolerances for "the same grid".
+ORIENTATION_TOL = 1e-4
+SPACING_TOL_MM = 1e-3
+POSITION_TOL_MM = 0.01
+
+
+@dataclass
+class Aligned:
+    """A partner series brought onto the target grid."""
+
+    volume: Volume
+    pixels: np.ndarray  # [N,H,W] on the target grid
+    resampled: bool
+
+
+def _positions(v: Volume) -> np.ndarray:
+    return np.stack([np.asarray(s.image_position, float) for s in v.slices])
+
+
+def same_grid(a: Volume, b: Volume) -> tuple[bool, str]:
+    """Whether ``b`` lies on ``a``'s voxel grid; the reason when not."""
+    if a.frame_of_reference_uid != b.frame_of_reference_uid:
+        return False, "different frame of reference"
+    if a.pixels.shape != b.pixels.shape:
+        return False, f"matrix {b.pixels.shape} differs from the target's {a.pixels.shape}"
+    if np.max(np.abs(np.asarray(a.orientation, float) - np.asarray(b.orientation, float))) > ORIENTATION_TOL:
+        return False, "orientation differs"
+    if np.max(np.abs(np.asarray(a.pixel_spacing, float) - np.asarray(b.pixel_spacing, float))) > SPACING_TOL_MM:
+        return False, "pixel spacing differs"
+    if np.max(np.abs(_positions(a) - _positions(b))) > POSITION_TOL_MM:
+        return False, "slice positions differ"
+    return True, "same grid"
+
+
+def _index_to_patient(v: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Affine (3x3 matrix M, origin o) with patient = o + M @ (slice, row, col)."""
+    o = np.asarray(v.orientation, float)
+    row_dir, col_dir = o[:3], o[3:]  # direction of increasing column index, of increasing row index
+    dr, dc = float(v.pixel_spacing[0]), float(v.pixel_spacing[1])
+    pos = _positions(v)
+    origin = pos[0]
+    if len(pos) > 1:
+        step = (pos[-1] - pos[0]) / (len(pos) - 1)
+    else:
+        step = np.cross(row_dir, col_dir) * float(v.slice_spacing or 1.0)
+    m = np.stack([step, col_dir * dr, row_dir * dc], axis=1)  # columns: d/dslice, d/drow, d/dcol
+    return m, origin
+
+
+def resample_to(target: Volume, partner: Volume) -> np.ndarray:
+    """The partner's pixels at the target's voxel centres (trilinear; 0 outside)."""
+    mt, ot = _index_to_patient(target)
+    mp, op = _index_to_patient(partner)
+    n, h, w = target.pixels.shape
+    idx = np.stack(np.meshgrid(np.arange(n), np.arange(h), np.arange(w), indexing="ij"), axis=0).reshape(3, -1)
+    patient = ot[:, None] + mt @ idx
+    src = np.linalg.solve(mp, patient - op[:, None])
+    out = ndimage.map_coordinates(partner.pixels, src, order=1, mode="constant", cval=0.0, prefilter=False)
+    return out.reshape(n, h, w).astype(np.float32)
+
+
+def align(target: Volume, partner: Volume, allow_resample: bool) -> tuple[Aligned | None, str]:
+    """Bring ``partner`` onto ``target``'s grid, or say why it cannot be used."""
+    ok, why = same_grid(target, partner)
+    if ok:
+        return Aligned(partner, partner.pixels, resampled=False), why
+    if partner.frame_of_reference_uid != target.frame_of_reference_uid:
+        return None, why
+    if not allow_resample:
+        return None, f"{why} and the protocol does not allow resampling"
+    return Aligned(partner, resample_to(target, partner), resampled=True), f"resampled ({why})"
