@@ -17,14 +17,28 @@ What it accepts, and why:
 * Series touched by an association are reported through ``on_released`` when the
   association is released normally (the sender says it is done); an aborted
   association reports nothing (the idle timeout decides).
+* Admission happens when the A-ASSOCIATE-RQ arrives (EVT_REQUESTED, the hook pynetdicom
+  leaves for an acceptor to answer A-ASSOCIATE-RJ itself), before any data: a peer
+  address outside ``allowed_networks`` is rejected *permanent, service-user, no reason
+  given* (PS3.8 has no "address not allowed" reason, and telling a stranger why helps
+  nobody), an unknown calling AE title with reason 3 and a wrong called AE title with
+  reason 7.  More than ``max_associations`` at once are rejected *transient,
+  service-provider (presentation), local limit exceeded* by pynetdicom: the sender may
+  retry later, nothing is queued.  Every refusal is one log line (peer, AE titles, why).
+* DICOM TLS (PS3.15 Annex B) on its own port, beside the plain port or instead of it.
+  The TLS handshake runs in the connection's own thread with a timeout (pynetdicom does
+  it in the accepting thread, where one silent client would stall every new peer); a
+  failed handshake (a plain DICOM peer, an untrusted client certificate) is one log line.
 
 Logs name peers, AE titles and UIDs only, never patient identifiers.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -46,6 +61,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from rtcontrast.config import NodeConfig
 from rtcontrast.spool import (
     InvalidUID,
     Spool,
@@ -58,6 +74,8 @@ from rtcontrast.spool import (
 
 __all__ = [
     "ScpSettings",
+    "ScpTls",
+    "server_ssl_context",
     "StorageSCP",
     "StoredInstance",
     "ACCEPTED_SOP_CLASSES",
@@ -91,6 +109,41 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
 @dataclass(frozen=True)
+class ScpTls:
+    """The TLS listener: its port, this node's certificate, and client verification.
+
+    ``ca_file`` set: client certificates are verified against it when presented;
+    ``require_client_cert`` also refuses peers that present none.
+    """
+
+    port: int
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    require_client_cert: bool = False
+    handshake_timeout_s: float = 10.0
+
+
+def server_ssl_context(tls: ScpTls) -> ssl.SSLContext:
+    """The server-side context: TLS 1.2 or newer (BCP 195), our certificate, client checks.
+
+    Raises ``OSError``/``ssl.SSLError`` for unreadable or mismatched files, so a broken
+    configuration stops the node before it listens.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file:
+        ctx.load_verify_locations(cafile=tls.ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    elif tls.require_client_cert:
+        raise ValueError("require_client_cert needs ca_file")
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@dataclass(frozen=True)
 class ScpSettings:
     """Listening and admission settings of the Storage SCP.
 
@@ -101,6 +154,9 @@ class ScpSettings:
     ``stream_to_disk``: receive C-STORE datasets into a temporary file instead of memory
     (pynetdicom's process-wide ``_config.STORE_RECV_CHUNKED_DATASET``; useful for large
     Enhanced MR objects, costs one extra file copy).
+    ``allowed_networks``: addresses or CIDR networks; ``None`` or empty accepts any peer.
+    ``plain_enabled``: listen without TLS on ``port``; ``tls``: also (or only) listen
+    with TLS on ``tls.port``.  ``max_associations`` counts both listeners together.
     """
 
     ae_title: str = "RTCONTRAST"
@@ -115,6 +171,37 @@ class ScpSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     stream_to_disk: bool = False
+    allowed_networks: list[str] | None = None
+    plain_enabled: bool = True
+    tls: ScpTls | None = None
+
+    @classmethod
+    def from_config(cls, c: NodeConfig) -> ScpSettings:
+        """The SCP settings a node configuration asks for (listener, admission, limits, TLS)."""
+        tls = None
+        if c.tls.enabled:
+            assert c.tls.cert_file is not None and c.tls.key_file is not None  # checked by the config
+            tls = ScpTls(
+                port=c.tls.port,
+                cert_file=str(c.tls.cert_file),
+                key_file=str(c.tls.key_file),
+                ca_file=None if c.tls.ca_file is None else str(c.tls.ca_file),
+                require_client_cert=c.tls.require_client_cert,
+                handshake_timeout_s=c.tls.handshake_timeout_s,
+            )
+        return cls(
+            ae_title=c.ae_title,
+            host=c.bind_host,
+            port=c.port,
+            max_associations=c.limits.max_associations,
+            max_pdu_size=c.limits.max_pdu_bytes,
+            max_instance_bytes=c.limits.max_instance_bytes,
+            allowed_calling_aets=list(c.allowed_calling_aes) or None,
+            require_called_aet=c.require_called_ae,
+            allowed_networks=list(c.allowed_ips) or None,
+            plain_enabled=c.tls.plain_port_enabled or not c.tls.enabled,
+            tls=tls,
+        )
 
 
 @dataclass(frozen=True)
@@ -142,6 +229,67 @@ class _AssocState:
     outcome: str = "open"  # released | aborted | rejected
     closed: bool = False
     logged: bool = False
+    refusal_logged: bool = False
+    transport: str = "TCP"  # or the TLS version
+
+    @property
+    def host(self) -> str:
+        return self.peer.rsplit(":", 1)[0]
+
+
+# PS3.8 9.3.4: A-ASSOCIATE-RJ (result, source, reason) names for the log.
+_RJ_RESULT = {1: "rejected-permanent", 2: "rejected-transient"}
+_RJ_SOURCE = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
+_RJ_REASON = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+
+
+def _rj_text(result: int, source: int, reason: int) -> str:
+    return (
+        f"A-ASSOCIATE-RJ {_RJ_RESULT.get(result, result)}, source {_RJ_SOURCE.get(source, source)}, "
+        f"reason {reason} ({_RJ_REASON.get((source, reason), '?')})"
+    )
+
+
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved into the connection thread.
+
+    pynetdicom wraps accepted sockets with ``do_handshake_on_connect`` in the accepting
+    thread: a client that connects and stays silent blocks every later connection.  Here
+    the handshake happens per connection, bounded by ``handshake_timeout_s``, and a
+    failure (plain DICOM on the TLS port, an untrusted certificate) is logged and closed.
+    """
+
+    handshake_timeout_s: float = 10.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client_socket, address = self.socket.accept()
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            previous = request.gettimeout()
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request.do_handshake()
+                request.settimeout(previous)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                LOG.warning(
+                    "refused TLS connection from %s:%s on port %d: handshake failed: %s",
+                    client_address[0], client_address[1], self.server_address[1], reason,
+                )
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 class _Refusal(Exception):
@@ -175,8 +323,11 @@ class StorageSCP:
         self.spool = spool
         self.on_stored = on_stored
         self.on_released = on_released
-        self._server: Any = None
+        self._servers: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks or ()]
+        if not settings.plain_enabled and settings.tls is None:
+            raise ValueError("neither the plain nor the TLS listener is enabled")
         self.ae = self._make_ae()
 
     # ------------------------------------------------------------------ lifecycle
@@ -197,13 +348,20 @@ class StorageSCP:
         return ae
 
     def start(self) -> None:
-        """Start listening in background threads; returns at once."""
-        if self._server is not None:
+        """Start listening in background threads; returns at once.
+
+        The TLS context is built first: unreadable or mismatched certificate files raise
+        here, before anything listens.
+        """
+        if self._servers:
             raise RuntimeError("StorageSCP already started")
-        if self.settings.stream_to_disk:
+        s = self.settings
+        ssl_ctx = server_ssl_context(s.tls) if s.tls is not None else None
+        if s.stream_to_disk:
             _config.STORE_RECV_CHUNKED_DATASET = True
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_STORE, self._on_c_store),
@@ -212,29 +370,70 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
-        self._server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
-        )
+        try:
+            if s.plain_enabled:
+                self._servers["plain"] = self._serve(s.port, None, handlers)
+            if s.tls is not None:
+                self._servers["tls"] = self._serve(s.tls.port, ssl_ctx, handlers)
+        except BaseException:
+            self.stop()
+            raise
+        listeners = []
+        if "plain" in self._servers:
+            listeners.append(f"{s.host}:{self.port}")
+        if self.tls_port is not None:
+            client = "required" if s.tls and s.tls.require_client_cert else (
+                "verified if presented" if s.tls and s.tls.ca_file else "not checked")
+            listeners.append(f"{s.host}:{self.tls_port} (TLS, client certificates {client})")
         LOG.info(
-            "storage SCP %s listening on %s:%d (MR, Enhanced MR; %d transfer syntaxes)",
-            self.settings.ae_title, self.settings.host, self.port, len(ACCEPTED_TRANSFER_SYNTAXES),
+            "storage SCP %s listening on %s (MR, Enhanced MR; %d transfer syntaxes; calling AEs %s; "
+            "peer addresses %s; at most %d associations)",
+            s.ae_title, " and ".join(listeners), len(ACCEPTED_TRANSFER_SYNTAXES),
+            ", ".join(s.allowed_calling_aets) if s.allowed_calling_aets else "any",
+            ", ".join(s.allowed_networks) if s.allowed_networks else "any", s.max_associations,
         )
+
+    def _serve(self, port: int, ssl_ctx: ssl.SSLContext | None, handlers: list[Any]) -> Any:
+        """One listener (as ``AE.start_server(block=False)``, with our server class)."""
+        server = self.ae.make_server(
+            (self.settings.host, port), ssl_context=ssl_ctx, evt_handlers=handlers,
+            server_class=_AssociationServer,
+        )
+        if self.settings.tls is not None:
+            server.handshake_timeout_s = self.settings.tls.handshake_timeout_s
+        name = "tls" if ssl_ctx is not None else "plain"
+        thread = threading.Thread(target=server.serve_forever, name=f"scp-{name}-listener", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # so that AE.shutdown() stops it too, as with start_server
+        return server
 
     def stop(self) -> None:
         """Stop listening and end active associations."""
-        if self._server is None:
+        if not self._servers:
             return
-        self._server.shutdown()
-        self._server = None
+        for server in self._servers.values():
+            server.shutdown()
+        self._servers = {}
         self.ae.shutdown()
         LOG.info("storage SCP %s stopped", self.settings.ae_title)
 
     @property
     def port(self) -> int:
-        """The bound TCP port (useful when ``settings.port`` is 0)."""
-        if self._server is None:
-            return self.settings.port
-        return int(self._server.server_address[1])
+        """The bound plain TCP port (useful when ``settings.port`` is 0); TLS-only: the TLS port."""
+        server = self._servers.get("plain")
+        if server is not None:
+            return int(server.server_address[1])
+        if not self.settings.plain_enabled and self.tls_port is not None:
+            return self.tls_port
+        return self.settings.port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port, or None without a TLS listener."""
+        server = self._servers.get("tls")
+        if server is not None:
+            return int(server.server_address[1])
+        return self.settings.tls.port if self.settings.tls is not None else None
 
     def __enter__(self) -> StorageSCP:
         self.start()
@@ -254,11 +453,15 @@ class StorageSCP:
             if st is None:
                 req = assoc.requestor
                 prim = getattr(req, "primitive", None)
+                calling = getattr(prim, "calling_ae_title", None) or getattr(req, "ae_title", "") or ""
                 st = _AssocState(
-                    calling_ae=str(getattr(req, "ae_title", "") or "").strip(),
-                    called_ae=str(getattr(prim, "called_ae_title", "") or "").strip(),
+                    calling_ae=_safe_uid(str(calling).strip()),
+                    called_ae=_safe_uid(str(getattr(prim, "called_ae_title", "") or "").strip()),
                     peer=f"{req.address}:{req.port}",
                 )
+                sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+                if isinstance(sock, ssl.SSLSocket):
+                    st.transport = sock.version() or "TLS"
                 assoc._rtcontrast_state = st
             return st
 
@@ -276,8 +479,9 @@ class StorageSCP:
                 st.logged = True
         if ready and st.outcome != "rejected":
             LOG.info(
-                "association %s from %s (AE %s -> %s): %d instance(s) stored, %d refused, %d series",
-                st.outcome, st.peer, st.calling_ae, st.called_ae, st.stored, st.refused, len(st.series),
+                "association %s from %s (AE %s -> %s, %s): %d instance(s) stored, %d refused, %d series",
+                st.outcome, st.peer, st.calling_ae, st.called_ae, st.transport, st.stored, st.refused,
+                len(st.series),
             )
 
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -288,6 +492,50 @@ class StorageSCP:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError) as exc:  # pragma: no cover - platform specific
             LOG.warning("could not set TCP_NODELAY on accepted socket: %s", exc)
+
+    def _admission(self, st: _AssocState) -> tuple[int, str] | None:
+        """``(reason, why)`` for an A-ASSOCIATE-RJ (permanent, service-user), or None to go on."""
+        s = self.settings
+        if self._networks and not self._address_allowed(st.host):
+            return 1, f"peer address {st.host} is not in allowed_ips"
+        allowed = s.allowed_calling_aets
+        if allowed and st.calling_ae not in [a.strip() for a in allowed]:
+            return 3, f"calling AE title {st.calling_ae!r} is not in the allow-list"
+        if s.require_called_aet and st.called_ae != s.ae_title.strip():
+            return 7, f"called AE title {st.called_ae!r} is not this node's ({s.ae_title.strip()!r})"
+        return None
+
+    def _address_allowed(self, host: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+        return any(addr in net for net in self._networks if net.version == addr.version)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Admission at A-ASSOCIATE-RQ: answer A-ASSOCIATE-RJ ourselves, before negotiation.
+
+        pynetdicom skips its own negotiation when a handler of this event has rejected
+        (association.py, ``run_reactor``); ``kill()`` then waits, as pynetdicom's own
+        rejections do, until the RJ PDU is out and the peer closed the connection.
+        """
+        assoc = event.assoc
+        st = self._state(assoc)
+        verdict = self._admission(st)
+        if verdict is None:
+            return
+        reason, why = verdict
+        with self._lock:
+            st.refusal_logged = True
+        LOG.warning(
+            "refused association from %s (AE %s -> %s, %s): %s; %s",
+            st.peer, st.calling_ae, st.called_ae, st.transport, why, _rj_text(1, 1, reason),
+        )
+        assoc.acse.send_reject(0x01, 0x01, reason)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def _on_established(self, event: evt.Event) -> None:
         st = self._state(event.assoc)
@@ -305,16 +553,25 @@ class StorageSCP:
             )
 
     def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own rejections (limit reached, user identity): say which, once."""
         st = self._state(event.assoc)
         self._finish(st, outcome="rejected")
-        allowed = self.settings.allowed_calling_aets
-        if allowed and st.calling_ae not in [a.strip() for a in allowed]:
-            why = f"calling AE title {st.calling_ae!r} not recognised (not in the allow-list)"
-        elif self.settings.require_called_aet and st.called_ae != self.settings.ae_title.strip():
-            why = f"called AE title {st.called_ae!r} not recognised (this node is {self.settings.ae_title!r})"
+        with self._lock:
+            if st.refusal_logged:
+                return
+            st.refusal_logged = True
+        prim = getattr(event.assoc.acceptor, "primitive", None)
+        rsd = tuple(int(getattr(prim, k, 0) or 0) for k in ("result", "result_source", "diagnostic"))
+        if rsd == (2, 3, 2):
+            why = f"too many simultaneous associations (limit {self.settings.max_associations})"
+        elif rsd == (2, 2, 1):
+            why = "user identity not accepted"
         else:
-            why = f"too many associations (limit {self.settings.max_associations}) or user identity refused"
-        LOG.warning("rejected association from %s: %s", st.peer, why)
+            why = "refused during negotiation"
+        LOG.warning(
+            "refused association from %s (AE %s -> %s, %s): %s; %s",
+            st.peer, st.calling_ae, st.called_ae, st.transport, why, _rj_text(*rsd),
+        )
 
     def _on_released(self, event: evt.Event) -> None:
         st = self._state(event.assoc)
