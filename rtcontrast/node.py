@@ -162,19 +162,8 @@ class Node:
             self._threads.append(t)
         self._started = True  # from here on stop() has threads to end, even if listening fails
         self.sender.start()
-        if c.allowed_ips:
-            log.warning("allowed_ips is set but not enforced by this version's SCP; use a firewall")
         self.scp = StorageSCP(
-            ScpSettings(
-                ae_title=c.ae_title,
-                host=c.bind_host,
-                port=c.port,
-                max_associations=c.limits.max_associations,
-                max_pdu_size=c.limits.max_pdu_bytes,
-                max_instance_bytes=c.limits.max_instance_bytes,
-                allowed_calling_aets=list(c.allowed_calling_aes) or None,
-                require_called_aet=c.require_called_ae,
-            ),
+            ScpSettings.from_config(c),  # listener(s), TLS, allow-lists, limits
             self.spool,
             on_stored=self._on_stored,
             on_released=self._on_released,
