@@ -101,8 +101,11 @@ register_schema("outbox", _SCHEMA)
 class DicomDestination:
     """A C-STORE SCP (the TPS, a PACS).
 
-    TLS fields are optional; when ``tls`` is true the association is wrapped in TLS with
-    ``tls_ca_file`` (server verification) and, if given, a client certificate.
+    TLS fields are optional; when ``tls`` is true the association runs over TLS 1.2+: the
+    peer's certificate must chain to ``tls_ca_file`` (the system CAs when None) and name
+    ``tls_server_hostname`` (default ``host``); ``tls_cert_file``/``tls_key_file`` are
+    our client certificate, for peers that require one.  A failed handshake is a failed
+    attempt (retried, then dead-lettered) whose error says why.
     """
 
     name: str
@@ -560,13 +563,40 @@ def _chunks_by_context(items: Sequence[OutboxItem]) -> list[list[OutboxItem]]:
     return chunks
 
 
-def _tls_args(dest: DicomDestination) -> tuple[ssl.SSLContext, str] | None:
-    if not dest.tls:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls_ca_file)
+class _RecordingSSLSocket(ssl.SSLSocket):
+    """Keeps the handshake error on its context: pynetdicom only logs it, we report it."""
+
+    def connect(self, addr: object) -> None:  # type: ignore[override]
+        try:
+            super().connect(addr)  # type: ignore[arg-type]
+        except OSError as exc:
+            ctx = self.context
+            if isinstance(ctx, _ClientContext):
+                ctx.handshake_error = exc
+            raise
+
+
+class _ClientContext(ssl.SSLContext):
+    """A client TLS context that remembers why its last handshake failed."""
+
+    handshake_error: BaseException | None = None
+
+
+def client_ssl_context(dest: DicomDestination) -> ssl.SSLContext:
+    """TLS 1.2+ client context for ``dest``: server verification and hostname check on.
+
+    Raises ``OSError``/``ssl.SSLError`` when a file is missing or unusable.
+    """
+    ctx = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if dest.tls_ca_file:
+        ctx.load_verify_locations(cafile=dest.tls_ca_file)
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if dest.tls_cert_file:
         ctx.load_cert_chain(dest.tls_cert_file, dest.tls_key_file)
-    return ctx, dest.tls_server_hostname or dest.host
+    ctx.sslsocket_class = _RecordingSSLSocket
+    return ctx
 
 
 def send_dicom(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Outcome]:
@@ -590,21 +620,32 @@ def _send_chunk(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Out
         if key not in seen:
             seen.add(key)
             ae.add_requested_context(it.sop_class_uid, _contexts_for(it.transfer_syntax_uid))
-    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
+    ctx: ssl.SSLContext | None = None
+    if dest.tls:
+        try:
+            ctx = client_ssl_context(dest)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            err = f"TLS set-up for {where} failed (ca/cert/key files): {exc}"
+            log.error("outbox: %s", err)
+            return [Outcome(False, None, err) for _ in items]
     try:
         assoc = ae.associate(
             dest.host,
             dest.port,
             ae_title=dest.ae_title,
             evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
-            tls_args=_tls_args(dest),
+            tls_args=None if ctx is None else (ctx, dest.tls_server_hostname or dest.host),
         )
-    except (OSError, ValueError, ssl.SSLError) as exc:
+    except (OSError, ValueError) as exc:
         err = f"association to {where} failed: {exc}"
         log.warning("outbox: %s", err)
         return [Outcome(False, None, err) for _ in items]
     if not assoc.is_established:
-        if assoc.is_rejected:
+        handshake_error = getattr(ctx, "handshake_error", None)
+        if handshake_error is not None:
+            err = f"TLS handshake with {where} failed: {handshake_error}"
+        elif assoc.is_rejected:
             err = f"association rejected by {where}"
         elif assoc.is_aborted:
             err = f"association aborted by {where}"
