@@ -22,6 +22,16 @@ A newer job for the same series supersedes an older one that has not started yet
 newer one's membership snapshot covers the whole series): the older one ends ``failed``
 with the reason ``superseded by job N``.
 
+Operations (issue: run it in a hospital): ``run_forever`` tells systemd READY=1 once the
+SCP listens and pings the watchdog while the scheduler, worker, sender and SCP are alive;
+SIGHUP reloads the protocol file (:meth:`Node.reload`: a valid file replaces the old one
+for the next job, an invalid one is refused with every error logged and the old one stays;
+a running job finishes with the protocol it started with).  Metrics are served on
+``metrics.host:port`` (:mod:`rtcontrast.metrics`); each job's QA preview goes to
+``<var_dir>/jobs/<id>/preview.png``; retention (:mod:`rtcontrast.retention`) runs hourly.
+A job that an admin releases (``node.py release``: held -> received) is picked up by the
+scheduler and re-run with the QA hold overridden.
+
 Paths: relative paths are relative to the working directory.  The model path falls back
 to the installation's ``models/`` when the working directory has none (so ``python
 node.py run`` finds the shipped model from anywhere), and the protocol's default export
@@ -30,7 +40,9 @@ folder (``./var/export``) follows the node's ``export_dir`` (default ``<var_dir>
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import queue
 import shutil
 import signal
@@ -43,12 +55,14 @@ from types import FrameType
 from typing import Any
 
 from rtcontrast import __version__, db
+from rtcontrast import systemd as sd
 from rtcontrast.config import ConfigError, NodeConfig
 from rtcontrast.contract import ContractError
 from rtcontrast.jobs import JobStore
+from rtcontrast.metrics import MeteredOutbox, NodeMetrics, read_snapshot
 from rtcontrast.outbox import Destination, FolderDestination, Outbox, RetryPolicy, Sender
 from rtcontrast.pipeline import PipelineContext, node_identity, run_job
-from rtcontrast.protocol import ProtocolConfig, build_destinations
+from rtcontrast.protocol import ProtocolConfig, build_destinations, load_protocol
 from rtcontrast.qmap import QMapModel
 from rtcontrast.scp import ScpSettings, StorageSCP, StoredInstance
 from rtcontrast.series import SeriesTracker
@@ -58,11 +72,15 @@ __all__ = [
     "Node",
     "NodeStatus",
     "check_config",
+    "cmd_audit",
     "cmd_check_config",
+    "cmd_purge",
+    "cmd_release",
     "cmd_resend",
     "cmd_run",
     "cmd_status",
     "read_status",
+    "release_job",
     "resend_dead_letters",
     "resolve_model_path",
 ]
@@ -75,6 +93,8 @@ _DEFAULT_EXPORT = Path("var/export")
 _RERUN_STATES = frozenset({"received", "assembling", "inferring", "rendering", "deriving"})
 _MONITOR_INTERVAL_S = 0.5
 _PRUNE_INTERVAL_S = 3600.0
+#: The watchdog is fed only while the scheduler loop ran this recently.
+_SCHEDULER_STALL_S = 20.0
 
 
 def resolve_model_path(path: Path) -> Path:
@@ -92,20 +112,35 @@ class Node:
     (:class:`~rtcontrast.contract.ContractError`) before anything listens.
     """
 
-    def __init__(self, config: NodeConfig, protocol: ProtocolConfig, *, model: QMapModel | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        protocol: ProtocolConfig,
+        *,
+        model: QMapModel | None = None,
+        protocol_path: Path | None = None,
+    ) -> None:
         self.config = config
         self.protocol = protocol
+        #: The file :meth:`reload` reads (None: embedded defaults, nothing to reload).
+        self.protocol_path = protocol_path
+        self._protocol_lock = threading.Lock()
         self.model = model or QMapModel(resolve_model_path(config.model_path), config.execution_provider)
         log.info(
             "model %s %s sha256 %s on %s (%s); TE %g-%g ms, TR %g-%g ms",
             self.model.info.name, self.model.info.version, self.model.sha256[:12], self.model.provider,
             self.model.path, *self.model.info.te_range_ms, *self.model.info.tr_range_ms,
         )
-        self.destinations: dict[str, Destination] = {}
-        for name, dest in build_destinations(protocol, config.ae_title).items():
-            if isinstance(dest, FolderDestination) and Path(dest.path) == _DEFAULT_EXPORT:
-                dest = FolderDestination(name=name, path=config.export_path)
-            self.destinations[name] = dest
+        self.destinations: dict[str, Destination] = self._destinations_of(protocol)
+        self.metrics = NodeMetrics()
+        self.metrics.set_model(self.model.info.name, self.model.info.version, self.model.sha256, self.model.provider)
+        self.metrics.set_protocol(protocol.audit_version, len(protocol.recipes))
+        self.metrics_port: int | None = None
+        self._reload_requested = threading.Event()
+        self._stop_wait = threading.Event()  # wakes run_forever's loop (signals)
+        self._enqueued: set[int] = set()  # job ids in the work queue or running
+        self._enqueued_lock = threading.Lock()
+        self._scheduler_beat = time.monotonic()
         self.tracker = SeriesTracker(config.series_idle_timeout_s, config.release_grace_s)
         self._work: queue.Queue[int | None] = queue.Queue()
         self._stop = threading.Event()
@@ -115,6 +150,18 @@ class Node:
         self._started = False
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
+
+    def _destinations_of(self, protocol: ProtocolConfig) -> dict[str, Destination]:
+        out: dict[str, Destination] = {}
+        for name, dest in build_destinations(protocol, self.config.ae_title).items():
+            if isinstance(dest, FolderDestination) and Path(dest.path) == _DEFAULT_EXPORT:
+                dest = FolderDestination(name=name, path=self.config.export_path)
+            out[name] = dest
+        return out
+
+    def job_dir(self, job_id: int) -> Path:
+        """The job's folder (QA preview): ``<var_dir>/jobs/<job_id>``."""
+        return self.config.var_dir / "jobs" / str(job_id)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -128,7 +175,7 @@ class Node:
         self.jobs_conn = db.connect(c.db_file)
         self.jobs = JobStore(self.jobs_conn)
         self.outbox_conn = db.connect(c.db_file)
-        self.outbox = Outbox(self.outbox_conn, c.outbox_path)
+        self.outbox = MeteredOutbox(self.outbox_conn, c.outbox_path, self.metrics)
         d = c.delivery
         self.sender = Sender(
             self.outbox,
@@ -152,8 +199,10 @@ class Node:
             jobs=self.jobs,
             outbox=self.outbox,
             on_enqueued=self.sender.wake,
+            job_dir=self.job_dir,
         )
         self._work = queue.Queue()
+        self._enqueued = set()
         self._resume()
         self._stop.clear()
         for name, target in (("scheduler", self._scheduler_loop), ("worker", self._worker_loop)):
@@ -169,6 +218,12 @@ class Node:
             on_released=self._on_released,
         )
         self.scp.start()
+        if c.metrics.enabled and self.metrics_port is None:
+            self.metrics.add_snapshot_source(lambda: read_snapshot(c.db_file, c.var_dir))
+            try:
+                self.metrics_port = self.metrics.serve(c.metrics.host, c.metrics.port)
+            except OSError as exc:  # the node's job is DICOM; a taken metrics port must not stop it
+                log.error("metrics endpoint %s:%d not served: %s", c.metrics.host, c.metrics.port, exc)
         log.info(
             "listening on %s:%d as %s (protocol %s: %d recipe(s), destinations %s)",
             c.bind_host, self.scp.port, c.ae_title, self.protocol.audit_version, len(self.protocol.recipes),
@@ -193,6 +248,8 @@ class Node:
         self._threads.clear()
         if self.sender is not None:
             self.sender.stop(max(0.1, deadline - time.monotonic()))
+        self.metrics.stop()
+        self.metrics_port = None
         if not any(t.is_alive() for t in threading.enumerate() if t.name == "worker"):
             self.jobs_conn.close()
             self.outbox_conn.close()
@@ -200,24 +257,106 @@ class Node:
         log.info("stopped")
 
     def run_forever(self) -> None:
-        """Start, then block until SIGTERM/SIGINT (or :meth:`request_stop`), then stop cleanly."""
+        """Start, then block until SIGTERM/SIGINT (or :meth:`request_stop`), then stop cleanly.
+
+        Under systemd (``$NOTIFY_SOCKET``): READY=1 once the SCP listens, WATCHDOG=1 while
+        :meth:`healthy`, STOPPING=1 at shutdown.  SIGHUP reloads the protocol (the signal
+        handler only sets a flag; the reload runs in this loop, not in the handler).
+        """
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("received %s", signal.Signals(signum).name)
             self._stop.set()
+            self._stop_wait.set()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self._reload_requested.set()
+            self._stop_wait.set()
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+        watchdog = sd.Watchdog()
         try:
             self.start()
-            while not self._stop.wait(1.0):
-                pass
+            sd.notify(f"READY=1\nSTATUS=listening on port {self.port}, protocol {self.protocol.audit_version}"
+                      f"\nMAINPID={os.getpid()}")
+            if watchdog.enabled:
+                log.info("systemd watchdog: %.0f s, pinging every %.1f s while healthy",
+                         watchdog.timeout_s, watchdog.period_s)
+            while not self._stop.is_set():
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    sd.notify("STATUS=reloading protocol")
+                    self.reload()
+                    sd.notify(f"STATUS=listening on port {self.port}, protocol {self.protocol.audit_version}")
+                watchdog.maybe_ping(self.healthy())
+                self._stop_wait.wait(min(1.0, watchdog.period_s))
+                self._stop_wait.clear()
         finally:
+            sd.notify("STOPPING=1")
             self.stop()
             for s, h in old.items():
                 signal.signal(s, h)
 
+    def healthy(self) -> bool:
+        """Every thread alive and the scheduler looping (what feeds the systemd watchdog)."""
+        if not self._started or self._stop.is_set():
+            return False
+        if any(not t.is_alive() for t in self._threads):
+            return False
+        if self.sender is None or not self.sender.running:
+            return False
+        if self.scp is None:
+            return False
+        return time.monotonic() - self._scheduler_beat < _SCHEDULER_STALL_S
+
+    # ------------------------------------------------------------------ protocol reload
+    def reload(self, path: Path | None = None) -> bool:
+        """Re-read the protocol file; True when the new one is in force.
+
+        A valid file replaces the protocol atomically (under a lock) for every job that
+        starts from now on; a job already running keeps the protocol it started with.
+        An invalid file is refused with every ``file:line: field: message`` logged, and
+        the old protocol stays.  New destinations are added to the sender; destinations
+        no longer named are kept so their pending items can still be delivered.
+        """
+        path = path or self.protocol_path
+        if path is None:
+            log.warning("reload requested but the node runs on the embedded default protocol: nothing to reload")
+            return False
+        try:
+            new = load_protocol(path)
+            dests = self._destinations_of(new)
+        except (ConfigError, OSError, ValueError) as exc:
+            errors = exc.errors if isinstance(exc, ConfigError) else [f"{path}: {exc}"]
+            for e in errors:
+                log.error("protocol reload: %s", e)
+            log.error("protocol reload refused (%d error(s)): protocol %s stays in force",
+                      len(errors), self.protocol.audit_version)
+            self.metrics.protocol_reloads.labels("rejected").inc()
+            return False
+        old = self.protocol
+        with self._protocol_lock:
+            self.protocol = new
+            self.destinations = {**self.destinations, **dests}
+            if self.sender is not None:
+                self.sender.destinations = self.destinations
+            if getattr(self, "ctx", None) is not None:
+                self.ctx.protocol = new
+        self.metrics.set_protocol(new.audit_version, len(new.recipes))
+        self.metrics.protocol_reloads.labels("ok").inc()
+        log.info("protocol reloaded from %s: %s -> %s (%d recipe(s), destinations %s); applies to the next job",
+                 path, old.audit_version, new.audit_version, len(new.recipes), ", ".join(sorted(new.destinations)))
+        return True
+
+    def request_reload(self) -> None:
+        """Ask :meth:`run_forever` to reload the protocol (what SIGHUP does)."""
+        self._reload_requested.set()
+        self._stop_wait.set()
+
     def request_stop(self) -> None:
         """Make :meth:`run_forever` return (thread-safe)."""
         self._stop.set()
+        self._stop_wait.set()
 
     @property
     def port(self) -> int:
@@ -234,6 +373,7 @@ class Node:
     # ------------------------------------------------------------------ receive side
     def _on_stored(self, inst: StoredInstance) -> None:
         self.jobs.record_instance(inst)
+        self.metrics.instances_received.inc()
         self.tracker.touch(inst.study_uid, inst.series_uid, time.monotonic())
 
     def _on_released(self, keys: set[tuple[str, str]]) -> None:
@@ -246,7 +386,7 @@ class Node:
         for j in rerun:
             log.info("resuming job %d series %s (was %s): re-running from assembly", j.id, j.series_uid, j.state)
             self.jobs.audit(j.id, "resumed", {"state": j.state})
-            self._work.put(j.id)
+            self._enqueue(j.id)
         now = time.monotonic()
         open_series = self.jobs.series_with_unconsumed_instances()
         for study, series in open_series:
@@ -259,25 +399,52 @@ class Node:
             )
 
     # ------------------------------------------------------------------ threads
+    def _enqueue(self, job_id: int) -> None:
+        with self._enqueued_lock:
+            self._enqueued.add(job_id)
+        self._work.put(job_id)
+
+    def _pick_up_released(self) -> None:
+        """Jobs put back to ``received`` from outside (``node.py release``) go to the worker."""
+        for j in self.jobs.unfinished_jobs():
+            if j.state != "received":
+                continue
+            with self._enqueued_lock:
+                known = j.id in self._enqueued
+            if not known:
+                log.info("job %d series %s released by an admin: re-running", j.id, j.series_uid)
+                self._enqueue(j.id)
+
+    def purge(self, dry_run: bool = False) -> Any:
+        """Retention now (see :func:`rtcontrast.retention.purge`); the report."""
+        from rtcontrast.retention import purge
+
+        return purge(
+            self.config.db_file, spool_root=self.config.spool_path, outbox_root=self.config.outbox_path,
+            jobs_root=self.config.var_dir / "jobs", export_dirs=_export_dirs(self.destinations),
+            retention_days=self.config.retention_days, dry_run=dry_run,
+        )
+
     def _scheduler_loop(self) -> None:
         last_monitor = 0.0
-        last_prune = 0.0
+        last_prune = time.monotonic() - _PRUNE_INTERVAL_S + 60.0  # first purge a minute after start
         while not self._stop.is_set():
+            self._scheduler_beat = time.monotonic()
             try:
                 now = time.monotonic()
                 for study, series in self.tracker.due(now):
                     job_id = self.jobs.create_job(study, series)
                     if job_id is not None:
                         log.info("series %s complete: job %d created", series, job_id)
-                        self._work.put(job_id)
+                        self.metrics.series_completed.inc()
+                        self._enqueue(job_id)
                 if now - last_monitor >= _MONITOR_INTERVAL_S:
                     last_monitor = now
                     self._check_deliveries()
+                    self._pick_up_released()
                 if now - last_prune >= _PRUNE_INTERVAL_S:
                     last_prune = now
-                    n = self.outbox.prune(time.time() - self.config.retention_days * 86400)
-                    if n:
-                        log.info("retention: pruned %d delivered outbox row(s)", n)
+                    self.purge()
             except Exception:  # keep scheduling; the failure is in the log
                 log.exception("scheduler iteration failed")
             nxt = self.tracker.next_deadline()
@@ -299,6 +466,7 @@ class Node:
                     self.jobs.set_state(job.id, "queued", reason)
                 continue
             self.jobs.set_state(job.id, "delivered")
+            self.metrics.jobs_finished.labels("delivered").inc()
             log.info("job %d series %s delivered: %d instance(s)", job.id, job.series_uid, counts["delivered"])
 
     def _superseded_by(self, job_id: int) -> int | None:
@@ -319,13 +487,25 @@ class Node:
                 if newer is not None:
                     log.info("job %d superseded by job %d (same series, newer instances)", job_id, newer)
                     self.jobs.set_state(job_id, "failed", f"superseded by job {newer}")
+                    self.metrics.jobs_finished.labels("failed").inc()
                     continue
-                run_job(self.ctx, job_id)
+                with self._protocol_lock:  # the job keeps this protocol even if a reload comes
+                    ctx = dataclasses.replace(self.ctx, hold_override=self._released(job_id))
+                result = run_job(ctx, job_id)
+                self.metrics.observe_job(result.state, result.timings_s)
             except Exception:
                 log.exception("job %d failed unexpectedly", job_id)
+                self.metrics.jobs_finished.labels("failed").inc()
             finally:
+                with self._enqueued_lock:
+                    self._enqueued.discard(job_id)
                 self._busy.clear()
                 self._work.task_done()
+
+    def _released(self, job_id: int) -> bool:
+        """An admin released this job since it was last held (QA hold overridden)."""
+        events = [e.event for e in self.jobs.audit_events(job_id) if e.event in ("released", "held")]
+        return bool(events) and events[-1] == "released"
 
     # ------------------------------------------------------------------ for tests and status
     def idle(self) -> bool:
@@ -360,12 +540,18 @@ class NodeStatus:
     spool_path: Path
     spool_free_bytes: int | None
     jobs_by_state: dict[str, int]
+    disk: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # name -> used/free/total bytes
+    held_jobs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    recent_audit: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def render(self) -> str:
         """Human-readable, UIDs only (no patient data is stored in these tables)."""
         out = [f"database: {self.db_path}"]
         free = "unknown" if self.spool_free_bytes is None else f"{self.spool_free_bytes / 1024**3:.1f} GiB"
         out.append(f"spool: {self.spool_path} ({free} free)")
+        for name, d in self.disk.items():
+            out.append(f"disk {name}: {d['used'] / 1024**2:.1f} MiB used here, filesystem "
+                       f"{d['free'] / 1024**3:.1f} of {d['total'] / 1024**3:.1f} GiB free")
         out.append("jobs by state: " + (", ".join(f"{k} {v}" for k, v in sorted(self.jobs_by_state.items())) or "none"))
         out.append("outbox per destination:")
         if not self.queues:
@@ -383,7 +569,43 @@ class NodeStatus:
                        f"after {d['attempts']} attempt(s): {d['last_error']}")
         if len(self.dead_letters) > 20:
             out.append(f"  ... and {len(self.dead_letters) - 20} more")
+        out.append(f"held for an admin: {len(self.held_jobs)}" + (" (node.py release --job N)" if self.held_jobs else ""))
+        for j in self.held_jobs[:20]:
+            out.append(f"  #{j['id']} series {j['series_uid']}: {j['reason']}")
+        out.append(f"recent audit events ({len(self.recent_audit)}; node.py audit --job N for a job's trail):")
+        for e in self.recent_audit:
+            out.append(f"  {e['ts'][:19]} job {e['job_id']} {e['event']} {e['detail']}")
         return "\n".join(out)
+
+
+def _dir_usage(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _disk(config: NodeConfig) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for name, path in (("spool", config.spool_path), ("outbox", config.outbox_path), ("export", config.export_path),
+                       ("jobs", config.var_dir / "jobs"), ("database", config.db_file)):
+        if not path.exists():
+            continue
+        try:
+            du = shutil.disk_usage(path if path.is_dir() else path.parent)
+        except OSError:
+            continue
+        used = _dir_usage(path) if path.is_dir() else path.stat().st_size
+        out[name] = {"used": used, "free": int(du.free), "total": int(du.total)}
+    return out
+
+
+def _export_dirs(destinations: dict[str, Destination]) -> dict[str, Path]:
+    return {n: Path(d.path) for n, d in destinations.items() if isinstance(d, FolderDestination)}
 
 
 def read_status(config: NodeConfig, n_jobs: int = 10) -> NodeStatus:
@@ -404,13 +626,20 @@ def read_status(config: NodeConfig, n_jobs: int = 10) -> NodeStatus:
             for d in outbox.dead_letters()
         ]
         queues = outbox.counts()
+        held = [{"id": j.id, "series_uid": j.series_uid, "reason": j.reason}
+                for j in jobs.recent_jobs(1000) if j.state == "held"]
+        audit = [
+            {"ts": r["ts"], "job_id": r["job_id"], "event": r["event"], "detail": r["detail_json"] or ""}
+            for r in conn.execute("SELECT ts, job_id, event, detail_json FROM audit ORDER BY id DESC LIMIT 5")
+        ]
     finally:
         conn.close()
     try:
         free: int | None = int(shutil.disk_usage(config.spool_path if config.spool_path.exists() else config.var_dir).free)
     except OSError:
         free = None
-    return NodeStatus(config.db_file, queues, recent, dead, config.spool_path, free, by_state)
+    return NodeStatus(config.db_file, queues, recent, dead, config.spool_path, free, by_state,
+                      disk=_disk(config), held_jobs=held, recent_audit=audit)
 
 
 def resend_dead_letters(config: NodeConfig, destination: str | None = None, job_id: int | None = None) -> int:
@@ -418,6 +647,29 @@ def resend_dead_letters(config: NodeConfig, destination: str | None = None, job_
     conn = db.connect(config.db_file)
     try:
         return Outbox(conn, config.outbox_path).retry_dead(destination=destination, job_id=job_id)
+    finally:
+        conn.close()
+
+
+def release_job(config: NodeConfig, job_id: int, note: str | None = None) -> str:
+    """Release a held job: back to ``received`` with a ``released`` audit event.
+
+    A running node's scheduler picks it up within a second and re-runs it with the QA
+    hold overridden (the images are sent flagged as a QA warning); a stopped node does at
+    its next start.  The job runs with the protocol in force then.  Raises ValueError
+    when the job does not exist or is not held.
+    """
+    conn = db.connect(config.db_file)
+    try:
+        jobs = JobStore(conn)
+        job = jobs.job(job_id)
+        if job is None:
+            raise ValueError(f"no job {job_id}")
+        if job.state != "held":
+            raise ValueError(f"job {job_id} is {job.state}, not held: only held jobs are released")
+        jobs.audit(job_id, "released", {"previous_reason": job.reason, **({"note": note} if note else {})})
+        jobs.set_state(job_id, "received", "released by an admin (QA hold overridden)")
+        return job.series_uid
     finally:
         conn.close()
 
@@ -513,7 +765,7 @@ def cmd_run(config_path: Path | None, protocol_path: Path | None, port: int | No
         __version__, config_path or "(embedded defaults)", protocol_path or "(embedded defaults)",
     )
     try:
-        node = Node(config, protocol)
+        node = Node(config, protocol, protocol_path=protocol_path)
     except (ContractError, RuntimeError) as exc:
         log.error("model refused: %s", exc)
         return 3
@@ -555,3 +807,81 @@ def cmd_resend(config_path: Path | None, destination: str | None, job_id: int | 
     print(f"{n} dead letter(s) put back to pending"
           + (f" for destination {destination}" if destination else "") + (f" of job {job_id}" if job_id else ""))
     return 0
+
+
+def cmd_release(config_path: Path | None, job_id: int, note: str | None = None) -> int:
+    """``node.py release --job N``: send a held job (re-run with the QA hold overridden)."""
+    try:
+        config, _ = _load(config_path, None)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    if not config.db_file.exists():
+        print(f"no database at {config.db_file}", file=sys.stderr)
+        return 1
+    try:
+        series = release_job(config, job_id, note)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"job {job_id} (series {series}) released: the running node re-runs it within seconds "
+          "(or at its next start) and sends it flagged as a QA warning")
+    return 0
+
+
+def cmd_purge(config_path: Path | None, protocol_path: Path | None, dry_run: bool) -> int:
+    """``node.py purge [--dry-run]``: retention now (the node also runs it hourly)."""
+    from rtcontrast.retention import purge
+
+    try:
+        config, protocol = _load(config_path, protocol_path)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    if not config.db_file.exists():
+        print(f"no database at {config.db_file}", file=sys.stderr)
+        return 1
+    dests: dict[str, Destination] = {}
+    for name, dest in build_destinations(protocol, config.ae_title).items():
+        if isinstance(dest, FolderDestination) and Path(dest.path) == _DEFAULT_EXPORT:
+            dest = FolderDestination(name=name, path=config.export_path)
+        dests[name] = dest
+    report = purge(
+        config.db_file, spool_root=config.spool_path, outbox_root=config.outbox_path,
+        jobs_root=config.var_dir / "jobs", export_dirs=_export_dirs(dests),
+        retention_days=config.retention_days, dry_run=dry_run,
+    )
+    print(report.render())
+    return 0
+
+
+def cmd_audit(
+    config_path: Path | None,
+    study: str | None = None,
+    series: str | None = None,
+    job_id: int | None = None,
+    limit: int = 20,
+    as_json: bool = False,
+) -> int:
+    """``node.py audit``: per job, what came from where, what was made, where it went."""
+    import json
+
+    from rtcontrast.audit import audit_trail, render_trails
+
+    try:
+        config, _ = _load(config_path, None)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    if not config.db_file.exists():
+        print(f"no database at {config.db_file}", file=sys.stderr)
+        return 1
+    trails = audit_trail(config.db_file, study_uid=study, series_uid=series, job_id=job_id, limit=limit)
+    if as_json:
+        print(json.dumps([t.to_json() for t in trails], indent=2, sort_keys=True))
+    else:
+        print(render_trails(trails))
+    return 0 if trails else 1
