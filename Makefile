@@ -31,3 +31,7 @@ export: setup-test
 
 evaluate: setup-test
 	$(PY) -m rtcontrast.evaluate --model models/qmap-pelvis.onnx
+
+## Install as a systemd service into /opt/rtcontrast and /etc/rtcontrast (root; see docs/admin.md).
+install:
+	bash scripts/install.sh
