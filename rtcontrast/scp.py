@@ -283,6 +283,8 @@ class _AssociationServer(ThreadedAssociationServer):
                 request.settimeout(previous)
             except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
                 reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
+                    reason += " (the peer does not speak TLS: plain DICOM on the TLS port?)"
                 LOG.warning(
                     "refused TLS connection from %s:%s on port %d: handshake failed: %s",
                     client_address[0], client_address[1], self.server_address[1], reason,
