@@ -24,6 +24,8 @@
 #   VENV_ARGS="..."         extra `python -m venv` arguments (e.g. --system-site-packages)
 #   PIP_ARGS="..."          extra pip arguments, e.g. an offline wheelhouse:
 #                           PIP_ARGS="--no-index --find-links /media/wheels"
+#   PIP=0                   install no packages (the venv must already see them, e.g. with
+#                           VENV_ARGS=--system-site-packages; used by the tests)
 #   KEEP_RELEASES=3         older releases beyond this many are removed (never `current`)
 #   NO_SYSTEMD=1            skip user creation and systemctl (packaging, containers, tests)
 set -euo pipefail
@@ -69,15 +71,22 @@ cp -a models config systemd "$tmp/app/"
 find "$tmp/app" -name __pycache__ -type d -prune -exec rm -rf {} +
 # shellcheck disable=SC2086
 "$PY" -m venv ${VENV_ARGS:-} "$tmp/venv"
-# shellcheck disable=SC2086
-"$tmp/venv/bin/python" -m pip install -q ${PIP_ARGS:-} "$tmp/app"
+# The code runs from app/ (node.py puts it first on sys.path); the venv holds the dependencies
+# listed in pyproject.toml.
+"$PY" -c 'import tomllib, sys; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))' \
+  pyproject.toml > "$tmp/app/requirements.txt"
+if [ "${PIP:-1}" != 0 ]; then
+  # shellcheck disable=SC2086
+  "$tmp/venv/bin/python" -m pip install -q ${PIP_ARGS:-} -r "$tmp/app/requirements.txt"
+fi
 # the venv was made at $tmp: fix its recorded location before moving it into place
 grep -rlI -- "$tmp" "$tmp/venv/bin" "$tmp/venv/pyvenv.cfg" | xargs -r sed -i "s#$tmp#$REL#g"
 rm -rf "$REL"
 mv "$tmp" "$REL"
 trap - EXIT
-chmod -R go-w "$REL"
-"$REL/venv/bin/python" -c "import rtcontrast, onnxruntime, pynetdicom, prometheus_client" \
+chmod 0755 "$REL"
+chmod -R go-w,go+rX "$REL"
+(cd "$REL/app" && "$REL/venv/bin/python" -c "import rtcontrast.node, onnxruntime, pynetdicom, prometheus_client") \
   || { echo "the new release's environment is incomplete; 'current' was not switched" >&2; exit 1; }
 ln -sfn "releases/$VERSION" "$PREFIX/current.new"
 mv -T "$PREFIX/current.new" "$PREFIX/current"
@@ -117,7 +126,7 @@ fi
 # old releases (never the current one)
 if [ -d "$PREFIX/releases" ]; then
   cur=$(readlink "$PREFIX/current" | sed 's#^releases/##')
-  ls -1t "$PREFIX/releases" | grep -vx -- "$cur" | tail -n +"$KEEP_RELEASES" | while read -r old; do
+  { ls -1t "$PREFIX/releases" | grep -vx -- "$cur" || true; } | tail -n +"$KEEP_RELEASES" | while read -r old; do
     echo "removing old release $old"; rm -rf "${PREFIX:?}/releases/$old"
   done
 fi
@@ -130,5 +139,5 @@ Installed rtcontrast $VERSION.
   first install:  systemctl enable --now rtcontrast
   after upgrade:  systemctl restart rtcontrast      (rollback: ln -sfn releases/<old> $PREFIX/current; restart)
   protocol edit:  systemctl reload rtcontrast
-  watch:          journalctl -u rtcontrast -f; $REL/venv/bin/python $PREFIX/current/app/node.py status --config $ETC/node.yaml
+  watch:          journalctl -u rtcontrast -f; $PREFIX/current/venv/bin/python $PREFIX/current/app/node.py status --config $ETC/node.yaml
 EOF
