@@ -422,3 +422,30 @@ def test_tls_config_errors(tmp_path: Path, pki: Pki) -> None:
     ok.write_text(f"tls: {{enabled: true, port: 11112, cert_file: {pki.server.cert}, key_file: {pki.server.key}}}\n")
     with pytest.raises(ConfigError, match="TLS needs its own port"):
         load_node_config(ok)
+
+
+def test_mismatched_key_stops_before_listening(tmp_path: Path, pki: Pki, other_pki: Pki) -> None:
+    import ssl
+
+    from rtcontrast.scp import ScpTls
+
+    port, tls_port = free_port(), free_port()
+    settings = ScpSettings(host="127.0.0.1", port=port,
+                           tls=ScpTls(port=tls_port, cert_file=str(pki.server.cert), key_file=str(other_pki.server.key)))
+    scp = StorageSCP(settings, Spool(tmp_path / "spool"), lambda i: None, lambda k: None)
+    with pytest.raises(ssl.SSLError):
+        scp.start()
+    for p in (port, tls_port):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", p), timeout=2).close()
+    scp.stop()
+
+
+def test_address_allow_list_forms(tmp_path: Path) -> None:
+    """CIDR and single addresses, IPv6, and IPv4 peers seen through a dual-stack socket."""
+    scp = StorageSCP(ScpSettings(allowed_networks=["10.0.0.0/8", "192.168.1.17", "fd00::/8"]),
+                     Spool(tmp_path / "spool"), lambda i: None, lambda k: None)
+    allowed = scp._address_allowed
+    assert allowed("10.200.3.4") and allowed("192.168.1.17") and allowed("::ffff:10.1.2.3") and allowed("fd00::1")
+    assert not allowed("192.168.1.18") and not allowed("127.0.0.1") and not allowed("::1")
+    assert not allowed("not-an-address")
