@@ -7,7 +7,8 @@ Steps: build the torch model from the checkpoint, export with dynamic batch/heig
 (opset 17), write the contract metadata, check the ONNX model against torch on held-out
 phantom slices of several sizes (exit 2 above tolerance), evaluate it on the held-out
 phantom split, and write the card ``models/NAME.json`` (version, sha256, training
-configuration, data, ranges, parity, evaluation table) plus ``NAME.eval.png``.
+configuration, data, ranges, parity, evaluation table) plus ``NAME.eval.png``.  ``--report [--report-data FOLDER]`` also writes the evaluation
+report with figures (:mod:`rtcontrast.report`) to ``models/NAME.report/report.md``.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="model name (default: the training config's)")
     ap.add_argument("--version", default=None, help="model version (default: the training config's)")
     ap.add_argument("--eval-subjects", type=int, default=6, help="held-out subjects for the card (0 = skip)")
+    ap.add_argument("--report", action="store_true",
+                    help="also write the evaluation report with figures to models/NAME.report/report.md")
+    ap.add_argument("--report-data", default=None, help="with --report: a folder of real SE series to include")
+    ap.add_argument("--report-subjects", type=int, default=2, help="with --report: held-out phantom subjects")
     a = ap.parse_args(argv)
 
     model, ck = load_checkpoint(a.checkpoint)
@@ -159,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
                           "1.5 T and 3 T; bias field, gain, Rician noise, resolution and anatomy randomised."},
         "parity": par,
     }
+    if ck.get("real_data"):  # fine-tuned on a researcher's own series (counts and contrasts only, no identities)
+        card["data"]["real"] = ck["real_data"]
+        card["data"]["kind"] += " + real spin-echo series (fine-tuning)"
+        card["data"]["notes"] = ("Phantoms as below plus the researcher's own spin-echo series (counts above; patients "
+                                 "only as hashes in the training run). " + card["data"]["notes"].replace(
+                                     "No real patient data. ", ""))
+    if tc.get("init"):
+        card["training"]["initialised_from"] = str(tc["init"])
     if a.eval_subjects:
         from rtcontrast.evaluate import evaluate, format_table
 
@@ -170,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(report))
     card_path = out.with_suffix(".json")
     card_path.write_text(json.dumps(card, indent=2) + "\n")
+    if a.report:
+        from rtcontrast.report import write_report
+
+        md = write_report(out, out.with_suffix(".report"), a.report_data, n_subjects=a.report_subjects)
+        card["report"] = str(md.relative_to(out.parent))
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        print(f"report: {md}")
     print(f"wrote {out} and {card_path}")
     return 0
 
