@@ -240,6 +240,18 @@ def _default_destinations() -> dict[str, DestinationConfig]:
     return {"export": DestinationConfig(folder=FolderDestinationConfig(path=Path("./var/export")))}
 
 
+class ModelPin(StrictModel):
+    """The model this protocol was validated with: the node refuses to start with any other.
+
+    Why: the protocol is clinical content; a physicist who validated it with one model
+    (models/NAME.onnx, name from its metadata) pins that model by name and file SHA-256
+    (``python node.py models`` shows both), so swapping the file is caught at start-up.
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="full SHA-256 of the .onnx file")
+
+
 class ProtocolConfig(StrictModel):
     """The whole protocol.  ``content_hash`` identifies its content in the audit."""
 
@@ -250,6 +262,7 @@ class ProtocolConfig(StrictModel):
     maps: Maps = Field(default_factory=Maps)
     series_number_range: SeriesNumberRange = Field(default_factory=SeriesNumberRange)
     qa: QA = Field(default_factory=QA)
+    model: ModelPin | None = Field(None, description="optional: pin the model by name and sha256")
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> ProtocolConfig:
@@ -264,7 +277,10 @@ class ProtocolConfig(StrictModel):
     @property
     def content_hash(self) -> str:
         """SHA-256 of the protocol's content (canonical JSON), independent of comments/layout."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        content = self.model_dump(mode="json")
+        if content.get("model") is None:  # protocols without a pin keep the hash they had before pins existed
+            content.pop("model", None)
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
     @property
