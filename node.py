@@ -5,6 +5,7 @@
     python node.py check-config [--config F] [--protocol F]
     python node.py status [--config F] [--jobs N]
     python node.py resend [--config F] [--destination D] [--job J]
+    python node.py models [--config F] [--protocol F]
     python node.py audit [--config F] [--study UID | --series UID | --job N] [--json]
     python node.py release --job N [--config F] [--note TEXT]
     python node.py purge [--config F] [--protocol F] [--dry-run]
@@ -64,11 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     purge.add_argument("--protocol", type=Path, help="protocol (its folder destinations are purged too)")
     purge.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
+    models = sub.add_parser("models", help="list models/*.onnx with their cards; * marks the one in use")
+    models.add_argument("--config", type=Path, help="node config (default: embedded defaults)")
+    models.add_argument("--protocol", type=Path, help="protocol, for a model pin (default: config/protocol.yaml if present)")
+
     a = parser.parse_args(argv)
     if a.command == "run":
         return node.cmd_run(a.config, a.protocol, a.port)
     if a.command == "check-config":
         return node.cmd_check_config(a.config, a.protocol)
+    if a.command == "models":
+        proto = a.protocol or (Path("config/protocol.yaml") if Path("config/protocol.yaml").exists() else None)
+        return node.cmd_models(a.config, proto)
     if a.command == "status":
         return node.cmd_status(a.config, a.jobs)
     if a.command == "audit":

@@ -73,7 +73,9 @@ __all__ = [
     "NodeStatus",
     "check_config",
     "cmd_audit",
+    "check_model_pin",
     "cmd_check_config",
+    "cmd_models",
     "cmd_purge",
     "cmd_release",
     "cmd_resend",
@@ -82,6 +84,8 @@ __all__ = [
     "read_status",
     "release_job",
     "resend_dead_letters",
+    "list_models",
+    "resolve_model",
     "resolve_model_path",
 ]
 
@@ -105,6 +109,92 @@ def resolve_model_path(path: Path) -> Path:
     return alt if alt.exists() else path
 
 
+# ---------------------------------------------------------------------- model management
+# Several models may sit in models/; config.model_path is the default, a protocol may pin one
+# by name and sha256 (protocol.yaml ``model: {name, sha256}``).
+
+
+@dataclass
+class ModelEntry:
+    """One models/*.onnx file with what its metadata and card say (``node.py models``)."""
+
+    path: Path
+    name: str | None
+    version: str | None
+    contract: str | None
+    sha256: str
+    card: dict[str, Any] | None
+    error: str | None = None
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in m.metadata_props}
+
+
+def list_models(models_dir: Path) -> list[ModelEntry]:
+    """Every ``*.onnx`` in ``models_dir`` with its metadata, sha256 and card (``NAME.json``), by name."""
+    import json
+
+    from rtcontrast.qmap import file_sha256
+
+    out = []
+    for path in sorted(models_dir.glob("*.onnx")):
+        card = None
+        card_path = path.with_suffix(".json")
+        if card_path.is_file():
+            try:
+                card = json.loads(card_path.read_text())
+            except (OSError, ValueError):
+                card = None
+        try:
+            meta = _onnx_metadata(path)
+            out.append(ModelEntry(path, meta.get("name"), meta.get("version"), meta.get("rtcontrast.contract"),
+                                  file_sha256(path), card))
+        except Exception as exc:  # an unreadable file is listed, not fatal
+            out.append(ModelEntry(path, None, None, None, file_sha256(path), card, f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def check_model_pin(model: QMapModel, pin: Any) -> None:
+    """Raise :class:`ContractError` when ``model`` is not the protocol's pinned one (``pin`` None: any)."""
+    if pin is None:
+        return
+    if model.info.name != pin.name or model.sha256 != pin.sha256.lower():
+        raise ContractError(
+            f"protocol pins model '{pin.name}' sha256 {pin.sha256[:12]}..., but the model in use is "
+            f"'{model.info.name}' {model.info.version} sha256 {model.sha256[:12]}... ({model.path}); "
+            "restore the validated model or update the protocol's model pin (python node.py models lists sha256)")
+
+
+def resolve_model(config: NodeConfig, protocol: ProtocolConfig) -> Path:
+    """The model file to load: ``config.model_path``, or the protocol's pinned model in its folder.
+
+    A pin is matched by metadata name among ``models/*.onnx`` (the configured file first)
+    and then by file SHA-256; a missing name or a differing SHA-256 raises
+    :class:`ContractError` saying which, so the node refuses to start.
+    """
+    default = resolve_model_path(config.model_path)
+    pin = protocol.model
+    if pin is None:
+        return default
+    entries = list_models(default.parent) if default.parent.is_dir() else []
+    named = [e for e in entries if e.name == pin.name]
+    if not named:
+        found = ", ".join(sorted({e.name or e.path.name for e in entries})) or "none"
+        raise ContractError(f"protocol pins model '{pin.name}' (sha256 {pin.sha256[:12]}...), but no model of that name "
+                            f"is in {default.parent} (found: {found}); install it there or change the pin")
+    match = [e for e in named if e.sha256 == pin.sha256.lower()]
+    if not match:
+        got = "; ".join(f"{e.path.name} {e.version} sha256 {e.sha256[:12]}..." for e in named)
+        raise ContractError(f"protocol pins model '{pin.name}' sha256 {pin.sha256[:12]}..., but {got} differs: "
+                            "the file is not the validated model; restore it or update the pin")
+    same = [e for e in match if e.path.resolve() == default.resolve()]
+    return (same or match)[0].path
+
+
 class Node:
     """One rtcontrast node.  ``Node(config, protocol).start()``; ``stop()``; or ``run_forever()``.
 
@@ -125,7 +215,8 @@ class Node:
         #: The file :meth:`reload` reads (None: embedded defaults, nothing to reload).
         self.protocol_path = protocol_path
         self._protocol_lock = threading.Lock()
-        self.model = model or QMapModel(resolve_model_path(config.model_path), config.execution_provider)
+        self.model = model or QMapModel(resolve_model(config, protocol), config.execution_provider)
+        check_model_pin(self.model, protocol.model)
         log.info(
             "model %s %s sha256 %s on %s (%s); TE %g-%g ms, TR %g-%g ms",
             self.model.info.name, self.model.info.version, self.model.sha256[:12], self.model.provider,
@@ -326,6 +417,7 @@ class Node:
         try:
             new = load_protocol(path)
             dests = self._destinations_of(new)
+            check_model_pin(self.model, new.model)  # a new pin must name the loaded model (ContractError)
         except (ConfigError, OSError, ValueError) as exc:
             errors = exc.errors if isinstance(exc, ConfigError) else [f"{path}: {exc}"]
             for e in errors:
@@ -713,7 +805,14 @@ def check_config(config_path: Path | None, protocol_path: Path | None) -> tuple[
         config, protocol = _load(config_path, protocol_path)
     except ConfigError as exc:
         return exc.errors, ""
-    model_file = resolve_model_path(config.model_path)
+    try:
+        model_file = resolve_model(config, protocol)
+    except ContractError as exc:
+        where = "(embedded defaults):1"
+        if protocol_path is not None:
+            _, lines = read_yaml(Path(protocol_path))
+            where = f"{protocol_path}:{line_of(lines, ('model',))}"
+        return [f"{where}: model: {exc}"], ""
     try:
         model = QMapModel(model_file, "cpu" if config.execution_provider == "auto" else config.execution_provider)
     except (ContractError, RuntimeError) as exc:
@@ -885,3 +984,56 @@ def cmd_audit(
     else:
         print(render_trails(trails))
     return 0 if trails else 1
+
+
+def cmd_models(config_path: Path | None, protocol_path: Path | None) -> int:
+    """``node.py models``: models/*.onnx with their cards; ``*`` marks the one the node would use."""
+    try:
+        config, protocol = _load(config_path, protocol_path)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    default = resolve_model_path(config.model_path)
+    in_use: Path | None = None
+    problem = None
+    try:
+        in_use = resolve_model(config, protocol)
+    except ContractError as exc:
+        problem = str(exc)
+    entries = list_models(default.parent) if default.parent.is_dir() else []
+    print(f"models in {default.parent} (config model_path {config.model_path}"
+          + (f"; protocol pins {protocol.model.name} sha256 {protocol.model.sha256[:12]}" if protocol.model else "")
+          + ")")
+    if not entries:
+        print("  (none)")
+    for e in entries:
+        mark = "*" if in_use is not None and e.path.resolve() == in_use.resolve() else " "
+        if e.error:
+            print(f"{mark} {e.path.name}: unreadable: {e.error}")
+            continue
+        card = e.card or {}
+        created = str(card.get("created", "-"))[:19]
+        print(f"{mark} {e.path.name}: {e.name} {e.version} [{e.contract}] sha256 {e.sha256[:12]} created {created}")
+        if e.card is None:
+            print("      no model card (NAME.json)")
+        elif card.get("sha256") and card["sha256"] != e.sha256:
+            print(f"      WARNING: card sha256 {card['sha256'][:12]} differs from the file")
+        summ = (card.get("evaluation") or {}).get("summary")
+        if summ:
+            met = summ.get("met", {})
+            print(f"      evaluation: min cross SSIM {summ.get('min_cross_ssim', float('nan')):.3f}, "
+                  f"min PSNR {summ.get('min_cross_psnr_db', float('nan')):.1f} dB, "
+                  f"max tissue MAE {summ.get('max_tissue_mae_pct', float('nan')):.1f} %, "
+                  f"targets met {sum(bool(v) for v in met.values())}/{len(met)}")
+        real = (card.get("data") or {}).get("real")
+        if real:
+            print(f"      fine-tuned on {real.get('series')} real series of {real.get('patients')} patient(s)")
+        if card.get("report"):
+            print(f"      report: {default.parent / card['report']}")
+    if in_use is not None and in_use.parent.resolve() != default.parent.resolve():
+        print(f"* in use: {in_use} (outside {default.parent})")
+    if problem:
+        print(f"ERROR: {problem}", file=sys.stderr)
+        return 1
+    return 0
