@@ -171,6 +171,25 @@ class Limits(StrictModel):
     min_free_disk_bytes: int = Field(1024**3, ge=0, description="below this free space, C-STORE is refused 0xA700")
 
 
+def check_tls_files(cert: Path | str | None, key: Path | str | None, ca: Path | str | None) -> list[str]:
+    """Load the PEM files as the node will (certificate with its key, CA bundle): problems found."""
+    import ssl
+
+    problems: list[str] = []
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if cert is not None:
+        try:
+            ctx.load_cert_chain(str(cert), None if key is None else str(key))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            problems.append(f"cert_file/key_file unusable (not PEM, encrypted, or the key does not match): {exc}")
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (OSError, ValueError) as exc:
+            problems.append(f"ca_file unusable (not a PEM CA bundle): {exc}")
+    return problems
+
+
 class Tls(StrictModel):
     """DICOM TLS listener (PS3.15 Annex B) beside, or instead of, the plain port.
 
@@ -201,6 +220,8 @@ class Tls(StrictModel):
                 problems.append(f"ca_file {str(self.ca_file)!r} is not a readable file")
             if self.require_client_cert and self.ca_file is None:
                 problems.append("require_client_cert needs ca_file (the CA that signs client certificates)")
+            if not problems:
+                problems.extend(check_tls_files(self.cert_file, self.key_file, self.ca_file))
         elif not self.plain_port_enabled:
             problems.append("plain_port_enabled is false and TLS is disabled: the node would not listen at all")
         if problems:

@@ -24,7 +24,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydicom.dataset import Dataset
 
-from rtcontrast.config import ConfigError, Loc, StrictModel, check_ae_title, format_loc, load_yaml_model
+from rtcontrast.config import (
+    ConfigError, Loc, StrictModel, check_ae_title, check_tls_files, format_loc, load_yaml_model,
+)
 from rtcontrast.outbox import DicomDestination, FolderDestination
 
 DEFAULT_PROTOCOL = Path("config/protocol.yaml")
@@ -72,6 +74,12 @@ class DestinationTls(StrictModel):
     def _pair(self) -> DestinationTls:
         if self.key_file is not None and self.cert_file is None:
             raise ValueError("key_file needs cert_file")
+        if self.enabled:
+            missing = [f"{n} {v!r} is not a readable file" for n in ("ca_file", "cert_file", "key_file")
+                       if (v := getattr(self, n)) is not None and not Path(v).is_file()]
+            problems = missing or check_tls_files(self.cert_file, self.key_file, self.ca_file)
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
 

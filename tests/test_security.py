@@ -328,8 +328,22 @@ def test_outbox_tls_without_client_cert_is_not_delivered(tmp_path: Path, pki: Pk
 
 def test_outbox_tls_missing_ca_file_is_a_clear_failure(tmp_path: Path, phantom_files: list[Path],
                                                        logs: pytest.LogCaptureFixture) -> None:
-    outbox, sender = make_sender(tmp_path, protocol_tps(free_port(), enabled=True,
-                                                        ca_file=str(tmp_path / "missing.crt")))
+    """Caught by the protocol check first; a file that disappears later fails each attempt clearly."""
+    from rtcontrast.config import ConfigError
+
+    with pytest.raises(ValueError, match="missing.crt"):
+        protocol_tps(free_port(), enabled=True, ca_file=str(tmp_path / "missing.crt"))
+    bad = tmp_path / "proto.yaml"
+    bad.write_text("destinations:\n  tps:\n    dicom:\n      host: 127.0.0.1\n      port: 104\n      ae_title: TPS\n"
+                   f"      tls: {{enabled: true, ca_file: {tmp_path / 'nope.crt'}}}\n"
+                   "recipes: [{key: a, label: a, te_ms: 100, tr_ms: 4000, series_number: 901, destinations: [tps]}]\n")
+    from rtcontrast.protocol import load_protocol
+
+    with pytest.raises(ConfigError, match=r"proto.yaml:7: destinations.tps.dicom.tls: .*nope.crt"):
+        load_protocol(bad)
+    dest = DicomDestination(name="tps", host="127.0.0.1", port=free_port(), ae_title="TPS", tls=True,
+                            tls_ca_file=str(tmp_path / "missing.crt"), connect_timeout_s=5)
+    outbox, sender = make_sender(tmp_path, dest)
     outbox.enqueue("job1", "tps", phantom_files[:1])
     assert sender.run_once() == 0
     (item,) = outbox.items()
@@ -418,6 +432,10 @@ def test_tls_config_errors(tmp_path: Path, pki: Pki) -> None:
         load_node_config(bad)
     text = str(err.value)
     assert "node.yaml:2: tls:" in text and "key_file" in text and "nope.crt" in text and "ca_file" in text
+    mismatch = tmp_path / "mismatch.yaml"
+    mismatch.write_text(f"tls: {{enabled: true, cert_file: {pki.server.cert}, key_file: {pki.client.key}}}\n")
+    with pytest.raises(ConfigError, match="key does not match"):
+        load_node_config(mismatch)
     ok = tmp_path / "ok.yaml"
     ok.write_text(f"tls: {{enabled: true, port: 11112, cert_file: {pki.server.cert}, key_file: {pki.server.key}}}\n")
     with pytest.raises(ConfigError, match="TLS needs its own port"):
