@@ -169,6 +169,12 @@ class NodeMetrics:
         """The protocol's audit version (``<version>+sha256:<12 hex>``)."""
         self.protocol_info.info({"version": audit_version, "recipes": str(recipes)})
 
+    def set_destinations(self, names: Sequence[str]) -> None:
+        """Show every destination's delivery counters from the start (0, not absent)."""
+        for name in names:
+            self.instances_sent.labels(name)
+            self.send_failures.labels(name)
+
     def observe_job(self, state: str, timings_s: dict[str, float]) -> None:
         """A pipeline run ended in ``state``; ``queued`` is not final (delivery follows)."""
         for stage, seconds in timings_s.items():

@@ -226,6 +226,7 @@ class Node:
         self.metrics = NodeMetrics()
         self.metrics.set_model(self.model.info.name, self.model.info.version, self.model.sha256, self.model.provider)
         self.metrics.set_protocol(protocol.audit_version, len(protocol.recipes))
+        self.metrics.set_destinations(list(self.destinations))
         self.metrics_port: int | None = None
         self._reload_requested = threading.Event()
         self._stop_wait = threading.Event()  # wakes run_forever's loop (signals)
@@ -435,6 +436,7 @@ class Node:
             if getattr(self, "ctx", None) is not None:
                 self.ctx.protocol = new
         self.metrics.set_protocol(new.audit_version, len(new.recipes))
+        self.metrics.set_destinations(list(dests))
         self.metrics.protocol_reloads.labels("ok").inc()
         log.info("protocol reloaded from %s: %s -> %s (%d recipe(s), destinations %s); applies to the next job",
                  path, old.audit_version, new.audit_version, len(new.recipes), ", ".join(sorted(new.destinations)))
