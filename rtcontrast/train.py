@@ -515,6 +515,8 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
         if cfg.w_paired > 0 and not real.pairs:
             raise SystemExit(f"w_paired > 0 but {cfg.data_dir} has no paired series (two SE contrasts of one "
                              "frame of reference with the same matrix); set w_paired: 0")
+        if cfg.select_on == "real_cross" and not real.pairs:
+            raise SystemExit(f"select_on: real_cross needs paired series in {cfg.data_dir}; none found")
         if cfg.w_unpaired > 0:
             disc = Discriminator(**cfg.disc).to(dev)
             disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr_disc, betas=(0.5, 0.999))
