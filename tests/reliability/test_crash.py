@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from rtcontrast.qmap import QMapModel
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
