@@ -53,6 +53,12 @@ def _ts(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
 
+def _host(peer: str) -> str:
+    """``10.1.2.3:40312`` -> ``10.1.2.3``: the sender's ephemeral port says nothing."""
+    host, sep, port = peer.rpartition(":")
+    return host.strip("[]") if sep and port.isdigit() and host else peer
+
+
 def _source(conn: sqlite3.Connection, job_id: int) -> dict[str, Any]:
     rows = conn.execute(
         """SELECT i.calling_ae, i.peer, i.received_at, i.sop_class_uid FROM job_instances ji
@@ -63,7 +69,7 @@ def _source(conn: sqlite3.Connection, job_id: int) -> dict[str, Any]:
     return {
         "instances": len(rows),
         "calling_aes": sorted({r["calling_ae"] for r in rows if r["calling_ae"]}),
-        "peers": sorted({r["peer"] for r in rows if r["peer"]}),
+        "peers": sorted({_host(r["peer"]) for r in rows if r["peer"]}),
         "sop_classes": sorted({r["sop_class_uid"] for r in rows}),
         "first_received": received[0] if received else None,
         "last_received": received[-1] if received else None,
