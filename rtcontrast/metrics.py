@@ -158,6 +158,7 @@ class NodeMetrics:
         self.model_info = Info("rtcontrast_model", "The qmap model in use", registry=r)
         self.protocol_info = Info("rtcontrast_protocol", "The protocol in force", registry=r)
         self._server: Any = None
+        self._snapshot: _SnapshotCollector | None = None
         self._thread: threading.Thread | None = None
 
     # -- updates -------------------------------------------------------------------
@@ -183,8 +184,11 @@ class NodeMetrics:
             self.jobs_finished.labels(state).inc()
 
     def add_snapshot_source(self, source: Callable[[], QueueSnapshot]) -> None:
-        """Register the scrape-time gauges (queue depths, dead letters, disk)."""
-        self.registry.register(_SnapshotCollector(source))
+        """Register the scrape-time gauges (queue depths, dead letters, disk); replaces an earlier source."""
+        if self._snapshot is not None:
+            self.registry.unregister(self._snapshot)
+        self._snapshot = _SnapshotCollector(source)
+        self.registry.register(self._snapshot)
 
     # -- endpoint ------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from rtcontrast import db
 from rtcontrast.config import NodeConfig
 from rtcontrast.jobs import JobStore
 from rtcontrast.node import Node, read_status, release_job
-from rtcontrast.outbox import Outbox
 from rtcontrast.protocol import ProtocolConfig
 from rtcontrast.qmap import QMapModel
 from rtcontrast.retention import purge
@@ -146,7 +145,7 @@ def test_hold_preview_status_release_audit(tmp_path: Path, model: QMapModel, sta
     assert job.qa is not None and job.qa["preview"] == str(preview)
 
     status = read_status(node.config).render()
-    assert f"held for an admin: 1" in status and f"#{job.id} series {src[0].SeriesInstanceUID}" in status
+    assert "held for an admin: 1" in status and f"#{job.id} series {src[0].SeriesInstanceUID}" in status
     assert "disk spool:" in status and "recent audit events" in status
 
     with pytest.raises(ValueError, match="no job 999"):
