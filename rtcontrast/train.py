@@ -70,7 +70,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from rtcontrast import dataset
-from rtcontrast.model import Discriminator, ModelConfig, QMapFusionNet, QMapNet
+from rtcontrast.model import Discriminator, ModelConfig, QMapFusionNet, QMapNet, fusion_from_single
 from rtcontrast.physics import SEED_CONTRASTS, signal
 
 log = logging.getLogger("rtcontrast.train")
@@ -129,6 +129,8 @@ class TrainConfig:
     paired_compare: str = "lsq_gain"
     # -- fine-tuning: a training checkpoint (.pt) to start from (its architecture is used)
     init: str | None = None
+    #: qmap/2: start as an exact copy of this trained qmap/1 checkpoint (model.fusion_from_single)
+    init_single: str | None = None
     #: validation metric that selects best.pt: "render" (phantom) or "real_cross" (paired real data)
     select_on: str = "render"
     #: CUDA autocast: "none", "bf16", "fp16" or "auto" (bf16 where supported, else fp16); ignored on CPU
@@ -190,6 +192,12 @@ def make_batch(bank: dataset.Bank, idx: np.ndarray, rng: np.random.Generator, cf
 def build_model(cfg: TrainConfig) -> QMapNet | QMapFusionNet:
     """The network for the configured contract."""
     if cfg.contract == "qmap/2":
+        if cfg.init_single:
+            ck = torch.load(cfg.init_single, map_location="cpu", weights_only=False)
+            if ck["model_config"] != ModelConfig(**cfg.model).to_dict():
+                raise SystemExit(f"init_single {cfg.init_single}: architecture {ck['model_config']} "
+                                 f"differs from {cfg.model}")
+            return fusion_from_single(ck["model"], ModelConfig(**cfg.model), cfg.max_inputs)
         return QMapFusionNet(ModelConfig(**cfg.model), max_inputs=cfg.max_inputs)
     if cfg.contract != "qmap/1":
         raise SystemExit(f"unknown contract {cfg.contract!r} (qmap/1 or qmap/2)")

@@ -80,3 +80,38 @@ def test_export_parity_and_contract(trained: tuple[Path, TrainConfig], tmp_path:
     onnx.save(bad, str(tmp_path / "bad.onnx"))
     with pytest.raises(ContractError, match=f"qmap/99.*{CONTRACT}"):
         QMapModel(tmp_path / "bad.onnx", provider="cpu")
+
+
+def test_fusion_model_from_single_trains_and_exports(trained: tuple[Path, TrainConfig], tmp_path: Path) -> None:
+    """qmap/2: starts as the trained qmap/1 network, trains, exports, and runs 1..K inputs in the node path."""
+    from rtcontrast.model import ModelConfig, QMapNet, fusion_from_single
+
+    best, cfg = trained
+    ck = torch.load(best, weights_only=False)
+    single = QMapNet(ModelConfig(**ck["model_config"])).eval()
+    single.load_state_dict(ck["model"])
+    fused = fusion_from_single(ck["model"], ModelConfig(**ck["model_config"]), 3).eval()
+    x = torch.rand(2, 1, 32, 48)
+    tt = torch.tensor([[80.0, 3000.0], [10.0, 500.0]])
+    xs = torch.zeros(2, 3, 32, 48)
+    xs[:, :1] = x
+    tts = torch.zeros(2, 3, 2)
+    tts[:, 0] = tt
+    with torch.no_grad():
+        for a, b in zip(single(x, tt), fused(xs, tts, torch.tensor([[1.0, 0, 0], [1.0, 0, 0]]))):
+            torch.testing.assert_close(a, b)
+    fcfg = replace(cfg, contract="qmap/2", max_inputs=3, p_inputs=[0.3, 0.4, 0.3], init_single=str(best), steps=4,
+                   val_every=4, ckpt_every=4, out_dir=str(tmp_path / "fusion"))
+    fbest = train(fcfg)
+    out = tmp_path / "fusion.onnx"
+    r = subprocess.run([sys.executable, str(ROOT / "export_onnx.py"), str(fbest), "--out", str(out),
+                        "--eval-subjects", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = QMapModel(out, provider="cpu")
+    assert m.info.fusion and m.info.max_inputs == 3
+    vol = np.random.default_rng(1).uniform(0, 1000, (2, 40, 44)).astype(np.float32)
+    one = m.predict(vol, 80, 3000)
+    two = m.predict_multi([(vol, 80, 3000), (vol * 0.5, 10, 500)])
+    assert one.pd.shape == two.pd.shape == (2, 40, 44)
+    with pytest.raises(ValueError, match="at most 3"):
+        m.predict_multi([(vol, 80, 3000)] * 4)
