@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -82,7 +83,10 @@ def test_install_script_releases_configs_and_unit(tmp_path: Path) -> None:
     env = {
         **os.environ, "NO_SYSTEMD": "1", "PREFIX": str(tmp_path / "opt"), "ETC": str(tmp_path / "etc"),
         "UNIT_DIR": str(tmp_path / "units"), "STATE": str(tmp_path / "state"),
-        "VENV_ARGS": "--system-site-packages", "PIP": "0", "PYTHON": sys.executable,
+        # no package download in a test: the release venv sees this interpreter's packages
+        # (PYTHONPATH works whether they are global or in a venv, unlike --system-site-packages)
+        "VENV_ARGS": "--without-pip", "PIP": "0", "PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(site.getsitepackages()),
     }
 
     def install(version: str) -> subprocess.CompletedProcess[str]:
