@@ -32,6 +32,12 @@ from rtcontrast.contract import (
 
 log = logging.getLogger("rtcontrast.qmap")
 
+#: Most pixels (slices x padded rows x padded columns x inputs) in one ``session.run``:
+#: 8 slices of 256x256.  Activation memory grows with the batch's pixels and ONNX
+#: Runtime's arena keeps its peak for the life of the session (8 slices of 512x512 held
+#: over 1 GB), so larger matrices run in smaller batches; per-slice speed is no worse.
+MAX_BATCH_PIXELS = 8 * 256 * 256
+
 
 def cuda_present() -> bool:
     """True when an NVIDIA driver and device are visible (checked before asking ORT for CUDA).
@@ -146,6 +152,8 @@ class QMapModel:
     def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int = 8) -> QMaps:
         """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
 
+        ``batch_size`` is an upper bound: batches never exceed :data:`MAX_BATCH_PIXELS`.
+
         The first series is the geometric target and defines PD's units.  Several inputs
         need a ``qmap/2`` model; extra inputs beyond its ``max_inputs`` are an error.
         """
@@ -164,6 +172,7 @@ class QMapModel:
         s = scales[0]
         ph, pw = pad_amounts(h, w, self.info.spatial_multiple)
         k = self.info.max_inputs if self.info.fusion else 1
+        batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // ((h + ph) * (w + pw) * k)))
         pd = np.empty((n, h, w), np.float32)
         t1 = np.empty_like(pd)
         t2 = np.empty_like(pd)
