@@ -1,7 +1,7 @@
 # rtcontrast: the two commands a newcomer needs are `make run` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: run test test-full setup setup-test check-config bench train export evaluate install
+.PHONY: run test test-full setup setup-test check-config bench train export evaluate install test-reliability test-reliability-full
 
 setup:
 	bash scripts/setup.sh
@@ -35,3 +35,17 @@ evaluate: setup-test
 ## Install as a systemd service into /opt/rtcontrast and /etc/rtcontrast (root; see docs/admin.md).
 install:
 	bash scripts/install.sh
+
+## Benchmarks against the peers (bench/README.md): prints the tables, writes bench/results/*.json.
+bench: setup-test
+	$(PY) bench/receive.py
+	$(PY) bench/inference.py
+	$(PY) bench/e2e.py
+	$(PY) bench/memory.py
+
+## Reliability suites (crash, outage, load, bad input): CI form, and the full form (RTC_FULL=1, ~30 min).
+test-reliability: setup-test
+	$(PY) -m pytest tests/reliability -q
+
+test-reliability-full: setup-test
+	RTC_FULL=1 $(PY) -m pytest tests/reliability -q -s
