@@ -230,22 +230,27 @@ def _source_refs(volume: Volume) -> list[tuple[str, str]]:
     return [(c, u) for u, c in seen.items()]
 
 
-def _lineage(template: Dataset, volume: Volume) -> None:
-    ref_series = Dataset()
-    ref_series.SeriesInstanceUID = volume.series_uid
-    items = []
-    for cls, uid in _source_refs(volume):
-        it = Dataset()
-        it.ReferencedSOPClassUID = cls
-        it.ReferencedSOPInstanceUID = uid
-        items.append(it)
-    ref_series.ReferencedInstanceSequence = items
-    template.ReferencedSeriesSequence = [ref_series]
-    rel = Dataset()
-    rel.StudyInstanceUID = volume.study_uid
-    rel.SeriesInstanceUID = volume.series_uid
-    rel.PurposeOfReferenceCodeSequence = [_code_item(codes.DCM.SourceSeriesForImageProcessingOperation)]
-    template.RelatedSeriesSequence = [rel]
+def _lineage(template: Dataset, volume: Volume, co_sources: Sequence[Volume] = ()) -> None:
+    """Series-level references to the source series and every co-source (fusion partner)."""
+    referenced, related = [], []
+    for v in (volume, *co_sources):
+        ref_series = Dataset()
+        ref_series.SeriesInstanceUID = v.series_uid
+        items = []
+        for cls, uid in _source_refs(v):
+            it = Dataset()
+            it.ReferencedSOPClassUID = cls
+            it.ReferencedSOPInstanceUID = uid
+            items.append(it)
+        ref_series.ReferencedInstanceSequence = items
+        referenced.append(ref_series)
+        rel = Dataset()
+        rel.StudyInstanceUID = v.study_uid
+        rel.SeriesInstanceUID = v.series_uid
+        rel.PurposeOfReferenceCodeSequence = [_code_item(codes.DCM.SourceSeriesForImageProcessingOperation)]
+        related.append(rel)
+    template.ReferencedSeriesSequence = referenced
+    template.RelatedSeriesSequence = related
     template.DerivationCodeSequence = [_code_item(codes.DCM.UnspecifiedMethodOfCalculation)]
 
 
@@ -296,6 +301,7 @@ def _series_template(
     window: Window,
     when: _dt.datetime,
     contribution: str,
+    co_sources: Sequence[Volume] = (),
 ) -> Dataset:
     """Everything the slices of one derived series share (built once per series)."""
     src = volume.first_header
@@ -353,7 +359,7 @@ def _series_template(
     elif "LossyImageCompression" in src:
         _take(t, src, "LossyImageCompression")
     t.DerivationDescription = derivation_description[:1024]
-    _lineage(t, volume)
+    _lineage(t, volume, co_sources)
     return t
 
 
@@ -380,8 +386,15 @@ def _instances(
     node: NodeIdentity,
     recipe_key: str,
     model: ModelIdentity,
+    co_sources: Sequence[Volume] = (),
 ) -> list[Dataset]:
-    """One dataset per slice: the template's elements plus the slice's own."""
+    """One dataset per slice: the template's elements plus the slice's own.
+
+    Co-source slices are referenced per slice only from co-sources on the very same
+    grid (same slice count and positions): a resampled partner has no one source slice
+    per derived slice, and is referenced at series level only.
+    """
+    same_grid_partners = [v for v in co_sources if _same_positions(volume, v)]
     impl_uid = _implementation_uid(node)
     le = pixels.astype("<u2", copy=False)
     out = []
@@ -398,7 +411,8 @@ def _instances(
             _take(ds, hdr, "SliceLocation")
         if hdr.get("SliceThickness") not in (None, ""):
             _take(ds, hdr, "SliceThickness")
-        _put(ds, "SourceImageSequence", DicomSequence([_source_image_item(ref)]))
+        _put(ds, "SourceImageSequence",
+             DicomSequence([_source_image_item(ref)] + [_source_image_item(v.slices[i]) for v in same_grid_partners]))
         _put(ds, "PixelData", le[i].tobytes())
         fm = FileMetaDataset()
         fm.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
@@ -410,6 +424,21 @@ def _instances(
         ds.file_meta = fm
         out.append(ds)
     return out
+
+
+def _same_positions(a: Volume, b: Volume) -> bool:
+    if len(a.slices) != len(b.slices) or a.pixels.shape != b.pixels.shape:
+        return False
+    pa = np.stack([np.asarray(s.image_position, float) for s in a.slices])
+    pb = np.stack([np.asarray(s.image_position, float) for s in b.slices])
+    return bool(np.max(np.abs(pa - pb)) <= 0.01)
+
+
+def _sources_text(volume: Volume, co_sources: Sequence[Volume]) -> str:
+    text = f"series {volume.series_uid} (TE={volume.te_ms} ms, TR={volume.tr_ms} ms)"
+    for v in co_sources:
+        text += f" fused with series {v.series_uid} (TE={v.te_ms} ms, TR={v.tr_ms} ms)"
+    return text
 
 
 def _check_pixels(volume: Volume, arr: np.ndarray, what: str) -> np.ndarray:
@@ -438,8 +467,12 @@ def derive_contrast_series(
     window: Window | tuple[float, float] | None = None,
     *,
     now: _dt.datetime | None = None,
+    co_sources: Sequence[Volume] = (),
 ) -> list[Dataset]:
     """Classic MR Image Storage datasets of one synthetic spin-echo contrast, one per source slice.
+
+    ``co_sources``: further series of the same frame of reference whose images the maps
+    were estimated from too (fusion); the lineage references them.
 
     ``pixels_u16`` [N,H,W] is in the volume's slice order.  Enhanced MR source frames
     become classic slices that reference the source instance and ReferencedFrameNumber.
@@ -453,8 +486,8 @@ def derive_contrast_series(
     te, tr = recipe.te_ms, recipe.tr_ms
     description = (
         f"Synthetic spin-echo image, {PHYSICS_EQUATION}, TE={te:g} ms, TR={tr:g} ms, recipe {recipe.key}; "
-        f"PD/T1/T2 maps estimated by {_model_text(model)} from series {volume.series_uid} "
-        f"(source TE={volume.te_ms} ms, TR={volume.tr_ms} ms). Not an acquired image."
+        f"PD/T1/T2 maps estimated by {_model_text(model)} from {_sources_text(volume, co_sources)}. "
+        "Not an acquired image."
     )
     template = _series_template(
         volume,
@@ -471,8 +504,9 @@ def derive_contrast_series(
         window=win,
         when=when,
         contribution=f"Synthetic SE TE {te:g} TR {tr:g} {model.name} {model.version}",
+        co_sources=co_sources,
     )
-    return _instances(volume, template, pixels, node=node, recipe_key=recipe.key, model=model)
+    return _instances(volume, template, pixels, node=node, recipe_key=recipe.key, model=model, co_sources=co_sources)
 
 
 MAP_QUANTITIES = ("T1", "T2", "PD")
@@ -498,6 +532,7 @@ def derive_map_images(
     window: Window | tuple[float, float] | None = None,
     *,
     now: _dt.datetime | None = None,
+    co_sources: Sequence[Volume] = (),
 ) -> list[Dataset]:
     """A T1, T2 or PD map as classic MR images (for a TPS that reads no Parametric Maps).
 
@@ -514,9 +549,8 @@ def derive_map_images(
     key = f"map-{quantity}"
     scaling = "pixel value = T in ms" if quantity != "PD" else f"pixel value = round({PD_SCALE:g} * PD), PD relative to the series scale"
     description = (
-        f"{quantity} map estimated by {_model_text(model)} from series {volume.series_uid} "
-        f"(source TE={volume.te_ms} ms, TR={volume.tr_ms} ms) assuming {PHYSICS_EQUATION}; {scaling}. "
-        "Not an acquired image."
+        f"{quantity} map estimated by {_model_text(model)} from {_sources_text(volume, co_sources)} "
+        f"assuming {PHYSICS_EQUATION}; {scaling}. Not an acquired image."
     )
     template = _series_template(
         volume,
@@ -533,8 +567,9 @@ def derive_map_images(
         window=win,
         when=_now(now),
         contribution=f"{quantity} map {model.name} {model.version}",
+        co_sources=co_sources,
     )
-    return _instances(volume, template, pixels, node=node, recipe_key=key, model=model)
+    return _instances(volume, template, pixels, node=node, recipe_key=key, model=model, co_sources=co_sources)
 
 
 _PM_CODES = {"T1": codes.DCM.T1, "T2": codes.DCM.T2, "PD": codes.DCM.ProtonDensity}

@@ -412,6 +412,24 @@ class JobStore:
             ).fetchall()
         return [_job(r) for r in rows]
 
+    def latest_jobs_in_study(self, study_uid: str) -> list[Job]:
+        """The newest job of every series of a study (fusion partners are found here)."""
+        with self._lock:
+            rows = self.conn.execute(
+                """SELECT * FROM jobs WHERE id IN
+                   (SELECT MAX(id) FROM jobs WHERE study_uid=? GROUP BY series_uid) ORDER BY id""",
+                (study_uid,),
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def series_in_study(self, study_uid: str) -> list[str]:
+        """Series UIDs of a study with at least one received instance."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT DISTINCT series_uid FROM instances WHERE study_uid=?", (study_uid,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def job_instances(self, job_id: int) -> list[InstanceRecord]:
         """The instances that make up a job (its snapshot), ordered by SOP Instance UID."""
         with self._lock:

@@ -234,6 +234,7 @@ class Node:
         self._enqueued_lock = threading.Lock()
         self._scheduler_beat = time.monotonic()
         self.tracker = SeriesTracker(config.series_idle_timeout_s, config.release_grace_s)
+        self._first_due: dict[tuple[str, str], float] = {}  # fusion: when a series first completed
         self._work: queue.Queue[int | None] = queue.Queue()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -527,11 +528,16 @@ class Node:
             try:
                 now = time.monotonic()
                 for study, series in self.tracker.due(now):
-                    job_id = self.jobs.create_job(study, series)
-                    if job_id is not None:
-                        log.info("series %s complete: job %d created", series, job_id)
-                        self.metrics.series_completed.inc()
-                        self._enqueue(job_id)
+                    if self._wait_for_partner(study, series, now):
+                        continue
+                    # partners that were waiting for this series go with it: all jobs exist before any runs
+                    group = [series, *self._release_waiting_partners(study, series)]
+                    created = [(s, self.jobs.create_job(study, s)) for s in group]
+                    for s, job_id in created:
+                        if job_id is not None:
+                            log.info("series %s complete: job %d created", s, job_id)
+                            self.metrics.series_completed.inc()
+                            self._enqueue(job_id)
                 if now - last_monitor >= _MONITOR_INTERVAL_S:
                     last_monitor = now
                     self._check_deliveries()
@@ -545,6 +551,41 @@ class Node:
             wait = _MONITOR_INTERVAL_S if nxt is None else min(_MONITOR_INTERVAL_S, max(0.01, nxt - time.monotonic()))
             self._wake.wait(wait)
             self._wake.clear()
+
+    def _wait_for_partner(self, study: str, series: str, now: float) -> bool:
+        """Fusion: hold a complete series a while for a partner series of the same study.
+
+        Waits while another series of the study is still arriving (until it completes),
+        or, when the study has no other series yet, up to ``fusion.wait_for_partner_s``.
+        """
+        rules = self.protocol.fusion
+        if not (rules.enabled and rules.wait_for_partner_s > 0 and self.model.info.fusion):
+            return False
+        key = (study, series)
+        first = self._first_due.setdefault(key, now)
+        if now - first >= rules.wait_for_partner_s:
+            self._first_due.pop(key, None)
+            return False
+        others = [s for s in self.jobs.series_in_study(study) if s != series]
+        arriving = [s for s in others
+                    if self.tracker.deadline(study, s) is not None and (study, s) not in self._first_due]
+        if others and not arriving:
+            self._first_due.pop(key, None)
+            return False  # every partner is complete (processed, or waiting for this one)
+        until = min(first + rules.wait_for_partner_s, now + 1.0)
+        if now == first:
+            log.info("series %s complete: waiting up to %g s for a partner series (fusion)", series,
+                     rules.wait_for_partner_s)
+        self.tracker.defer(study, series, until)
+        return True
+
+    def _release_waiting_partners(self, study: str, series: str) -> list[str]:
+        """Series of ``study`` that were waiting for a partner: they go now, with ``series``."""
+        out = [s for (st, s) in list(self._first_due) if st == study and s != series]
+        for s in out:
+            self._first_due.pop((study, s), None)
+            self.tracker.discard(study, s)
+        return out
 
     def _check_deliveries(self) -> None:
         for job in self.jobs.unfinished_jobs():

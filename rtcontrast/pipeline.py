@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from rtcontrast.derive import (
     derive_map_images,
     derive_parametric_maps,
 )
+from rtcontrast.fusion import Aligned, align
 from rtcontrast.jobs import JobStore
 from rtcontrast.outbox import Outbox
 from rtcontrast.protocol import ProtocolConfig, check_eligibility, header_te_tr
@@ -241,8 +243,72 @@ def check_range(model: QMapModel, te: float | None, tr: float | None) -> str | N
     return None
 
 
+def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple[list[tuple[Aligned, float, float]], dict]:
+    """Other series of the job's study and frame of reference, on the target's grid.
+
+    A partner is the newest job of another series of the same study (so the series is
+    complete), created within ``fusion.window_s`` of this job, eligible under the same
+    match rules and inside the model's range, in the same frame of reference, and on the
+    target's grid (or resampled onto it when the protocol allows).  At most
+    ``max_inputs - 1`` partners are used, newest first.  Returns the partners and a QA
+    record saying which series were used, resampled or skipped and why.
+    """
+    rules = ctx.protocol.fusion
+    job = ctx.jobs.job(job_id)
+    assert job is not None
+    t_job = datetime.fromisoformat(job.created_at)
+    used: list[tuple[Aligned, float, float]] = []
+    record: dict[str, Any] = {"partners": [], "resampled": [], "skipped": {}}
+    for other in reversed(ctx.jobs.latest_jobs_in_study(job.study_uid)):
+        if other.series_uid == job.series_uid:
+            continue
+        uid = other.series_uid
+        if len(used) >= ctx.model.info.max_inputs - 1:
+            record["skipped"][uid] = f"model takes at most {ctx.model.info.max_inputs} inputs"
+            continue
+        if other.state in ("ineligible", "failed"):
+            record["skipped"][uid] = f"its job is {other.state}"
+            continue
+        if abs((datetime.fromisoformat(other.created_at) - t_job).total_seconds()) > rules.window_s:
+            record["skipped"][uid] = f"outside the fusion window of {rules.window_s:g} s"
+            continue
+        paths = [m.path for m in ctx.jobs.job_instances(other.id)]
+        if not paths or not all(p.is_file() for p in paths):
+            record["skipped"][uid] = "spooled files missing"
+            continue
+        try:
+            header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+            ok, why = check_eligibility(header, ctx.protocol, calling_ae=None)
+            if not ok:
+                record["skipped"][uid] = why
+                continue
+            if str(header.get("FrameOfReferenceUID", "")) != target.frame_of_reference_uid:
+                record["skipped"][uid] = "different frame of reference"
+                continue
+            pv = assemble(paths)
+        except (VolumeError, OSError, pydicom.errors.InvalidDicomError) as exc:
+            record["skipped"][uid] = f"unusable: {exc}"
+            continue
+        te, tr = _timing_from(pv, header)
+        bad = check_range(ctx.model, te, tr)
+        if bad:
+            record["skipped"][uid] = bad
+            continue
+        aligned, why = align(target, pv, rules.allow_resample)
+        if aligned is None:
+            record["skipped"][uid] = why
+            continue
+        assert te is not None and tr is not None
+        used.append((aligned, te, tr))
+        record["partners"].append(uid)
+        if aligned.resampled:
+            record["resampled"].append(uid)
+    return used, record
+
+
 def _derive_all(
-    ctx: PipelineContext, volume: Volume, maps: QMaps, rendered: dict[str, tuple[np.ndarray, Any]]
+    ctx: PipelineContext, volume: Volume, maps: QMaps, rendered: dict[str, tuple[np.ndarray, Any]],
+    co_sources: list[Volume] | None = None,
 ) -> dict[str, list[Dataset]]:
     """Datasets per destination: one series per recipe, plus maps as the protocol says."""
     p = ctx.protocol
@@ -257,7 +323,8 @@ def _derive_all(
             series_number=recipe.series_number,
             series_description=recipe.series_description,
         )
-        dss = derive_contrast_series(volume, u16, info, ctx.node, model, (win.center, win.width))
+        dss = derive_contrast_series(volume, u16, info, ctx.node, model, (win.center, win.width),
+                                     co_sources=co_sources or ())
         for dest in recipe.destinations:
             per_dest.setdefault(dest, []).extend(dss)
     if p.maps.classic or p.maps.parametric:
@@ -266,7 +333,8 @@ def _derive_all(
         if p.maps.classic:
             nums = p.maps.classic_series_numbers
             for q in ("T1", "T2", "PD"):
-                extra.extend(derive_map_images(volume, values[q], q, getattr(nums, q), ctx.node, model))
+                extra.extend(derive_map_images(volume, values[q], q, getattr(nums, q), ctx.node, model,
+                                               co_sources=co_sources or ()))
         if p.maps.parametric:
             nums = p.maps.parametric_series_numbers
             extra.extend(
@@ -366,7 +434,17 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         # -- infer + QA
         t0 = time.perf_counter()
         jobs.set_state(job_id, "inferring")
-        maps = model.predict(volume.pixels, te, tr)
+        co_sources: list[Volume] = []
+        if protocol.fusion.enabled and model.info.fusion:
+            partners, qa["fusion"] = _fusion_partners(ctx, job_id, volume)
+            co_sources = [a.volume for a, _, _ in partners]
+            maps = model.predict_multi([(volume.pixels, te, tr)] + [(a.pixels, pte, ptr) for a, pte, ptr in partners])
+            if partners:
+                log.info("job %d series %s fused with %s", job_id, series, ", ".join(qa["fusion"]["partners"]))
+        else:
+            if protocol.fusion.enabled:
+                qa["fusion"] = {"partners": [], "note": f"model contract {model.info.contract}: single input"}
+            maps = model.predict(volume.pixels, te, tr)
         qa.update(compute_qa(maps, volume.pixels, te, tr))
         violations = qa_violations(qa, protocol)
         qa["violations"] = violations
@@ -392,7 +470,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         # -- derive
         t0 = time.perf_counter()
         jobs.set_state(job_id, "deriving")
-        per_dest = _derive_all(ctx, volume, maps, rendered)
+        per_dest = _derive_all(ctx, volume, maps, rendered, co_sources)
         if violations and (protocol.qa.action == "warn" or (hold and ctx.hold_override)):
             flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
             _flag(list(flagged.values()), "; ".join(violations))

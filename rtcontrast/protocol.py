@@ -260,6 +260,23 @@ class ModelPin(StrictModel):
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="full SHA-256 of the .onnx file")
 
 
+class Fusion(StrictModel):
+    """Use every spin-echo series of one study and frame of reference together (``qmap/2`` model).
+
+    Why: one SE image gives one equation per voxel for three unknowns; a T1w and a T2w
+    series of the same frame of reference (usual in pelvic RT) make the maps far better
+    determined.  Each series is the geometric target of its own job (its derived series
+    keep its grid); the other series of the group are extra inputs, referenced in the
+    lineage.  Needs a model whose contract is ``qmap/2``; with a ``qmap/1`` model the
+    section is ignored (logged once per job).
+    """
+
+    enabled: bool = False
+    window_s: float = Field(3600.0, gt=0, description="partners: series of the study received within this time")
+    wait_for_partner_s: float = Field(0.0, ge=0, description="hold a complete series this long for a partner")
+    allow_resample: bool = Field(False, description="resample partners on another grid onto the target's grid")
+
+
 class ProtocolConfig(StrictModel):
     """The whole protocol.  ``content_hash`` identifies its content in the audit."""
 
@@ -271,6 +288,7 @@ class ProtocolConfig(StrictModel):
     series_number_range: SeriesNumberRange = Field(default_factory=SeriesNumberRange)
     qa: QA = Field(default_factory=QA)
     model: ModelPin | None = Field(None, description="optional: pin the model by name and sha256")
+    fusion: Fusion = Field(default_factory=Fusion)
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> ProtocolConfig:
@@ -288,6 +306,8 @@ class ProtocolConfig(StrictModel):
         content = self.model_dump(mode="json")
         if content.get("model") is None:  # protocols without a pin keep the hash they had before pins existed
             content.pop("model", None)
+        if content.get("fusion") == Fusion().model_dump(mode="json"):  # likewise for fusion at its defaults
+            content.pop("fusion", None)
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

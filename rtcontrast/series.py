@@ -57,6 +57,20 @@ class SeriesTracker:
                 del self._deadlines[key]
             return [k for _, k in ready]
 
+    def defer(self, study_uid: str, series_uid: str, until: float) -> None:
+        """Re-open a series handed out by :meth:`due` until ``until`` (e.g. to wait for a partner).
+
+        A later instance of the series still restarts its idle window as usual.
+        """
+        with self._lock:
+            key = (study_uid, series_uid)
+            self._deadlines[key] = max(self._deadlines.get(key, until), until)
+
+    def discard(self, study_uid: str, series_uid: str) -> None:
+        """Close a series now (it is handed out by other means, e.g. with its fusion partner)."""
+        with self._lock:
+            self._deadlines.pop((study_uid, series_uid), None)
+
     def deadline(self, study_uid: str, series_uid: str) -> float | None:
         """The current deadline of a series, or ``None`` if it is not open."""
         with self._lock:

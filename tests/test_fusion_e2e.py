@@ -1,0 +1,70 @@
+"""Fusion end to end: a T1w and a T2w series of one frame of reference -> the TPS gets derived
+series whose lineage references both (dcmtk storescu as the scanner, Orthanc as the TPS)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rtcontrast import phantom
+from rtcontrast.qmap import QMapModel
+from tests.dicomgen import Geometry, make_series, write_series
+from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
+from tests.test_node_e2e import LENIENT_QA, make_node, node_settings, storescu, wait_for  # noqa: F401
+from tests.test_pipeline import REPO
+
+FUSION_MODEL = REPO / "models" / "qmap-pelvis-fusion.onnx"
+
+
+@pytest.fixture(scope="module")
+def model() -> QMapModel:  # overrides test_node_e2e's single-input model for make_node
+    m = QMapModel(FUSION_MODEL, "cpu")
+    assert m.info.fusion and m.info.max_inputs >= 2
+    return m
+
+
+def _series(tmp: Path, te: float, tr: float, number: int, size: int = 64, n: int = 6) -> list[Path]:
+    maps, _ = phantom.volume(2_000_077, n_slices=n, shape=(size, size), pixel_mm=6.0, slice_mm=8.0, field_t=1.5)
+    img = phantom.acquire(maps, te, tr, np.random.default_rng(number), snr=60, bias_strength=0.1, gain=1500).image
+    geom = Geometry(pixel_spacing=(6.0, 6.0), origin=(-190.0, -190.0, -20.0), slice_spacing=8.0, slice_thickness=8.0)
+    dss = make_series(np.clip(img, 0, 65535), te=te, tr=tr, geometry=geom, uid_seed="fusion-e2e", series_number=number,
+                      series_description=f"SE TE{te:g} TR{tr:g}")
+    return write_series(dss, tmp / f"s{number}")
+
+
+def test_t1w_and_t2w_fused_lineage_references_both(tmp_path: Path, orthanc: Orthanc, make_node) -> None:  # noqa: F811
+    protocol = {
+        "version": "fusion-e2e",
+        "qa": LENIENT_QA,
+        "destinations": {"tps": {"dicom": {"host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC",
+                                           "connect_timeout_s": 2, "acse_timeout_s": 5}}},
+        "recipes": [{"key": "T2w", "label": "T2w", "te_ms": 100, "tr_ms": 4000, "series_number": 901,
+                     "destinations": ["tps"]}],
+        "fusion": {"enabled": True, "wait_for_partner_s": 30},
+    }
+    node = make_node(protocol, metrics={"enabled": False})
+    t1 = _series(tmp_path, 8.0, 500.0, 3)
+    t2 = _series(tmp_path, 90.0, 4000.0, 4)
+    # two associations, as a scanner sends two series; the first waits for its partner
+    assert storescu(node.port, t1).returncode == 0
+    assert storescu(node.port, t2).returncode == 0
+    src_uids = {str(__import__("pydicom").dcmread(p[0], stop_before_pixels=True).SeriesInstanceUID) for p in (t1, t2)}
+
+    def derived() -> list:
+        got = [orthanc.dataset(u) for u in orthanc.sop_instance_uids()]
+        series = {str(d.SeriesInstanceUID) for d in got if "SYNTH" in str(d.get("SeriesDescription", ""))}
+        return got if len(series) == 2 and len(got) == 12 else []
+
+    got = wait_for(derived, 90, "both derived series in Orthanc")
+    for ds in got:
+        refs = {str(it.SeriesInstanceUID) for it in ds.ReferencedSeriesSequence}
+        assert refs == src_uids, refs
+        assert {str(it.SeriesInstanceUID) for it in ds.RelatedSeriesSequence} == src_uids
+        assert "fused with series" in str(ds.DerivationDescription)
+        # same grid: each derived slice references the source slice of both series
+        assert len(ds.SourceImageSequence) == 2
+    jobs = node.jobs.recent_jobs(10)
+    fused = [j for j in jobs if j.qa and j.qa.get("fusion", {}).get("partners")]
+    assert len(fused) == 2
