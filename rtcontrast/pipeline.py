@@ -51,6 +51,7 @@ from rtcontrast.derive import (
     derive_contrast_series,
     derive_map_images,
     derive_parametric_maps,
+    map_to_u16,
 )
 from rtcontrast.fusion import Aligned, align
 from rtcontrast.jobs import JobStore
@@ -70,6 +71,10 @@ STAGES: tuple[str, ...] = ("assemble", "infer", "render", "derive", "enqueue")
 _PERCENTILES = (5, 50, 95)
 #: Voxels above this fraction of the series scale count as body for QA statistics.
 _BODY_FRACTION = 0.05
+#: Voxels per block when whole-volume arrays are rendered or converted: a whole-volume
+#: numpy expression allocates several temporaries of the volume's size (float64 in
+#: map_to_u16), which for a 512x512x200 series alone exceeded 1.5 GB.
+_BLOCK_VOXELS = 1 << 22
 
 
 @dataclass
@@ -154,7 +159,7 @@ def _percentiles(values: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     v = values[mask] if mask.any() else values.ravel()
     if v.size == 0:
         return {}
-    ps = np.percentile(v.astype(np.float64), _PERCENTILES)
+    ps = np.percentile(v, _PERCENTILES)  # no float64 copy of the body voxels (memory)
     return {f"p{p}": round(float(x), 3) for p, x in zip(_PERCENTILES, ps)}
 
 
@@ -306,16 +311,52 @@ def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple
     return used, record
 
 
+def _blockwise_u16(shape: tuple[int, ...], fill: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """A uint16 volume filled slice block by slice block (``fill(a, b)`` gives slices a..b-1)."""
+    n, h, w = shape
+    out = np.empty((n, h, w), np.uint16)
+    step = max(1, _BLOCK_VOXELS // max(1, h * w))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        out[a:b] = fill(a, b)
+    return out
+
+
+def _slab(maps: QMaps, a: int, b: int) -> QMaps:
+    return QMaps(pd=maps.pd[a:b], t1=maps.t1[a:b], t2=maps.t2[a:b], te_tr_pred=maps.te_tr_pred[a:b], scale=maps.scale)
+
+
+def render_u16(maps: QMaps, te_ms: float, tr_ms: float) -> np.ndarray:
+    """``to_uint16(render(maps, te, tr))`` computed in slice blocks (same values, bounded memory)."""
+    return _blockwise_u16(maps.pd.shape, lambda a, b: to_uint16(render(_slab(maps, a, b), te_ms, tr_ms)))
+
+
+def classic_map_u16(maps: QMaps, quantity: str) -> np.ndarray:
+    """The stored pixels of a classic T1/T2/PD map image (as derive's map_to_u16), in slice blocks."""
+    src = {"T1": maps.t1, "T2": maps.t2, "PD": maps.pd}[quantity]
+    scale = np.float32(maps.scale)
+    if quantity == "PD":
+        return _blockwise_u16(src.shape, lambda a, b: map_to_u16(src[a:b] / scale, quantity))
+    return _blockwise_u16(src.shape, lambda a, b: map_to_u16(src[a:b], quantity))
+
+
 def _derive_all(
-    ctx: PipelineContext, volume: Volume, maps: QMaps, rendered: dict[str, tuple[np.ndarray, Any]],
+    ctx: PipelineContext, volume: Volume, rendered: dict[str, tuple[np.ndarray, Any]],
+    classic: dict[str, np.ndarray], map_values: dict[str, np.ndarray] | None,
     co_sources: list[Volume] | None = None,
 ) -> dict[str, list[Dataset]]:
-    """Datasets per destination: one series per recipe, plus maps as the protocol says."""
+    """Datasets per destination: one series per recipe, plus maps as the protocol says.
+
+    ``classic``: stored pixels of the classic T1/T2/PD map images (:func:`classic_map_u16`);
+    ``map_values``: float maps for Parametric Maps (None when not produced).  Pixel
+    arrays are dropped from ``rendered``/``classic`` once their series is derived (the
+    datasets hold a copy), so a large series does not hold both at once.
+    """
     p = ctx.protocol
     model = ctx.model_identity
     per_dest: dict[str, list[Dataset]] = {}
     for recipe in p.recipes:
-        u16, win = rendered[recipe.key]
+        u16, win = rendered.pop(recipe.key)
         info = RecipeInfo(
             key=recipe.key,
             te_ms=recipe.te_ms,
@@ -325,21 +366,22 @@ def _derive_all(
         )
         dss = derive_contrast_series(volume, u16, info, ctx.node, model, (win.center, win.width),
                                      co_sources=co_sources or ())
+        del u16
         for dest in recipe.destinations:
             per_dest.setdefault(dest, []).extend(dss)
     if p.maps.classic or p.maps.parametric:
-        values = {"T1": maps.t1, "T2": maps.t2, "PD": maps.pd / np.float32(maps.scale)}
         extra: list[Dataset] = []
         if p.maps.classic:
             nums = p.maps.classic_series_numbers
             for q in ("T1", "T2", "PD"):
-                extra.extend(derive_map_images(volume, values[q], q, getattr(nums, q), ctx.node, model,
+                extra.extend(derive_map_images(volume, classic.pop(q), q, getattr(nums, q), ctx.node, model,
                                                co_sources=co_sources or ()))
         if p.maps.parametric:
+            assert map_values is not None
             nums = p.maps.parametric_series_numbers
             extra.extend(
                 derive_parametric_maps(
-                    volume, values, ctx.node, model, {"T1": nums.T1, "T2": nums.T2, "PD": nums.PD},
+                    volume, map_values, ctx.node, model, {"T1": nums.T1, "T2": nums.T2, "PD": nums.PD},
                     content_qualification=p.maps.content_qualification,
                 )
             )
@@ -460,17 +502,24 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         jobs.set_state(job_id, "rendering")
         rendered = {}
         for recipe in protocol.recipes:
-            u16 = to_uint16(render(maps, recipe.te_ms, recipe.tr_ms))
+            u16 = render_u16(maps, recipe.te_ms, recipe.tr_ms)
             rendered[recipe.key] = (u16, window_from_percentiles(u16))
         timings["render"] = time.perf_counter() - t0
         _write_preview(ctx, job_id, series, volume, maps, rendered, qa)
         if hold and not ctx.hold_override:
             raise _Stop("held", "QA hold: " + "; ".join(violations))
+        # what derivation needs of the maps; then the float maps are released (memory)
+        t0 = time.perf_counter()
+        classic = {q: classic_map_u16(maps, q) for q in ("T1", "T2", "PD")} if protocol.maps.classic else {}
+        map_values = ({"T1": maps.t1, "T2": maps.t2, "PD": maps.pd / np.float32(maps.scale)}
+                      if protocol.maps.parametric else None)
+        del maps
+        timings["render"] += time.perf_counter() - t0
 
         # -- derive
         t0 = time.perf_counter()
         jobs.set_state(job_id, "deriving")
-        per_dest = _derive_all(ctx, volume, maps, rendered, co_sources)
+        per_dest = _derive_all(ctx, volume, rendered, classic, map_values, co_sources)
         if violations and (protocol.qa.action == "warn" or (hold and ctx.hold_override)):
             flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
             _flag(list(flagged.values()), "; ".join(violations))
