@@ -115,6 +115,10 @@ class QMapModel:
             raise ContractError(f"model file {self.path} does not exist")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No CPU memory arena: the arena keeps the largest batch's activations (150-400 MB)
+        # for the life of the node, which runs one job at a time with long idle gaps;
+        # per-slice speed measured the same without it (bench/inference.py, bench/memory.py).
+        so.enable_cpu_mem_arena = False
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
