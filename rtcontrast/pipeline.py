@@ -155,12 +155,20 @@ class _Stop(Exception):
 # ----------------------------------------------------------------------------- QA
 
 
-def _percentiles(values: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    v = values[mask] if mask.any() else values.ravel()
-    if v.size == 0:
-        return {}
-    ps = np.percentile(v, _PERCENTILES)  # no float64 copy of the body voxels (memory)
-    return {f"p{p}": round(float(x), 3) for p, x in zip(_PERCENTILES, ps)}
+def _percentiles(values: np.ndarray, mask: np.ndarray, divide_by: float = 1.0) -> dict[str, float]:
+    """Percentiles of ``values / divide_by`` over ``mask`` (all voxels when the mask is empty).
+
+    Memory: one copy of the body voxels, partitioned in place (no float64 copy, no
+    divided volume); percentiles commute with a positive scale.
+    """
+    if mask.any():
+        v = values[mask]  # a copy: safe to partition in place
+        ps = np.percentile(v, _PERCENTILES, overwrite_input=True)
+    else:
+        if values.size == 0:
+            return {}
+        ps = np.percentile(values, _PERCENTILES)
+    return {f"p{p}": round(float(x) / divide_by, 3) for p, x in zip(_PERCENTILES, ps)}
 
 
 def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> dict[str, Any]:
@@ -180,7 +188,7 @@ def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> d
         "body_voxels": int(mask.sum()),
         "t1_ms": _percentiles(maps.t1, mask),
         "t2_ms": _percentiles(maps.t2, mask),
-        "pd": _percentiles(maps.pd / np.float32(maps.scale), mask),
+        "pd": _percentiles(maps.pd, mask, float(maps.scale)),
     }
 
 
