@@ -873,6 +873,24 @@ def check_config(config_path: Path | None, protocol_path: Path | None) -> tuple[
     return [], summary
 
 
+def _admin_config(config_path: Path | None, need_db: bool = True) -> NodeConfig | int:
+    """The node config for an admin command, or the exit code after printing why not.
+
+    2: the configuration is invalid (every error printed); 1: the node has no database
+    yet (it never ran with this configuration), when the command needs one.
+    """
+    try:
+        config, _ = _load(config_path, None)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(e, file=sys.stderr)
+        return 2
+    if need_db and not config.db_file.exists():
+        print(f"no database at {config.db_file}: the node has not run with this configuration yet", file=sys.stderr)
+        return 1
+    return config
+
+
 def cmd_check_config(config_path: Path | None, protocol_path: Path | None) -> int:
     """``node.py check-config``: shipped files by default; exit 1 and every error when wrong."""
     if config_path is None and _SHIPPED_NODE.exists():
@@ -921,30 +939,18 @@ def cmd_run(config_path: Path | None, protocol_path: Path | None, port: int | No
 
 def cmd_status(config_path: Path | None, n_jobs: int = 10) -> int:
     """``node.py status``: queues, recent jobs, dead letters, spool free space."""
-    try:
-        config, _ = _load(config_path, None)
-    except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return 2
-    if not config.db_file.exists():
-        print(f"no database at {config.db_file}: the node has not run with this configuration yet")
-        return 1
+    config = _admin_config(config_path)
+    if isinstance(config, int):
+        return config
     print(read_status(config, n_jobs).render())
     return 0
 
 
 def cmd_resend(config_path: Path | None, destination: str | None, job_id: int | None) -> int:
     """``node.py resend``: dead letters back to pending (optionally one destination / job)."""
-    try:
-        config, _ = _load(config_path, None)
-    except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return 2
-    if not config.db_file.exists():
-        print(f"no database at {config.db_file}", file=sys.stderr)
-        return 1
+    config = _admin_config(config_path)
+    if isinstance(config, int):
+        return config
     n = resend_dead_letters(config, destination, job_id)
     print(f"{n} dead letter(s) put back to pending"
           + (f" for destination {destination}" if destination else "") + (f" of job {job_id}" if job_id else ""))
@@ -953,15 +959,9 @@ def cmd_resend(config_path: Path | None, destination: str | None, job_id: int | 
 
 def cmd_release(config_path: Path | None, job_id: int, note: str | None = None) -> int:
     """``node.py release --job N``: send a held job (re-run with the QA hold overridden)."""
-    try:
-        config, _ = _load(config_path, None)
-    except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return 2
-    if not config.db_file.exists():
-        print(f"no database at {config.db_file}", file=sys.stderr)
-        return 1
+    config = _admin_config(config_path)
+    if isinstance(config, int):
+        return config
     try:
         series = release_job(config, job_id, note)
     except ValueError as exc:
@@ -1012,15 +1012,9 @@ def cmd_audit(
 
     from rtcontrast.audit import audit_trail, render_trails
 
-    try:
-        config, _ = _load(config_path, None)
-    except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return 2
-    if not config.db_file.exists():
-        print(f"no database at {config.db_file}", file=sys.stderr)
-        return 1
+    config = _admin_config(config_path)
+    if isinstance(config, int):
+        return config
     trails = audit_trail(config.db_file, study_uid=study, series_uid=series, job_id=job_id, limit=limit)
     if as_json:
         print(json.dumps([t.to_json() for t in trails], indent=2, sort_keys=True))
