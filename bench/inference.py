@@ -83,7 +83,11 @@ def main() -> int:
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
     info = machine()
-    import torch
+    try:
+        import torch
+    except ImportError:  # runtime-only install: compare with onnxruntime only
+        torch = None  # type: ignore[assignment]
+        args.no_torch = True
 
     te, tr = 90.0, 4000.0
     pixels = phantom_volume(args.slices, args.size, 3)
@@ -93,7 +97,7 @@ def main() -> int:
     names = [o.name for o in sess.get_outputs()]
     tmodel, tdesc = (None, "skipped") if args.no_torch else torch_model()
     print(f"{args.slices} slices {args.size}x{args.size}, batch {args.batch}; ONNX Runtime threads: default; "
-          f"torch threads {torch.get_num_threads()}; torch model: {tdesc}", flush=True)
+          f"torch threads {torch.get_num_threads() if torch else '-'}; torch model: {tdesc}", flush=True)
 
     def run_node() -> float:
         t0 = time.perf_counter()
@@ -165,7 +169,7 @@ def main() -> int:
         "machine": info,
         "setup": {"slices": args.slices, "matrix": [args.size, args.size], "batch": args.batch, "reps": args.reps,
                   "model": str(MODEL.relative_to(REPO)), "model_version": model.info.version,
-                  "model_sha256": model.sha256, "torch_model": tdesc, "torch_threads": torch.get_num_threads()},
+                  "model_sha256": model.sha256, "torch_model": tdesc, "torch_threads": torch.get_num_threads() if torch else None},
         "slices_per_s": rates, "median_slices_per_s": med,
         "ratios": {"node_vs_bare_onnxruntime": round(r_bare, 3),
                    "node_vs_torch_eager": None if r_torch is None else round(r_torch, 3)},

@@ -1,0 +1,182 @@
+"""End to end: scanner's last C-STORE response -> last derived instance acknowledged by the TPS.
+
+Why: this is the number a radiographer waits for.  A 100-slice 256x256 series, three
+recipes plus the classic T1/T2/PD maps (600 derived instances), Orthanc as the TPS.  The
+clock starts when dcmtk storescu exits (its last C-STORE response and the association
+release) and stops when the node's outbox shows every derived instance delivered
+(acknowledged by Orthanc; polled every 50 ms).  Completion is by association release
+(release grace 0.2 s); the idle timeout is 600 s so it cannot be what ends the series.
+
+Baseline, measured in the same run and interleaved: bare onnxruntime ``session.run`` on
+the same 100 slices + dcmtk storescu (TCP_NODELAY=1) of the same 600 derived files to a
+second Orthanc.  Per-stage breakdown from the job's audit timestamps and QA timings.
+
+Targets: node <= 1.3x baseline, and <= 20 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO, machine, median, storescu, table, verdict, write_result  # noqa: E402
+from bench.inference import normalised_batches  # noqa: E402
+from rtcontrast.qmap import QMapModel  # noqa: E402
+from tests.dicomgen import write_series  # noqa: E402
+from tests.orthanc import Orthanc  # noqa: E402
+from tests.reliability.helpers import (  # noqa: E402
+    NodeProcess,
+    db_rows,
+    node_settings,
+    series,
+    tps_protocol,
+    write_configs,
+)
+
+MODEL = REPO / "models" / "qmap-pelvis.onnx"
+
+
+def _ts(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+def storage_files(o: Orthanc) -> set[Path]:
+    """Orthanc's stored DICOM files (two-level hex folders; the index lives beside them)."""
+    return {p for p in o.storage.glob("*/*/*") if p.is_file()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=100)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    info = machine()
+    work = Path(tempfile.mkdtemp(prefix="rtc-bench-e2e-"))
+    tps, base_tps = Orthanc(work / "orthanc-node"), Orthanc(work / "orthanc-baseline")
+    node = None
+    model = QMapModel(MODEL, "cpu")
+    sess = model.session
+    names = [o.name for o in sess.get_outputs()]
+    reps: list[dict[str, Any]] = []
+    try:
+        tps.start()
+        base_tps.start()
+        var = work / "var"
+        settings = node_settings(var, series_idle_timeout_s=600.0, release_grace_s=0.2,
+                                 delivery={"max_attempts": 10, "base_delay_s": 0.5, "max_delay_s": 2.0,
+                                           "poll_interval_s": 0.1})
+        proto = tps_protocol(tps.dicom_port, n_recipes=3, classic_maps=True)
+        node = NodeProcess(write_configs(work, settings, proto), work / "node.log")
+        node.wait_listening()
+        db = var / "rtcontrast.db"
+        for rep in range(args.reps):
+            src = series(f"bench-e2e-{rep}", n=args.slices, size=args.size)
+            files = write_series(src, work / f"in{rep}")
+            expected = args.slices * 6
+            before = storage_files(tps)
+            # -- the node
+            t_recv = storescu(settings["port"], files)
+            t0 = time.time()
+            job_id = None
+            while True:
+                if job_id is None:
+                    rows = db_rows(db, "SELECT id FROM jobs WHERE series_uid = ?", (src[0].SeriesInstanceUID,))
+                    job_id = rows[0][0] if rows else None
+                if job_id is not None:
+                    n = db_rows(db, "SELECT COUNT(*) FROM outbox_items WHERE job_id = ? AND state = 'delivered'",
+                                (str(job_id),))[0][0]
+                    if n >= expected:
+                        t_end = time.time()
+                        break
+                    state = db_rows(db, "SELECT state, reason FROM jobs WHERE id = ?", (job_id,))[0]
+                    if state[0] in ("failed", "ineligible", "held"):
+                        raise RuntimeError(f"job {job_id} ended {state}")
+                if time.time() - t0 > 600:
+                    raise RuntimeError("no delivery within 600 s")
+                time.sleep(0.05)
+            e2e = t_end - t0
+            audit = db_rows(db, "SELECT ts, detail_json FROM audit WHERE job_id = ? AND event = 'state' ORDER BY id",
+                            (job_id,))
+            first = {}
+            for ts, detail in audit:
+                st = json.loads(detail or "{}").get("to")
+                first.setdefault(st, _ts(ts))
+            qa = json.loads(db_rows(db, "SELECT qa_json FROM jobs WHERE id = ?", (job_id,))[0][0] or "{}")
+            timings = qa.get("timings_s", {})
+            stages = {
+                "receive (storescu, before the clock)": t_recv,
+                "release grace + scheduling": first.get("assembling", t0) - t0,
+                **{k: float(v) for k, v in timings.items()},
+                "send (queued -> last ack)": t_end - first.get("queued", t_end),
+            }
+            # -- the baseline: bare inference + bare C-STORE of the same derived files
+            outputs = sorted(storage_files(tps) - before)
+            if len(outputs) != expected:
+                raise RuntimeError(f"TPS got {len(outputs)} new files, expected {expected}")
+            batches = normalised_batches(model, src_pixels(src), 90.0, 4000.0, 8)
+            t1 = time.perf_counter()
+            for x, tt in batches:
+                sess.run(names, {"image": x, "te_tr": tt})
+            b_inf = time.perf_counter() - t1
+            b_send = storescu(base_tps.dicom_port, outputs, called="ORTHANC")
+            baseline = b_inf + b_send
+            reps.append({"e2e_s": e2e, "baseline_s": baseline, "baseline_infer_s": b_inf,
+                         "baseline_cstore_s": b_send, "stages_s": stages, "job_id": job_id})
+            print(f"rep {rep + 1}/{args.reps}: node {e2e:.2f} s; baseline {baseline:.2f} s "
+                  f"(infer {b_inf:.2f} + C-STORE {b_send:.2f}); ratio {e2e / baseline:.2f}", flush=True)
+            shutil.rmtree(work / f"in{rep}", ignore_errors=True)
+        hwm = node.rss_kb()[1]
+    finally:
+        if node is not None:
+            node.terminate()
+        tps.stop(kill=True)
+        base_tps.stop(kill=True)
+
+    e2e_m = median([r["e2e_s"] for r in reps])
+    base_m = median([r["baseline_s"] for r in reps])
+    ratio = median([r["e2e_s"] / r["baseline_s"] for r in reps])
+    stage_names = list(reps[0]["stages_s"])
+    stage_m = {k: median([r["stages_s"].get(k, 0.0) for r in reps]) for k in stage_names}
+    print()
+    print(f"end to end: {args.slices} slices {args.size}x{args.size}, 3 recipes + classic maps "
+          f"({args.slices * 6} derived instances), median of {args.reps} reps")
+    print(table(["stage", "seconds (median)"], [[k, f"{v:.3f}"] for k, v in stage_m.items()]))
+    print(f"node e2e {e2e_m:.2f} s; baseline (bare inference + bare C-STORE) {base_m:.2f} s "
+          f"(infer {median([r['baseline_infer_s'] for r in reps]):.2f} + "
+          f"C-STORE {median([r['baseline_cstore_s'] for r in reps]):.2f})")
+    print(f"node / baseline: {ratio:.2f}x (target <= 1.3x: {verdict(ratio <= 1.3)}); "
+          f"absolute {e2e_m:.1f} s (target <= 20 s: {verdict(e2e_m <= 20)})")
+    out = write_result("e2e", {
+        "machine": info,
+        "setup": {"slices": args.slices, "matrix": [args.size, args.size], "reps": args.reps,
+                  "outputs": "3 recipes (T2w, T1w, PDw) + classic T1/T2/PD maps = 6 series",
+                  "tps": "Orthanc on loopback", "release_grace_s": 0.2, "series_idle_timeout_s": 600,
+                  "baseline": "bare onnxruntime session.run (batch 8) + dcmtk storescu TCP_NODELAY=1 of the "
+                              "same derived files to a second Orthanc"},
+        "reps": reps, "median_e2e_s": e2e_m, "median_baseline_s": base_m, "median_ratio": round(ratio, 3),
+        "median_stages_s": stage_m, "node_peak_rss_kb": hwm,
+        "targets": {"ratio<=1.3": ratio <= 1.3, "e2e<=20s": e2e_m <= 20},
+    })
+    print(f"results: {out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def src_pixels(src: list[Any]) -> Any:
+    import numpy as np
+
+    return np.stack([ds.pixel_array for ds in src]).astype(np.float32)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
