@@ -223,8 +223,8 @@ class QA(StrictModel):
     """Self-consistency thresholds of a job and what to do when one is exceeded."""
 
     max_self_nrmse: float = Field(0.15, gt=0)
-    max_te_error_frac: float = Field(0.3, gt=0)
-    max_tr_error_frac: float = Field(0.5, gt=0)
+    max_te_error_frac: float = Field(0.6, gt=0)
+    max_tr_error_frac: float = Field(0.6, gt=0)
     action: Literal["send", "warn", "hold"] = "warn"
 
 
