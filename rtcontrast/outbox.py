@@ -220,8 +220,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(dest: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``dest`` via a hidden temp file in the same directory, fsync, rename."""
+def _atomic_write(dest: Path, write: Callable[[BinaryIO], None], sync_dir: bool = True) -> None:
+    """Write ``dest`` via a hidden temp file in the same directory, fsync, rename.
+
+    ``sync_dir=False`` leaves the directory fsync (which makes the rename durable) to
+    the caller, who writes many files into one folder and syncs it once.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -233,7 +237,8 @@ def _atomic_write(dest: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    if sync_dir:
+        _fsync_dir(dest.parent)
 
 
 def atomic_copy(src: Path, dest: Path) -> None:
@@ -302,6 +307,8 @@ class Outbox:
         _safe_name(destination, "destination name")
         folder = self.root / destination / job
         prepared = [self._write(item, folder) for item in items]
+        if prepared:
+            _fsync_dir(folder)  # one directory sync makes every rename durable before the rows exist
         ids: list[int] = []
         with self.lock, transaction(self.conn) as c:
             for p in prepared:
@@ -336,7 +343,7 @@ class Outbox:
             _ensure_file_meta(ds)
             sop = _safe_name(str(ds.SOPInstanceUID), "SOPInstanceUID")
             dest = folder / f"{sop}.dcm"
-            _atomic_write(dest, lambda fh: ds.save_as(fh, enforce_file_format=True))
+            _atomic_write(dest, lambda fh: ds.save_as(fh, enforce_file_format=True), sync_dir=False)
             meta = ds.file_meta
         else:
             src = Path(item)
