@@ -181,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         card["evaluation_table"] = format_table(report).splitlines()
         card["evaluation_figure"] = fig.name
         print(format_table(report))
+        if fusion:
+            from rtcontrast.evaluate import evaluate_fusion, format_fusion_table
+
+            freport = evaluate_fusion(out, n_subjects=a.eval_subjects)
+            card["fusion_evaluation"] = freport
+            card["fusion_evaluation_table"] = format_fusion_table(freport).splitlines()
+            print(format_fusion_table(freport))
     card_path = out.with_suffix(".json")
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     if a.report:
