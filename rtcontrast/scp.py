@@ -546,9 +546,11 @@ class StorageSCP:
             {str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts} - accepted
         )
         if refused:
-            # One line per association: storescu-like peers propose ~100 SOP classes.
+            # One line per association: storescu-like peers propose ~100 SOP classes whether or
+            # not they send them, so this is information; a peer that then tries to send such an
+            # instance fails on its side (no presentation context), which is the refusal it sees.
             shown = ", ".join(refused[:10]) + (f" and {len(refused) - 10} more" if len(refused) > 10 else "")
-            LOG.warning(
+            LOG.info(
                 "association from %s (AE %s): refused presentation contexts for %d SOP class(es) "
                 "this node does not accept (only MR and Enhanced MR Image Storage): %s",
                 st.peer, st.calling_ae, len(refused), shown,
