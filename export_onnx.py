@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="model name (default: the training config's)")
     ap.add_argument("--version", default=None, help="model version (default: the training config's)")
     ap.add_argument("--eval-subjects", type=int, default=6, help="held-out subjects for the card (0 = skip)")
+    ap.add_argument("--limitations", default=None, help="text for the card: known limits, targets missed and why")
     ap.add_argument("--report", action="store_true",
                     help="also write the evaluation report with figures to models/NAME.report/report.md")
     ap.add_argument("--report-data", default=None, help="with --report: a folder of real SE series to include")
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                           "1.5 T and 3 T; bias field, gain, Rician noise, resolution and anatomy randomised."},
         "parity": par,
     }
+    if a.limitations:
+        card["limitations"] = a.limitations
     if ck.get("real_data"):  # fine-tuned on a researcher's own series (counts and contrasts only, no identities)
         card["data"]["real"] = ck["real_data"]
         card["data"]["kind"] += " + real spin-echo series (fine-tuning)"
