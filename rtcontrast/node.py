@@ -873,6 +873,13 @@ def check_config(config_path: Path | None, protocol_path: Path | None) -> tuple[
     return [], summary
 
 
+def _config_errors(exc: ConfigError) -> int:
+    """Print every configuration error (file:line: field: message); the exit code 2."""
+    for e in exc.errors:
+        print(e, file=sys.stderr)
+    return 2
+
+
 def _admin_config(config_path: Path | None, need_db: bool = True) -> NodeConfig | int:
     """The node config for an admin command, or the exit code after printing why not.
 
@@ -882,9 +889,7 @@ def _admin_config(config_path: Path | None, need_db: bool = True) -> NodeConfig 
     try:
         config, _ = _load(config_path, None)
     except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return 2
+        return _config_errors(exc)
     if need_db and not config.db_file.exists():
         print(f"no database at {config.db_file}: the node has not run with this configuration yet", file=sys.stderr)
         return 1
@@ -914,9 +919,7 @@ def cmd_run(config_path: Path | None, protocol_path: Path | None, port: int | No
     try:
         config, protocol = _load(config_path, protocol_path)
     except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return 2
+        return _config_errors(exc)
     if port is not None:
         config.port = port
     setup_logging(config.log_format, config.log_level)
@@ -979,9 +982,7 @@ def cmd_purge(config_path: Path | None, protocol_path: Path | None, dry_run: boo
     try:
         config, protocol = _load(config_path, protocol_path)
     except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return 2
+        return _config_errors(exc)
     if not config.db_file.exists():
         print(f"no database at {config.db_file}", file=sys.stderr)
         return 1
@@ -1028,9 +1029,7 @@ def cmd_models(config_path: Path | None, protocol_path: Path | None) -> int:
     try:
         config, protocol = _load(config_path, protocol_path)
     except ConfigError as exc:
-        for e in exc.errors:
-            print(e, file=sys.stderr)
-        return 2
+        return _config_errors(exc)
     default = resolve_model_path(config.model_path)
     in_use: Path | None = None
     problem = None
