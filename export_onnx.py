@@ -36,7 +36,8 @@ PARITY_RTOL = 2e-3
 def load_checkpoint(path: str | Path) -> tuple[QMapNet | QMapFusionNet, dict]:
     ck = torch.load(path, map_location="cpu", weights_only=False)
     if ck.get("contract", CONTRACT) == CONTRACT_FUSION:
-        model: QMapNet | QMapFusionNet = QMapFusionNet(ModelConfig(**ck["model_config"]), max_inputs=ck["max_inputs"])
+        model: QMapNet | QMapFusionNet = QMapFusionNet(ModelConfig(**ck["model_config"]), max_inputs=ck["max_inputs"],
+                                                       **ck.get("fusion_options", {}))
     else:
         model = QMapNet(ModelConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])

@@ -90,6 +90,25 @@ def random_contrast(rng: np.random.Generator, p_seed: float = 0.5) -> tuple[floa
     return te, tr
 
 
+#: The acquisitions a pelvic RT protocol pairs: a T1-weighted and a T2-weighted (T)SE series.
+T1W_TE_MS, T1W_TR_MS = (8.0, 20.0), (350.0, 800.0)
+T2W_TE_MS, T2W_TR_MS = (70.0, 140.0), (2500.0, 6000.0)
+
+
+def complementary_pair(rng: np.random.Generator) -> list[tuple[float, float]]:
+    """A random T1w and a random T2w contrast, in random order.
+
+    Why: independent random contrasts are often two similar weightings, which carry little
+    more than one; the protocol that fusion serves acquires one of each.
+    """
+    def draw(te_r: tuple[float, float], tr_r: tuple[float, float]) -> tuple[float, float]:
+        te = float(rng.uniform(*te_r))
+        return te, float(np.exp(rng.uniform(np.log(tr_r[0]), np.log(tr_r[1]))))
+
+    pair = [draw(T1W_TE_MS, T1W_TR_MS), draw(T2W_TE_MS, T2W_TR_MS)]
+    return pair if rng.random() < 0.5 else pair[::-1]
+
+
 @dataclass
 class Sample:
     """One network input with everything its losses need, in input units (divided by s)."""

@@ -32,6 +32,8 @@ TR_ID_RANGE = (150.0, 12000.0)
 #: Smallest E used when solving PD = c / E: a voxel that gives < 0.1 % of its PD as
 #: signal carries no usable PD information (PD is then bounded, not exploded).
 MIN_WEIGHTING = 1e-3
+#: Added before the log of a (series-scaled) input for the fusion network's log channel.
+LOG_FLOOR = 1e-2
 
 
 @dataclass
@@ -193,13 +195,16 @@ class QMapFusionNet(nn.Module):
     input; PD = c / E(TE_first, TR_first, T1, T2) is in the units of that input.
     """
 
-    def __init__(self, cfg: ModelConfig | None = None, max_inputs: int = 4) -> None:
+    def __init__(self, cfg: ModelConfig | None = None, max_inputs: int = 4, gated: bool = False,
+                 log_input: bool = False) -> None:
         super().__init__()
         self.cfg = cfg or ModelConfig()
         self.max_inputs = max_inputs
+        self.gated = gated
+        self.log_input = log_input
         w = self.cfg.widths
         self.enc = nn.ModuleList()
-        cin = 1
+        cin = 2 if log_input else 1
         for c in w:
             self.enc.append(ConvBlock(cin, c))
             cin = c
@@ -214,12 +219,33 @@ class QMapFusionNet(nn.Module):
             self.head.bias.copy_(torch.tensor([_unbound(1000.0, *T1_RANGE), _unbound(60.0, *T2_RANGE), 0.0]))
         self.id_head = nn.Sequential(nn.Linear(2 * w[-1], self.cfg.id_hidden), nn.ReLU(inplace=True),
                                      nn.Linear(self.cfg.id_hidden, 2))
+        #: gated: a frozen qmap/1 network answers whenever exactly one input is present
+        self.single: QMapNet | None = None
+        if gated:
+            self.single = QMapNet(self.cfg)
+            self.single.requires_grad_(False)
+
+    @property
+    def options(self) -> dict[str, bool]:
+        """Constructor switches beyond the ModelConfig (stored in checkpoints as ``fusion_options``)."""
+        return {"gated": self.gated, "log_input": self.log_input}
+
+    def train(self, mode: bool = True) -> "QMapFusionNet":
+        """Keep the frozen single-input branch in eval mode (its BatchNorm statistics must not move)."""
+        super().train(mode)
+        if self.single is not None:
+            self.single.eval()
+        return self
 
     def forward(self, image: torch.Tensor, te_tr: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n, k, h, w_ = image.shape
         # one-hot of the first present input: present * (cumsum(present) == 1)
         first = present * (torch.cumsum(present, dim=1) == 1).to(present.dtype)  # [N,K]
         x = image.reshape(n * k, 1, h, w_)
+        if self.log_input:
+            # log intensities: the encoder can then form voxel-wise log ratios between inputs,
+            # which is where T2 (TE pairs) and T1 (TR pairs) are written
+            x = torch.cat([x, torch.log(x.clamp(min=0.0) + LOG_FLOOR)], dim=1)
         cond_all = norm_te_tr(te_tr.reshape(n * k, 2))[:, :, None, None]  # [N*K,2,1,1]
         pm = present.reshape(n, k, 1, 1, 1)
         npresent = present.sum(dim=1).clamp(min=1.0).reshape(n, 1, 1, 1)
@@ -252,10 +278,19 @@ class QMapFusionNet(nn.Module):
         t2 = _bounded(out[:, 1:2], *T2_RANGE)
         clean = F.relu(img0 + out[:, 2:3])
         e = weighting(te_tr0[:, 0:1, None, None], te_tr0[:, 1:2, None, None], t1, t2, xp=torch).clamp(min=MIN_WEIGHTING)
-        return clean / e, t1, t2, te_tr_pred
+        pd = clean / e
+        if self.single is None:
+            return pd, t1, t2, te_tr_pred
+        # One input: the frozen qmap/1 answer, so the single-input case is the qmap/1 model
+        # exactly (also its honest TE/TR identification); >= 2 inputs: the fused answer.
+        s_pd, s_t1, s_t2, s_id = self.single(img0, te_tr0)
+        multi = (present.sum(dim=1) > 1.5).reshape(n, 1, 1, 1)
+        return (torch.where(multi, pd, s_pd), torch.where(multi, t1, s_t1), torch.where(multi, t2, s_t2), s_id)
 
 
-def fusion_from_single(single_state: dict[str, torch.Tensor], cfg: ModelConfig, max_inputs: int) -> QMapFusionNet:
+def fusion_from_single(single_state: dict[str, torch.Tensor], cfg: ModelConfig, max_inputs: int,
+                       gated: bool = False, log_input: bool = False,
+                       fused_state: dict[str, torch.Tensor] | None = None) -> QMapFusionNet:
     """A ``qmap/2`` network that starts as a trained ``qmap/1`` network.
 
     Encoder, decoder, heads and identification head are copied; the new per-input
@@ -264,21 +299,38 @@ def fusion_from_single(single_state: dict[str, torch.Tensor], cfg: ModelConfig, 
     fusion network computes exactly what the single-input network did.  Training then
     only has to learn how to use the extra inputs: it starts from the single-input
     quality instead of from scratch.
+
+    ``gated``: the qmap/1 weights also become the frozen single-input branch.
+    ``log_input``: the encoder's extra log-intensity channel starts at zero weight.
+    ``fused_state``: a trained (ungated) fusion network's weights for the fused branch
+    instead of the identity start, to continue from an earlier fusion run.
     """
-    net = QMapFusionNet(cfg, max_inputs=max_inputs)
+    net = QMapFusionNet(cfg, max_inputs=max_inputs, gated=gated, log_input=log_input)
     own = net.state_dict()
-    for k, v in single_state.items():
-        if k in own and own[k].shape == v.shape:
+    source = fused_state if fused_state is not None else single_state
+    first_conv = "enc.0.0.weight"
+    for k, v in source.items():
+        if k.startswith("single."):
+            continue
+        if k == first_conv and log_input and v.shape[1] == 1:
+            w = torch.zeros_like(own[k])
+            w[:, :1] = v
+            own[k] = w
+        elif k in own and own[k].shape == v.shape:
             own[k] = v.clone()
+    if gated:
+        for k, v in single_state.items():
+            own["single." + k] = v.clone()
     net.load_state_dict(own)
-    with torch.no_grad():
-        for c, conv in zip(cfg.widths, net.cond):
-            conv.weight.zero_()
-            conv.bias.zero_()
-            conv.weight[:, :c, 0, 0] = torch.eye(c)
-        for c, seq in zip(cfg.widths, net.fuse):
-            conv = seq[0]
-            conv.weight.zero_()
-            conv.bias.zero_()
-            conv.weight[:, :c, 0, 0] = torch.eye(c)
+    if fused_state is None:
+        with torch.no_grad():
+            for c, conv in zip(cfg.widths, net.cond):
+                conv.weight.zero_()
+                conv.bias.zero_()
+                conv.weight[:, :c, 0, 0] = torch.eye(c)
+            for c, seq in zip(cfg.widths, net.fuse):
+                conv = seq[0]
+                conv.weight.zero_()
+                conv.bias.zero_()
+                conv.weight[:, :c, 0, 0] = torch.eye(c)
     return net

@@ -129,8 +129,16 @@ class TrainConfig:
     paired_compare: str = "lsq_gain"
     # -- fine-tuning: a training checkpoint (.pt) to start from (its architecture is used)
     init: str | None = None
+    #: qmap/2: probability that a sample with >= 2 inputs has one T1w and one T2w among them
+    p_complementary: float = 0.0
     #: qmap/2: start as an exact copy of this trained qmap/1 checkpoint (model.fusion_from_single)
     init_single: str | None = None
+    #: qmap/2: start the fused branch from this earlier fusion checkpoint instead (needs init_single)
+    init_fused: str | None = None
+    #: qmap/2: a frozen copy of init_single answers single-input cases (model.QMapFusionNet)
+    fusion_gated: bool = False
+    #: qmap/2: the encoder also sees log intensities (voxel-wise log ratios between inputs)
+    fusion_log_input: bool = False
     #: validation metric that selects best.pt: "render" (phantom) or "real_cross" (paired real data)
     select_on: str = "render"
     #: CUDA autocast: "none", "bf16", "fp16" or "auto" (bf16 where supported, else fp16); ignored on CPU
@@ -163,6 +171,8 @@ class TrainConfig:
             raise SystemExit(f"select_on must be render or real_cross, got {self.select_on!r}")
         if self.select_on == "real_cross" and not self.data_dir:
             raise SystemExit("select_on: real_cross needs data_dir with paired series")
+        if (self.fusion_gated or self.init_fused) and not (self.init_single or self.init):
+            raise SystemExit("fusion_gated / init_fused need init_single: the trained qmap/1 checkpoint")
         if self.amp not in ("none", "bf16", "fp16", "auto"):
             raise SystemExit(f"amp must be none, bf16, fp16 or auto, got {self.amp!r}")
 
@@ -178,6 +188,8 @@ def make_batch(bank: dataset.Bank, idx: np.ndarray, rng: np.random.Generator, cf
         for i in idx:
             m = int(rng.choice(np.arange(1, len(p) + 1), p=p / p.sum()))
             contrasts = [dataset.random_contrast(rng, cfg.p_seed_contrast) for _ in range(m)]
+            if m >= 2 and cfg.p_complementary > 0 and rng.random() < cfg.p_complementary:
+                contrasts[:2] = dataset.complementary_pair(rng)
             slots = sorted(rng.choice(cfg.max_inputs, m, replace=False).tolist())
             multi.append(dataset.make_multi_sample(bank.maps(int(i)), contrasts, slots, cfg.max_inputs, rng,
                                                    cfg.scale_jitter))
@@ -192,16 +204,25 @@ def make_batch(bank: dataset.Bank, idx: np.ndarray, rng: np.random.Generator, cf
 def build_model(cfg: TrainConfig) -> QMapNet | QMapFusionNet:
     """The network for the configured contract."""
     if cfg.contract == "qmap/2":
+        opts = {"gated": cfg.fusion_gated, "log_input": cfg.fusion_log_input}
         if cfg.init_single:
-            ck = torch.load(cfg.init_single, map_location="cpu", weights_only=False)
-            if ck["model_config"] != ModelConfig(**cfg.model).to_dict():
-                raise SystemExit(f"init_single {cfg.init_single}: architecture {ck['model_config']} "
-                                 f"differs from {cfg.model}")
-            return fusion_from_single(ck["model"], ModelConfig(**cfg.model), cfg.max_inputs)
-        return QMapFusionNet(ModelConfig(**cfg.model), max_inputs=cfg.max_inputs)
+            ck = _load_same_arch(cfg.init_single, cfg, "init_single")
+            fused = _load_same_arch(cfg.init_fused, cfg, "init_fused")["model"] if cfg.init_fused else None
+            return fusion_from_single(ck["model"], ModelConfig(**cfg.model), cfg.max_inputs, fused_state=fused, **opts)
+        return QMapFusionNet(ModelConfig(**cfg.model), max_inputs=cfg.max_inputs, **opts)
     if cfg.contract != "qmap/1":
         raise SystemExit(f"unknown contract {cfg.contract!r} (qmap/1 or qmap/2)")
     return QMapNet(ModelConfig(**cfg.model))
+
+
+def _load_same_arch(path: str, cfg: TrainConfig, what: str) -> dict[str, Any]:
+    """A checkpoint whose architecture must equal the configured one (else a message saying so)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{what} {path}: no such checkpoint")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck["model_config"] != ModelConfig(**cfg.model).to_dict():
+        raise SystemExit(f"{what} {path}: architecture {ck['model_config']} differs from {cfg.model}")
+    return ck
 
 
 def run_model(model: QMapNet | QMapFusionNet, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -293,6 +314,7 @@ def save_checkpoint(path: Path, model: QMapNet | QMapFusionNet, opt: torch.optim
         "model_config": model.cfg.to_dict(),
         "contract": cfg.contract,
         "max_inputs": cfg.max_inputs if cfg.contract == "qmap/2" else 1,
+        "fusion_options": getattr(model, "options", {}),
         "train_config": asdict(cfg),
         "optimizer": opt.state_dict(),
         "step": step,
@@ -480,6 +502,9 @@ def load_init(cfg: TrainConfig, path: str) -> dict[str, Any]:
     if cfg.model != ck["model_config"]:
         log.info("fine-tuning: architecture from %s (%s) replaces the config's %s", p, ck["model_config"], cfg.model)
     cfg.model = dict(ck["model_config"])
+    opts = ck.get("fusion_options", {})
+    cfg.fusion_gated = bool(opts.get("gated", False))
+    cfg.fusion_log_input = bool(opts.get("log_input", False))
     return ck
 
 

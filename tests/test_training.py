@@ -115,3 +115,43 @@ def test_fusion_model_from_single_trains_and_exports(trained: tuple[Path, TrainC
     assert one.pd.shape == two.pd.shape == (2, 40, 44)
     with pytest.raises(ValueError, match="at most 3"):
         m.predict_multi([(vol, 80, 3000)] * 4)
+
+
+def test_gated_fusion_single_input_is_the_single_model(trained: tuple[Path, TrainConfig], tmp_path: Path) -> None:
+    """Gated qmap/2: training moves the fused branch only; one input present gives the qmap/1 answer exactly,
+    in torch and after export through onnxruntime; two inputs give a different (fused) answer."""
+    from rtcontrast.model import ModelConfig, QMapNet
+
+    best, cfg = trained
+    ck = torch.load(best, weights_only=False)
+    fcfg = replace(cfg, contract="qmap/2", max_inputs=2, p_inputs=[0.0, 1.0], p_complementary=0.5,
+                   init_single=str(best), fusion_gated=True, fusion_log_input=True, steps=4, val_every=4,
+                   ckpt_every=4, out_dir=str(tmp_path / "gated"))
+    fbest = train(fcfg)
+    fck = torch.load(fbest, weights_only=False)
+    assert fck["fusion_options"] == {"gated": True, "log_input": True}
+    for k, v in ck["model"].items():  # the frozen branch did not move (weights nor BatchNorm statistics)
+        torch.testing.assert_close(fck["model"]["single." + k], v, rtol=0, atol=0)
+    moved = [k for k in fck["model"] if not k.startswith("single.") and k in ck["model"]
+             and fck["model"][k].shape == ck["model"][k].shape and not torch.equal(fck["model"][k], ck["model"][k])]
+    assert moved, "training did not change the fused branch"
+    out = tmp_path / "gated.onnx"
+    r = subprocess.run([sys.executable, str(ROOT / "export_onnx.py"), str(fbest), "--out", str(out),
+                        "--eval-subjects", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    single = QMapNet(ModelConfig(**ck["model_config"])).eval()
+    single.load_state_dict(ck["model"])
+    x = np.random.default_rng(2).uniform(0, 1, (2, 1, 32, 48)).astype(np.float32)
+    tt = np.array([[80.0, 3000.0], [10.0, 500.0]], np.float32)
+    with torch.no_grad():
+        ref = single(torch.from_numpy(x), torch.from_numpy(tt))
+    m = QMapModel(out, provider="cpu")
+    xs = np.concatenate([x, np.zeros_like(x)], axis=1)
+    tts = np.stack([tt, np.zeros_like(tt)], axis=1)
+    o1 = m.session.run(None, {"image": xs, "te_tr": tts, "present": np.array([[1, 0], [1, 0]], np.float32)})
+    for a, b in zip(ref, o1):
+        np.testing.assert_allclose(b, a.numpy(), rtol=2e-3, atol=1e-4)
+    xs2 = np.concatenate([x, np.random.default_rng(3).uniform(0, 1, x.shape).astype(np.float32)], axis=1)
+    tts2 = np.stack([tt, tt[::-1]], axis=1)
+    o2 = m.session.run(None, {"image": xs2, "te_tr": tts2, "present": np.ones((2, 2), np.float32)})
+    assert not np.allclose(o2[1], o1[1])
