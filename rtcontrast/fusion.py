@@ -12,6 +12,10 @@ processed (the geometric target), so the derived images keep the target's geomet
   partner at the target's voxel centres (patient coordinates from each series' DICOM
   geometry; outside the partner's field of view -> 0), and the lineage says so.
 * Otherwise the partner is left out, with the reason logged.
+
+Which series of a group gets derived series of its own is the protocol's
+``fusion.target`` rule (:func:`choose_target`): every series (``each``), or only the
+T2w-like, T1w-like or finest-grid one; the others are then inputs only.
 """
 
 from __future__ import annotations
@@ -94,3 +98,43 @@ def align(target: Volume, partner: Volume, allow_resample: bool) -> tuple[Aligne
     if not allow_resample:
         return None, f"{why} and the protocol does not allow resampling"
     return Aligned(partner, resample_to(target, partner), resampled=True), f"resampled ({why})"
+
+
+#: ``fusion.target`` rules: which series of a fused group is the geometric target.
+TARGET_RULES = ("each", "t2w", "t1w", "finest")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One series of a fused group, as far as the target rule needs it."""
+
+    series_uid: str
+    te_ms: float
+    tr_ms: float
+    voxel_mm3: float
+
+
+def voxel_volume_mm3(v: Volume) -> float:
+    """Voxel volume from pixel spacing and slice spacing (a single slice counts its thickness)."""
+    dz = v.slice_spacing or (v.slices[0].slice_thickness if v.slices and v.slices[0].slice_thickness else 1.0)
+    return float(v.pixel_spacing[0] * v.pixel_spacing[1] * abs(dz))
+
+
+def choose_target(group: list[Candidate], rule: str) -> str | None:
+    """The series UID that is the geometric target of ``group`` under ``rule`` (None for ``each``).
+
+    Why deterministic tie-breaks: every job of the group decides on its own, and all of
+    them must pick the same series (ties -> the other weighting, then the smaller UID).
+    ``t2w``: longest TE (then longest TR); ``t1w``: shortest TR (then shortest TE);
+    ``finest``: smallest voxel (then longest TE).
+    """
+    if rule not in TARGET_RULES:
+        raise ValueError(f"unknown fusion target rule {rule!r} (one of {', '.join(TARGET_RULES)})")
+    if rule == "each" or not group:
+        return None
+    keys = {
+        "t2w": lambda c: (-c.te_ms, -c.tr_ms, c.series_uid),
+        "t1w": lambda c: (c.tr_ms, c.te_ms, c.series_uid),
+        "finest": lambda c: (round(c.voxel_mm3, 3), -c.te_ms, c.series_uid),
+    }
+    return min(group, key=keys[rule]).series_uid

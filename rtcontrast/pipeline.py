@@ -53,7 +53,7 @@ from rtcontrast.derive import (
     derive_parametric_maps,
     map_to_u16,
 )
-from rtcontrast.fusion import Aligned, align
+from rtcontrast.fusion import Aligned, Candidate, align, choose_target, voxel_volume_mm3
 from rtcontrast.jobs import JobStore
 from rtcontrast.outbox import Outbox
 from rtcontrast.protocol import ProtocolConfig, check_eligibility, header_te_tr
@@ -75,6 +75,9 @@ _BODY_FRACTION = 0.05
 #: numpy expression allocates several temporaries of the volume's size (float64 in
 #: map_to_u16), which for a 512x512x200 series alone exceeded 1.5 GB.
 _BLOCK_VOXELS = 1 << 22
+#: Reason prefix of a job whose series is only an input to another series' fused job
+#: (``fusion.target``); such a series still counts as a partner.
+PARTNER_ONLY = "fusion input to"
 
 
 @dataclass
@@ -279,7 +282,7 @@ def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple
         if len(used) >= ctx.model.info.max_inputs - 1:
             record["skipped"][uid] = f"model takes at most {ctx.model.info.max_inputs} inputs"
             continue
-        if other.state in ("ineligible", "failed"):
+        if other.state == "failed" or (other.state == "ineligible" and not (other.reason or "").startswith(PARTNER_ONLY)):
             record["skipped"][uid] = f"its job is {other.state}"
             continue
         if abs((datetime.fromisoformat(other.created_at) - t_job).total_seconds()) > rules.window_s:
@@ -487,6 +490,14 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         co_sources: list[Volume] = []
         if protocol.fusion.enabled and model.info.fusion:
             partners, qa["fusion"] = _fusion_partners(ctx, job_id, volume)
+            target = choose_target(
+                [Candidate(series, te, tr, voxel_volume_mm3(volume))]
+                + [Candidate(a.volume.series_uid, pte, ptr, voxel_volume_mm3(a.volume)) for a, pte, ptr in partners],
+                protocol.fusion.target) if partners else None
+            if target is not None and target != series:
+                qa["fusion"]["target"] = target
+                raise _Stop("ineligible", f"{PARTNER_ONLY} series {target} (fusion.target: {protocol.fusion.target}); "
+                                          "no derived series of its own")
             co_sources = [a.volume for a, _, _ in partners]
             maps = model.predict_multi([(volume.pixels, te, tr)] + [(a.pixels, pte, ptr) for a, pte, ptr in partners])
             if partners:

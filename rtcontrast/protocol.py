@@ -267,7 +267,9 @@ class Fusion(StrictModel):
     series of the same frame of reference (usual in pelvic RT) make the maps far better
     determined.  Each series is the geometric target of its own job (its derived series
     keep its grid); the other series of the group are extra inputs, referenced in the
-    lineage.  Needs a model whose contract is ``qmap/2``; with a ``qmap/1`` model the
+    lineage; ``target`` can restrict output to one series of the group (e.g. ``t2w``: the
+    planning T2w gets the fused contrasts, the T1w is an input only).  Needs a model whose
+    contract is ``qmap/2``; with a ``qmap/1`` model the
     section is ignored (logged once per job).
     """
 
@@ -275,6 +277,9 @@ class Fusion(StrictModel):
     window_s: float = Field(3600.0, gt=0, description="partners: series of the study received within this time")
     wait_for_partner_s: float = Field(0.0, ge=0, description="hold a complete series this long for a partner")
     allow_resample: bool = Field(False, description="resample partners on another grid onto the target's grid")
+    target: Literal["each", "t2w", "t1w", "finest"] = Field(
+        "each", description="which series of a group gets derived series: each, or only the T2w-like (longest TE), "
+                            "T1w-like (shortest TR) or finest-grid one; the others are inputs only")
 
 
 class ProtocolConfig(StrictModel):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from rtcontrast.fusion import align, resample_to, same_grid
+from rtcontrast.fusion import Candidate, align, choose_target, resample_to, same_grid
 from rtcontrast.volume import Volume, assemble
 from tests.dicomgen import Geometry, make_series, write_series
 
@@ -65,3 +66,19 @@ def test_outside_partner_field_of_view_is_zero(tmp_path: Path) -> None:
     out = resample_to(a, b)
     assert (out[:, :, :14] == 0).all()  # columns left of x=0 (with the interpolation margin)
     np.testing.assert_allclose(out[:, :, 16:], a.pixels[:, :, 16:], rtol=0, atol=0.51)  # stored values are rounded to integers
+
+
+def test_choose_target_rules_agree_whichever_job_asks() -> None:
+    t1w = Candidate("1.2.3.1", 10.0, 500.0, 6.0)
+    t2w = Candidate("1.2.3.2", 100.0, 4000.0, 8.0)
+    pdw = Candidate("1.2.3.3", 15.0, 4000.0, 8.0)
+    for group in ([t1w, t2w, pdw], [pdw, t2w, t1w], [t2w, t1w]):
+        assert choose_target(group, "t2w") == "1.2.3.2"
+        assert choose_target(group, "t1w") == "1.2.3.1"
+        assert choose_target(group, "finest") == "1.2.3.1"
+        assert choose_target(group, "each") is None
+    # full tie: the smaller UID, whatever the order
+    a, b = Candidate("1.9", 90.0, 4000.0, 8.0), Candidate("1.10", 90.0, 4000.0, 8.0)
+    assert choose_target([a, b], "t2w") == choose_target([b, a], "t2w") == "1.10"
+    with pytest.raises(ValueError, match="unknown fusion target rule 'largest'"):
+        choose_target([a], "largest")

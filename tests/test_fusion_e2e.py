@@ -68,3 +68,49 @@ def test_t1w_and_t2w_fused_lineage_references_both(tmp_path: Path, orthanc: Orth
     jobs = node.jobs.recent_jobs(10)
     fused = [j for j in jobs if j.qa and j.qa.get("fusion", {}).get("partners")]
     assert len(fused) == 2
+
+
+def test_target_rule_t2w_gives_output_for_the_t2w_series_only(tmp_path: Path, orthanc: Orthanc, make_node) -> None:  # noqa: F811
+    """fusion.target: t2w -> the T2w series gets the fused derived series (lineage: both sources); the T1w series
+    is an input only: its job ends ineligible with a reason naming the target, and nothing of its own is sent."""
+    import pydicom
+
+    from rtcontrast.pipeline import PARTNER_ONLY
+
+    protocol = {
+        "version": "fusion-target",
+        "qa": LENIENT_QA,
+        "destinations": {"tps": {"dicom": {"host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC",
+                                           "connect_timeout_s": 2, "acse_timeout_s": 5}}},
+        "recipes": [{"key": "T2w", "label": "T2w", "te_ms": 100, "tr_ms": 4000, "series_number": 901,
+                     "destinations": ["tps"]}],
+        "fusion": {"enabled": True, "wait_for_partner_s": 30, "target": "t2w"},
+    }
+    node = make_node(protocol, metrics={"enabled": False})
+    t1 = _series(tmp_path, 8.0, 500.0, 5)
+    t2 = _series(tmp_path, 90.0, 4000.0, 6)
+    assert storescu(node.port, t1).returncode == 0
+    assert storescu(node.port, t2).returncode == 0
+    t1_uid, t2_uid = (str(pydicom.dcmread(p[0], stop_before_pixels=True).SeriesInstanceUID) for p in (t1, t2))
+
+    def settled() -> list:
+        jobs = node.jobs.recent_jobs(10)
+        return jobs if len(jobs) == 2 and all(j.state in ("ineligible", "queued", "delivered") for j in jobs) else []
+
+    jobs = {j.series_uid: j for j in wait_for(settled, 90, "both jobs settled")}
+    assert jobs[t1_uid].state == "ineligible" and jobs[t1_uid].reason.startswith(PARTNER_ONLY), jobs[t1_uid]
+    assert t2_uid in jobs[t1_uid].reason
+    assert jobs[t2_uid].qa["fusion"]["partners"] == [t1_uid]
+
+    def derived() -> list:
+        got = [orthanc.dataset(u) for u in orthanc.sop_instance_uids()]
+        return got if len(got) == 6 else []
+
+    got = wait_for(derived, 90, "the T2w series' derived instances in Orthanc")
+    for ds in got:
+        assert {str(it.SeriesInstanceUID) for it in ds.ReferencedSeriesSequence} == {t1_uid, t2_uid}
+    assert len({str(ds.SeriesInstanceUID) for ds in got}) == 1
+    # every T2w slice is the source of a derived slice (the output is on the T2w series' grid)
+    t2_sops = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in t2}
+    referenced = {str(it.ReferencedSOPInstanceUID) for ds in got for it in ds.SourceImageSequence}
+    assert t2_sops <= referenced
