@@ -249,6 +249,7 @@ def evaluate_fusion(model_path: str | Path, n_subjects: int = 6, n_slices: int =
     PD * gain * bias, share units); noise differs per series.  Each network input is
     still divided by its own series scale inside ``predict_multi``, as the node does.
     """
+    from rtcontrast.consistency import Settings
     from rtcontrast.lsq import fit as lsq_fit
 
     model = QMapModel(model_path, provider=provider)
@@ -270,14 +271,17 @@ def evaluate_fusion(model_path: str | Path, n_subjects: int = 6, n_slices: int =
                     "sets": {}, "targets": {"fusion_tissue_mae_max_pct": 2.0, "fusion_ssim_min": 0.99}}
     for set_name, names in FUSION_SETS.items():
         row: dict = {}
-        for method in ("network", "least_squares"):
-            if method == "network" and len(names) > model.info.max_inputs:
+        for method in ("network", "network+consistency", "least_squares"):
+            if method.startswith("network") and len(names) > model.info.max_inputs:
+                continue
+            if method == "network+consistency" and len(names) < 2:
                 continue
             preds = []
             skipped = None
             for maps, imgs, truth_pd in subjects:
-                if method == "network":
-                    qm = model.predict_multi([(imgs[n], *contrasts[n]) for n in names])
+                if method.startswith("network"):
+                    qm = model.predict_multi([(imgs[n], *contrasts[n]) for n in names],
+                                             consistency=Settings() if method == "network+consistency" else None)
                     preds.append((qm.pd, qm.t1, qm.t2))
                 else:
                     try:
@@ -318,15 +322,15 @@ def evaluate_fusion(model_path: str | Path, n_subjects: int = 6, n_slices: int =
 def format_fusion_table(report: dict) -> str:
     """Side-by-side table of the fusion report."""
     lines = ["Fusion: median |error| % of T1 / T2 per tissue, and min SSIM of the five rendered contrasts",
-             f"{'inputs':26s} {'method':14s}" + "".join(f"{t:>16s}" for t in phantom.MAJOR_TISSUES) + f"{'minSSIM':>9s}"]
+             f"{'inputs':26s} {'method':20s}" + "".join(f"{t:>16s}" for t in phantom.MAJOR_TISSUES) + f"{'minSSIM':>9s}"]
     for set_name, row in report["sets"].items():
         for method, r in row.items():
             if "not_determined" in r:
-                lines.append(f"{set_name:26s} {method:14s} not determined: {r['not_determined']}")
+                lines.append(f"{set_name:26s} {method:20s} not determined: {r['not_determined']}")
                 continue
             cells = "".join(f"{r['tissues'][t]['t1']:>8.1f}/{r['tissues'][t]['t2']:<7.1f}" if t in r["tissues"]
                             else f"{'-':>16s}" for t in phantom.MAJOR_TISSUES)
-            lines.append(f"{set_name:26s} {method:14s}{cells}{r['min_ssim']:>9.4f}")
+            lines.append(f"{set_name:26s} {method:20s}{cells}{r['min_ssim']:>9.4f}")
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from rtcontrast import __version__
+from rtcontrast.consistency import Settings
 from rtcontrast.derive import (
     ModelIdentity,
     NodeIdentity,
@@ -499,7 +500,10 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
                 raise _Stop("ineligible", f"{PARTNER_ONLY} series {target} (fusion.target: {protocol.fusion.target}); "
                                           "no derived series of its own")
             co_sources = [a.volume for a, _, _ in partners]
-            maps = model.predict_multi([(volume.pixels, te, tr)] + [(a.pixels, pte, ptr) for a, pte, ptr in partners])
+            maps = model.predict_multi([(volume.pixels, te, tr)] + [(a.pixels, pte, ptr) for a, pte, ptr in partners],
+                                       consistency=Settings() if protocol.fusion.consistency else None)
+            if maps.input_gains is not None:
+                qa["fusion"]["input_gains"] = [round(g, 4) for g in maps.input_gains]
             if partners:
                 log.info("job %d series %s fused with %s", job_id, series, ", ".join(qa["fusion"]["partners"]))
         else:

@@ -277,6 +277,8 @@ class Fusion(StrictModel):
     window_s: float = Field(3600.0, gt=0, description="partners: series of the study received within this time")
     wait_for_partner_s: float = Field(0.0, ge=0, description="hold a complete series this long for a partner")
     allow_resample: bool = Field(False, description="resample partners on another grid onto the target's grid")
+    consistency: bool = Field(True, description="refine the fused maps so that they re-render every input "
+                                                "(rtcontrast.consistency); off = the network's maps as they are")
     target: Literal["each", "t2w", "t1w", "finest"] = Field(
         "each", description="which series of a group gets derived series: each, or only the T2w-like (longest TE), "
                             "T1w-like (shortest TR) or finest-grid one; the others are inputs only")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from rtcontrast.consistency import Settings, refine
 from rtcontrast.contract import (
     INPUT_NAMES,
     INPUT_NAMES_FUSION,
@@ -86,6 +87,8 @@ class QMaps:
     t2: np.ndarray
     te_tr_pred: np.ndarray  # [N,2] ms, identified per slice
     scale: float  # the series scale s used for the model input
+    #: with data consistency: each input's gain relative to the first (median over slices)
+    input_gains: list[float] | None = None
 
 
 def _check_io(sess: ort.InferenceSession, path: Path, info: ModelInfo) -> None:
@@ -153,13 +156,16 @@ class QMapModel:
         """Maps of a series ``pixels`` [N,H,W] (stored values after Modality LUT)."""
         return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size)
 
-    def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int = 8) -> QMaps:
+    def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int = 8,
+                      consistency: Settings | None = None) -> QMaps:
         """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
 
         ``batch_size`` is an upper bound: batches never exceed :data:`MAX_BATCH_PIXELS`.
 
         The first series is the geometric target and defines PD's units.  Several inputs
         need a ``qmap/2`` model; extra inputs beyond its ``max_inputs`` are an error.
+        ``consistency``: with two or more inputs, the network's maps are then refined so
+        that they re-render every input (:func:`rtcontrast.consistency.refine`, per slice).
         """
         if not inputs:
             raise ValueError("no input series")
@@ -181,6 +187,7 @@ class QMapModel:
         t1 = np.empty_like(pd)
         t2 = np.empty_like(pd)
         te_tr_pred = np.empty((n, 2), np.float32)
+        gains: list[np.ndarray] = []
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             x = np.zeros((stop - start, k, h + ph, w + pw), np.float32)
@@ -191,8 +198,15 @@ class QMapModel:
             present = np.zeros((stop - start, k), np.float32)
             present[:, : len(inputs)] = 1.0
             o = self.run_normalised(x, tt if self.info.fusion else tt[:, 0], present)
+            if consistency is not None and len(inputs) > 1:
+                for i in range(stop - start):
+                    o["pd"][i, 0], o["t1"][i, 0], o["t2"][i, 0], g = refine(
+                        x[i, : len(inputs)], tt[i, : len(inputs)], o["pd"][i, 0], o["t1"][i, 0], o["t2"][i, 0],
+                        consistency)
+                    gains.append(g)
             pd[start:stop] = o["pd"][:, 0, :h, :w] * np.float32(s)
             t1[start:stop] = o["t1"][:, 0, :h, :w]
             t2[start:stop] = o["t2"][:, 0, :h, :w]
             te_tr_pred[start:stop] = o["te_tr_pred"]
-        return QMaps(pd=pd, t1=t1, t2=t2, te_tr_pred=te_tr_pred, scale=s)
+        return QMaps(pd=pd, t1=t1, t2=t2, te_tr_pred=te_tr_pred, scale=s,
+                     input_gains=[float(v) for v in np.median(gains, axis=0)] if gains else None)

@@ -68,6 +68,8 @@ def test_t1w_and_t2w_fused_lineage_references_both(tmp_path: Path, orthanc: Orth
     jobs = node.jobs.recent_jobs(10)
     fused = [j for j in jobs if j.qa and j.qa.get("fusion", {}).get("partners")]
     assert len(fused) == 2
+    # data consistency is on by default: each fused job records the partner's gain relative to its own series
+    assert all(len(j.qa["fusion"]["input_gains"]) == 2 and j.qa["fusion"]["input_gains"][0] == 1.0 for j in fused)
 
 
 def test_target_rule_t2w_gives_output_for_the_t2w_series_only(tmp_path: Path, orthanc: Orthanc, make_node) -> None:  # noqa: F811
