@@ -241,13 +241,17 @@ FUSION_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def evaluate_fusion(model_path: str | Path, n_subjects: int = 6, n_slices: int = 4, provider: str = "cpu") -> dict:
+def evaluate_fusion(model_path: str | Path, n_subjects: int = 6, n_slices: int = 4, provider: str = "cpu",
+                    seed_base: int = EVAL_SEED_BASE, consistency: "Settings | None" = None,
+                    sets: dict[str, tuple[str, ...]] | None = None) -> dict:
     """Fusion (``qmap/2``) table: 1, 2, 3 and all inputs side by side, with the least-squares fit.
 
     Every contrast of one subject is acquired in one session: same coil (bias field) and,
     to give the classical fit its best case, the same gain (so every image, and the truth
     PD * gain * bias, share units); noise differs per series.  Each network input is
     still divided by its own series scale inside ``predict_multi``, as the node does.
+    ``seed_base``: other held-out seeds for tuning (e.g. the consistency settings) without
+    touching the reported split; ``consistency``: its settings (default: the node's).
     """
     from rtcontrast.consistency import Settings
     from rtcontrast.lsq import fit as lsq_fit
@@ -256,7 +260,7 @@ def evaluate_fusion(model_path: str | Path, n_subjects: int = 6, n_slices: int =
     contrasts = dict(zip(SEED_CONTRAST_NAMES, SEED_CONTRASTS))
     subjects = []
     for k in range(n_subjects):
-        seed = EVAL_SEED_BASE + k
+        seed = seed_base + k
         maps, _ = phantom.volume(seed, n_slices=n_slices, shape=(256, 256), pixel_mm=1.6, slice_mm=12.0,
                                  field_t=(1.5, 3.0)[k % 2])
         rng = np.random.default_rng(seed * 17)
@@ -269,7 +273,7 @@ def evaluate_fusion(model_path: str | Path, n_subjects: int = 6, n_slices: int =
         subjects.append((maps, imgs, (maps.pd * 1000.0 * bias).astype(np.float32)))
     report: dict = {"model": model.info.name, "version": model.info.version, "contract": model.info.contract,
                     "sets": {}, "targets": {"fusion_tissue_mae_max_pct": 2.0, "fusion_ssim_min": 0.99}}
-    for set_name, names in FUSION_SETS.items():
+    for set_name, names in (sets or FUSION_SETS).items():
         row: dict = {}
         for method in ("network", "network+consistency", "least_squares"):
             if method.startswith("network") and len(names) > model.info.max_inputs:
@@ -281,7 +285,7 @@ def evaluate_fusion(model_path: str | Path, n_subjects: int = 6, n_slices: int =
             for maps, imgs, truth_pd in subjects:
                 if method.startswith("network"):
                     qm = model.predict_multi([(imgs[n], *contrasts[n]) for n in names],
-                                             consistency=Settings() if method == "network+consistency" else None)
+                                             consistency=(consistency or Settings()) if method == "network+consistency" else None)
                     preds.append((qm.pd, qm.t1, qm.t2))
                 else:
                     try:
