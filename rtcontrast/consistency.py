@@ -17,9 +17,10 @@ solutions, see :mod:`rtcontrast.lsq`) and the prior picks the point on that curv
 to the network's answer; with one input it changes nothing and is skipped.
 
 ``S_k`` are the inputs each divided by its own series scale (as the model sees them) and
-``g_k`` the gain between input k and the first input's units, estimated robustly as the
-median over tissue of ``S_k / (PD * E_k)`` from the network's own maps: series of one
-session rarely share a stored-value scale, so the gains are not assumed.
+``g_k`` the gain between input k and the first input's units (:func:`input_gains`: read
+from S_k / S_0 and the network's T1/T2 where that ratio depends least on them, once per
+volume): series of one session rarely share a stored-value scale, so the gains are not
+assumed unless the protocol says the series do (``shared_scale``).
 
 Vectorised numpy (batched 3x3 normal equations, Levenberg-Marquardt damping), on the
 node's CPU after onnxruntime: no torch.
@@ -54,39 +55,58 @@ class Settings:
     prior_sigma: float = PRIOR_SIGMA
     n_iter: int = 12
     background_frac: float = BACKGROUND_FRAC
+    #: the series are stored in one intensity scale (gains = ratios of the series scales) instead of
+    #: gains estimated from the maps; true for some scanners' exports, not in general
+    shared_scale: bool = False
 
 
-def input_gains(images: np.ndarray, te_tr: np.ndarray, pd: np.ndarray, t1: np.ndarray, t2: np.ndarray,
-                tissue: np.ndarray) -> np.ndarray:
+def input_gains(images: np.ndarray, te_tr: np.ndarray, t1: np.ndarray, t2: np.ndarray, tissue: np.ndarray,
+                valid: np.ndarray | None = None) -> np.ndarray:
     """Gain g_k per input [K] relative to the first input (g_0 = 1: PD is in its units).
 
-    A sensitivity-weighted median over ``tissue`` of S_k / (PD * E_k): voxels whose
-    predicted signal hardly depends on T1/T2 (d log S / d log T, from locally
-    median-filtered maps so that voxel noise does not select itself) weigh most, because
-    there an error of the network's T1/T2 barely moves the ratio.  Why it matters: the
-    gains are not identifiable from the data (any gains admit exact per-voxel solutions
-    with three contrasts), so they can only come from the prior, read where it is safest.
-    1.0 where undetermined (< 16 usable voxels).
+    From the signal equation, S_k / S_0 = g_k * E_k / E_0 wherever both inputs see the
+    same PD, so g_k is read voxel by voxel as (S_k / S_0) * (E_0 / E_k) with the
+    network's T1/T2, and summarised by a weighted median over ``tissue``.  The weights
+    favour voxels where log(E_k / E_0) hardly depends on T1 and T2 (computed from locally
+    median-filtered maps, so that voxel noise does not select itself), because there an
+    error of the network's maps barely moves the estimate (for a T1w/T2w pair: fluid); the
+    estimate still carries the maps' bias where no such voxels exist.  Why it matters: the gains are
+    not identifiable from the data (with three contrasts any gains admit exact per-voxel
+    solutions), so they can only come from the prior, read where it is safest.
+    ``valid`` [K, ...]: where each input is a measurement (a resampled partner's field of
+    view).  1.0 where undetermined (< 16 usable voxels).
     """
-    gains = np.ones(images.shape[0], np.float64)
-    if not tissue.any():
+    k_in = images.shape[0]
+    gains = np.ones(k_in, np.float64)
+    if not tissue.any() or k_in < 2:
         return gains
     size = [1] * (t1.ndim - 2) + [5, 5] if t1.ndim >= 2 else [5]
-    s1 = ndimage.median_filter(t1, size=size)[tissue].astype(np.float64)
-    s2 = ndimage.median_filter(t2, size=size)[tissue].astype(np.float64)
-    p, a1, a2 = pd[tissue].astype(np.float64), t1[tissue].astype(np.float64), t2[tissue].astype(np.float64)
-    for k, (te, tr) in enumerate(te_tr):
-        if k == 0:
-            continue
-        m = p * (1.0 - np.exp(-tr / a1)) * np.exp(-te / a2)
-        s = images[k][tissue].astype(np.float64)
-        ok = (m > 1e-3 * max(float(m.max()), 1e-12)) & (s > 0) & (s1 > 0) & (s2 > 0)
+    f1 = np.maximum(ndimage.median_filter(t1, size=size)[tissue].astype(np.float64), 1e-6)
+    f2 = np.maximum(ndimage.median_filter(t2, size=size)[tissue].astype(np.float64), 1e-6)
+    a1 = np.maximum(t1[tissue].astype(np.float64), 1e-6)
+    a2 = np.maximum(t2[tissue].astype(np.float64), 1e-6)
+    s0 = images[0][tissue].astype(np.float64)
+    te0, tr0 = float(te_tr[0][0]), float(te_tr[0][1])
+
+    def log_e(te: float, tr: float, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
+        return np.log(np.maximum(1.0 - np.exp(-tr / x1), 1e-12)) - te / x2
+
+    def dlog_a(tr: float, x1: np.ndarray) -> np.ndarray:  # d log(1 - exp(-TR/T1)) / d log T1
+        r = np.exp(-tr / x1)
+        return r * (tr / x1) / np.maximum(1.0 - r, 1e-9)
+
+    for k in range(1, k_in):
+        te, tr = float(te_tr[k][0]), float(te_tr[k][1])
+        sk = images[k][tissue].astype(np.float64)
+        ok = (sk > 0) & (s0 > 0)
+        if valid is not None:
+            ok &= valid[k][tissue] & valid[0][tissue]
         if ok.sum() < 16:
             continue
-        r = np.exp(-tr / np.maximum(s1, 1e-6))
-        sens = np.hypot(r * (tr / np.maximum(s1, 1e-6)) / np.maximum(1.0 - r, 1e-9), te / np.maximum(s2, 1e-6))[ok]
+        ratio = np.log(sk[ok] / s0[ok]) - (log_e(te, tr, a1[ok], a2[ok]) - log_e(te0, tr0, a1[ok], a2[ok]))
+        sens = np.hypot(dlog_a(tr, f1[ok]) - dlog_a(tr0, f1[ok]), (te - te0) / f2[ok])
         w = 1.0 / (sens * sens + SENS_FLOOR ** 2)
-        gains[k] = float(np.exp(_weighted_median(np.log(s[ok] / m[ok]), w)))
+        gains[k] = float(np.exp(_weighted_median(ratio, w)))
     return gains
 
 
@@ -97,8 +117,8 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
 
 
 def _fit(s: np.ndarray, te: np.ndarray, tr: np.ndarray, g: np.ndarray, pd: np.ndarray, t1: np.ndarray,
-         t2: np.ndarray, cfg: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batched Levenberg-Marquardt on (log PD, log T1, log T2) for voxels s [V,K]."""
+         t2: np.ndarray, cfg: Settings, wk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batched Levenberg-Marquardt on (log PD, log T1, log T2) for voxels s [V,K] (wk [V,K]: 1 = measured)."""
     lo = np.log([1e-6, T1_BOUNDS_MS[0], T2_BOUNDS_MS[0]]).astype(s.dtype)
     hi = np.log([1e6, T1_BOUNDS_MS[1], T2_BOUNDS_MS[1]]).astype(s.dtype)
     prior = np.stack([np.log(t1), np.log(t2)], axis=1)  # [V,2]
@@ -110,7 +130,7 @@ def _fit(s: np.ndarray, te: np.ndarray, tr: np.ndarray, g: np.ndarray, pd: np.nd
         r = np.exp(-tr[None, :] / a1)
         b = np.exp(-te[None, :] / a2)
         model = g[None, :] * p * (1.0 - r) * b  # [V,K]
-        rd = (model - s) * inv_d
+        rd = (model - s) * (inv_d * wk)
         rp = (u[:, 1:] - prior) * inv_p
         cost = np.einsum("vk,vk->v", rd, rd) + np.einsum("vk,vk->v", rp, rp)
         return rd, rp, cost, model, r, b, p, a1, a2
@@ -120,9 +140,9 @@ def _fit(s: np.ndarray, te: np.ndarray, tr: np.ndarray, g: np.ndarray, pd: np.nd
     pp = inv_p * inv_p
     for _ in range(cfg.n_iter):
         # d model / d log PD = model; / d log T1 = -g PD B R TR/T1; / d log T2 = model TE/T2
-        j0 = model * inv_d
-        j1 = -g[None, :] * p * b * r * tr[None, :] / a1 * inv_d
-        j2 = model * te[None, :] / a2 * inv_d
+        j0 = model * (inv_d * wk)
+        j1 = -g[None, :] * p * b * r * tr[None, :] / a1 * (inv_d * wk)
+        j2 = model * te[None, :] / a2 * (inv_d * wk)
         # normal equations (symmetric 3x3 per voxel) + the prior on log T1, log T2
         h00, h01, h02 = (j0 * j0).sum(1), (j0 * j1).sum(1), (j0 * j2).sum(1)
         h11, h12, h22 = (j1 * j1).sum(1) + pp, (j1 * j2).sum(1), (j2 * j2).sum(1) + pp
@@ -156,46 +176,53 @@ def _solve3(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, e: np.nd
 
 
 def refine(images: np.ndarray, te_tr: np.ndarray, pd: np.ndarray, t1: np.ndarray, t2: np.ndarray,
-           settings: Settings | None = None,
-           gains: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+           settings: Settings | None = None, gains: np.ndarray | None = None,
+           valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Maps consistent with every input, starting from (and regularised by) the network's maps.
 
     ``images`` [K, ...]: the inputs divided by their own series scale, first = PD's units;
     ``te_tr`` [K, 2] ms; ``pd``/``t1``/``t2``: the network's maps (shape ``images.shape[1:]``).
-    ``gains`` [K]: input k's scale relative to the first, when known (e.g. series stored in
-    one scale); else estimated by :func:`input_gains`.
+    ``gains`` [K]: input k's scale relative to the first when known (series stored in one
+    scale, or estimated once per volume by the caller); else :func:`input_gains` here.
+    ``valid`` [K, ...] bool: where each input is a measurement (False outside a resampled
+    partner's field of view: those residuals are dropped).
     Returns refined (pd, t1, t2) as float32 and the gains [K].  Background voxels (every
     input below ``background_frac``) and voxels the network gave no T1/T2 keep the
-    network's values.  With one input the maps are returned unchanged.
+    network's values; with one input the maps come back unchanged.
     """
     cfg = settings or Settings()
-    img = np.asarray(images, dtype=np.float64)
+    img = np.asarray(images, dtype=np.float32)
     tt = np.asarray(te_tr, dtype=np.float64)
     if img.ndim < 2 or tt.shape != (img.shape[0], 2):
         raise ValueError(f"images [K, ...] and te_tr [K, 2] expected, got {img.shape} and {tt.shape}")
     if img.shape[1:] != pd.shape or pd.shape != t1.shape or t1.shape != t2.shape:
         raise ValueError(f"maps {pd.shape}/{t1.shape}/{t2.shape} do not match the inputs {img.shape[1:]}")
+    if valid is not None and np.shape(valid) != img.shape:
+        raise ValueError(f"valid must have the inputs' shape {img.shape}, got {np.shape(valid)}")
+    out_pd, out_t1, out_t2 = (np.asarray(a, np.float32).copy() for a in (pd, t1, t2))
     if img.shape[0] < 2:
-        return pd, t1, t2, np.ones(img.shape[0])
-    valid = (t1 > 0) & (t2 > 0) & (pd > 0) & np.all(np.isfinite(img), axis=0)
-    sel = valid & np.any(img > cfg.background_frac, axis=0)
-    tissue = valid & np.all(img > 2 * cfg.background_frac, axis=0)
+        return out_pd, out_t1, out_t2, np.ones(img.shape[0])
+    ok_in = np.isfinite(img) if valid is None else (np.asarray(valid, bool) & np.isfinite(img))
+    img = np.where(ok_in, img, 0.0).astype(np.float32)
+    fine = (t1 > 0) & (t2 > 0) & (pd > 0)
+    sel = fine & np.any(ok_in & (img > cfg.background_frac), axis=0)
     if gains is None:
-        gains = input_gains(img, tt, pd, t1, t2, tissue)
+        tissue = fine & np.all(~ok_in | (img > 2 * cfg.background_frac), axis=0) & ok_in[0]
+        gains = input_gains(img, tt, t1, t2, tissue, ok_in)
     elif np.shape(gains) != (img.shape[0],):
         raise ValueError(f"gains must be [K] = [{img.shape[0]}], got shape {np.shape(gains)}")
     gains = np.asarray(gains, np.float64)
-    out_pd, out_t1, out_t2 = pd.astype(np.float32), t1.astype(np.float32), t2.astype(np.float32)
     if not sel.any():
         return out_pd, out_t1, out_t2, gains
     # float32 in the fit: twice as fast, and far more precise than the data
-    s = img[:, sel].T.astype(np.float32)  # [V,K]
-    p0, a0, b0 = pd[sel].astype(np.float32), t1[sel].astype(np.float32), t2[sel].astype(np.float32)
-    res = [np.empty(len(p0)) for _ in range(3)]
+    s = img[:, sel].T  # [V,K]
+    wk = ok_in[:, sel].T.astype(np.float32)
+    p0, a0, b0 = out_pd[sel], out_t1[sel], out_t2[sel]
+    res = [np.empty(len(p0), np.float32) for _ in range(3)]
+    te32, tr32, g32 = tt[:, 0].astype(np.float32), tt[:, 1].astype(np.float32), gains.astype(np.float32)
     for i in range(0, len(p0), _CHUNK):
         j = slice(i, i + _CHUNK)
-        for dst, v in zip(res, _fit(s[j], tt[:, 0].astype(np.float32), tt[:, 1].astype(np.float32),
-                                    gains.astype(np.float32), p0[j], a0[j], b0[j], cfg)):
+        for dst, v in zip(res, _fit(s[j], te32, tr32, g32, p0[j], a0[j], b0[j], cfg, wk[j])):
             dst[j] = v
     out_pd[sel], out_t1[sel], out_t2[sel] = res[0], res[1], res[2]
     return out_pd, out_t1, out_t2, gains

@@ -40,6 +40,9 @@ class Aligned:
     volume: Volume
     pixels: np.ndarray  # [N,H,W] on the target grid
     resampled: bool
+    #: resampled only: True where the target voxel lies inside the partner's field of view
+    #: (outside, ``pixels`` is 0 for the network but is no measurement for the consistency fit)
+    valid: np.ndarray | None = None
 
 
 def _positions(v: Volume) -> np.ndarray:
@@ -76,16 +79,31 @@ def _index_to_patient(v: Volume) -> tuple[np.ndarray, np.ndarray]:
     return m, origin
 
 
-def resample_to(target: Volume, partner: Volume) -> np.ndarray:
-    """The partner's pixels at the target's voxel centres (trilinear; 0 outside)."""
+def _source_coords(target: Volume, partner: Volume) -> np.ndarray:
+    """Partner (slice, row, col) index coordinates [3, N*H*W] of the target's voxel centres."""
     mt, ot = _index_to_patient(target)
     mp, op = _index_to_patient(partner)
     n, h, w = target.pixels.shape
     idx = np.stack(np.meshgrid(np.arange(n), np.arange(h), np.arange(w), indexing="ij"), axis=0).reshape(3, -1)
     patient = ot[:, None] + mt @ idx
-    src = np.linalg.solve(mp, patient - op[:, None])
+    return np.linalg.solve(mp, patient - op[:, None])
+
+
+def resample_to(target: Volume, partner: Volume) -> np.ndarray:
+    """The partner's pixels at the target's voxel centres (trilinear; 0 outside)."""
+    src = _source_coords(target, partner)
     out = ndimage.map_coordinates(partner.pixels, src, order=1, mode="constant", cval=0.0, prefilter=False)
-    return out.reshape(n, h, w).astype(np.float32)
+    return out.reshape(target.pixels.shape).astype(np.float32)
+
+
+def inside_fov(target: Volume, partner: Volume) -> np.ndarray:
+    """True where a target voxel centre lies within the partner's outermost voxel centres.
+
+    Outside, trilinear interpolation mixes in the constant 0 of :func:`resample_to`.
+    """
+    src = _source_coords(target, partner)
+    hi = np.asarray(partner.pixels.shape, float)[:, None] - 1.0
+    return np.all((src >= -1e-3) & (src <= hi + 1e-3), axis=0).reshape(target.pixels.shape)
 
 
 def align(target: Volume, partner: Volume, allow_resample: bool) -> tuple[Aligned | None, str]:
@@ -97,7 +115,8 @@ def align(target: Volume, partner: Volume, allow_resample: bool) -> tuple[Aligne
         return None, why
     if not allow_resample:
         return None, f"{why} and the protocol does not allow resampling"
-    return Aligned(partner, resample_to(target, partner), resampled=True), f"resampled ({why})"
+    return (Aligned(partner, resample_to(target, partner), resampled=True, valid=inside_fov(target, partner)),
+            f"resampled ({why})")
 
 
 #: ``fusion.target`` rules: which series of a fused group is the geometric target.

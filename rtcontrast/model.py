@@ -316,7 +316,10 @@ def fusion_from_single(single_state: dict[str, torch.Tensor], cfg: ModelConfig, 
             w = torch.zeros_like(own[k])
             w[:, :1] = v
             own[k] = w
-        elif k in own and own[k].shape == v.shape:
+        elif k in own:
+            if own[k].shape != v.shape:
+                raise ValueError(f"{k}: checkpoint shape {tuple(v.shape)} does not fit this network's "
+                                 f"{tuple(own[k].shape)} (log_input / max_inputs / architecture differ)")
             own[k] = v.clone()
     if gated:
         for k, v in single_state.items():

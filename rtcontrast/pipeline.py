@@ -289,13 +289,15 @@ def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple
         if abs((datetime.fromisoformat(other.created_at) - t_job).total_seconds()) > rules.window_s:
             record["skipped"][uid] = f"outside the fusion window of {rules.window_s:g} s"
             continue
-        paths = [m.path for m in ctx.jobs.job_instances(other.id)]
+        members = ctx.jobs.job_instances(other.id)
+        paths = [m.path for m in members]
         if not paths or not all(p.is_file() for p in paths):
             record["skipped"][uid] = "spooled files missing"
             continue
         try:
             header = pydicom.dcmread(paths[0], stop_before_pixels=True)
-            ok, why = check_eligibility(header, ctx.protocol, calling_ae=None)
+            ok, why = check_eligibility(header, ctx.protocol,
+                                        calling_ae=next((m.calling_ae for m in members if m.calling_ae), None))
             if not ok:
                 record["skipped"][uid] = why
                 continue
@@ -321,6 +323,24 @@ def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple
         if aligned.resampled:
             record["resampled"].append(uid)
     return used, record
+
+
+def _target_uses(ctx: PipelineContext, study: str, target: str, series: str) -> bool:
+    """Whether the target series' job has used, or will use, ``series`` as a partner.
+
+    It will when it has not looked for partners yet (received/assembling: it finds this
+    series then), and it has when its QA lists this series.  Otherwise (it ran before this
+    series arrived, or failed / was held) this series must not defer to it: its data would
+    reach the TPS in no derived series at all.  The node runs one job at a time, so the
+    target's job is never half-way through while this one asks.
+    """
+    jobs = [j for j in ctx.jobs.latest_jobs_in_study(study) if j.series_uid == target]
+    if not jobs:
+        return False
+    tj = jobs[-1]
+    if tj.state in ("received", "assembling"):
+        return True
+    return tj.state in ("queued", "delivered") and series in ((tj.qa or {}).get("fusion") or {}).get("partners", [])
 
 
 def _blockwise_u16(shape: tuple[int, ...], fill: Callable[[int, int], np.ndarray]) -> np.ndarray:
@@ -497,11 +517,16 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
                 protocol.fusion.target) if partners else None
             if target is not None and target != series:
                 qa["fusion"]["target"] = target
-                raise _Stop("ineligible", f"{PARTNER_ONLY} series {target} (fusion.target: {protocol.fusion.target}); "
-                                          "no derived series of its own")
+                if _target_uses(ctx, job.study_uid, target, series):
+                    raise _Stop("ineligible", f"{PARTNER_ONLY} series {target} (fusion.target: "
+                                              f"{protocol.fusion.target}); no derived series of its own")
+                qa["fusion"]["note"] = (f"target series {target} was processed without this series: "
+                                        "derived series of its own instead")
             co_sources = [a.volume for a, _, _ in partners]
             maps = model.predict_multi([(volume.pixels, te, tr)] + [(a.pixels, pte, ptr) for a, pte, ptr in partners],
-                                       consistency=Settings() if protocol.fusion.consistency else None)
+                                       consistency=(Settings(shared_scale=protocol.fusion.shared_scale)
+                                                    if protocol.fusion.consistency else None),
+                                       valid=[None] + [a.valid for a, _, _ in partners])
             if maps.input_gains is not None:
                 qa["fusion"]["input_gains"] = [round(g, 4) for g in maps.input_gains]
             if partners:

@@ -279,6 +279,8 @@ class Fusion(StrictModel):
     allow_resample: bool = Field(False, description="resample partners on another grid onto the target's grid")
     consistency: bool = Field(True, description="refine the fused maps so that they re-render every input "
                                                 "(rtcontrast.consistency); off = the network's maps as they are")
+    shared_scale: bool = Field(False, description="the series of a study are stored in one intensity scale "
+                                                  "(consistency uses the ratio of series scales as gains)")
     target: Literal["each", "t2w", "t1w", "finest"] = Field(
         "each", description="which series of a group gets derived series: each, or only the T2w-like (longest TE), "
                             "T1w-like (shortest TR) or finest-grid one; the others are inputs only")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rtcontrast.consistency import Settings, refine
+from rtcontrast.consistency import Settings, input_gains, refine
 from rtcontrast.contract import (
     INPUT_NAMES,
     INPUT_NAMES_FUSION,
@@ -157,7 +157,7 @@ class QMapModel:
         return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size)
 
     def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int = 8,
-                      consistency: Settings | None = None) -> QMaps:
+                      consistency: Settings | None = None, valid: list[np.ndarray | None] | None = None) -> QMaps:
         """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
 
         ``batch_size`` is an upper bound: batches never exceed :data:`MAX_BATCH_PIXELS`.
@@ -165,7 +165,9 @@ class QMapModel:
         The first series is the geometric target and defines PD's units.  Several inputs
         need a ``qmap/2`` model; extra inputs beyond its ``max_inputs`` are an error.
         ``consistency``: with two or more inputs, the network's maps are then refined so
-        that they re-render every input (:func:`rtcontrast.consistency.refine`, per slice).
+        that they re-render every input (:func:`rtcontrast.consistency.refine`): the gains
+        between inputs once for the volume, then the fit slice by slice.  ``valid``: per
+        input, where it is a measurement (a resampled partner's field of view; None = all).
         """
         if not inputs:
             raise ValueError("no input series")
@@ -187,7 +189,6 @@ class QMapModel:
         t1 = np.empty_like(pd)
         t2 = np.empty_like(pd)
         te_tr_pred = np.empty((n, 2), np.float32)
-        gains: list[np.ndarray] = []
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             x = np.zeros((stop - start, k, h + ph, w + pw), np.float32)
@@ -198,15 +199,42 @@ class QMapModel:
             present = np.zeros((stop - start, k), np.float32)
             present[:, : len(inputs)] = 1.0
             o = self.run_normalised(x, tt if self.info.fusion else tt[:, 0], present)
-            if consistency is not None and len(inputs) > 1:
-                for i in range(stop - start):
-                    o["pd"][i, 0], o["t1"][i, 0], o["t2"][i, 0], g = refine(
-                        x[i, : len(inputs)], tt[i, : len(inputs)], o["pd"][i, 0], o["t1"][i, 0], o["t2"][i, 0],
-                        consistency)
-                    gains.append(g)
             pd[start:stop] = o["pd"][:, 0, :h, :w] * np.float32(s)
             t1[start:stop] = o["t1"][:, 0, :h, :w]
             t2[start:stop] = o["t2"][:, 0, :h, :w]
             te_tr_pred[start:stop] = o["te_tr_pred"]
+        gains = None
+        if consistency is not None and len(inputs) > 1:
+            gains = self._make_consistent(inputs, scales, QMaps(pd, t1, t2, te_tr_pred, s), consistency, valid)
         return QMaps(pd=pd, t1=t1, t2=t2, te_tr_pred=te_tr_pred, scale=s,
-                     input_gains=[float(v) for v in np.median(gains, axis=0)] if gains else None)
+                     input_gains=[float(v) for v in gains] if gains is not None else None)
+
+    @staticmethod
+    def _make_consistent(inputs: list[tuple[np.ndarray, float, float]], scales: list[float], maps: QMaps,
+                         settings: Settings, valid: list[np.ndarray | None] | None) -> np.ndarray:
+        """Refine ``maps`` in place (consistency with every input); returns the gains used."""
+        k = len(inputs)
+        tt = np.array([(te, tr) for _, te, tr in inputs], np.float64)
+        masks = [np.ones(inputs[0][0].shape, bool) if v is None else np.asarray(v, bool)
+                 for v in (valid or [None] * k)]
+        if len(masks) != k or any(m.shape != inputs[0][0].shape for m in masks):
+            raise ValueError(f"valid: one mask of shape {inputs[0][0].shape} (or None) per input expected")
+
+        def scaled(sl: slice | int = slice(None)) -> np.ndarray:
+            return np.stack([inputs[j][0][sl] * np.float32(1.0 / scales[j]) for j in range(k)])
+
+        if settings.shared_scale:
+            gains = np.array([scales[0] / sc for sc in scales])
+        else:
+            img = scaled()
+            ok = np.stack(masks)
+            fine = (maps.t1 > 0) & (maps.t2 > 0) & (maps.pd > 0)
+            tissue = fine & ok[0] & np.all(~ok | (img > 2 * settings.background_frac), axis=0)
+            gains = input_gains(img, tt, maps.t1, maps.t2, tissue, ok)
+            del img
+        pd_n = maps.pd / np.float32(maps.scale)
+        for i in range(maps.pd.shape[0]):
+            p, a, b, _ = refine(scaled(i), tt, pd_n[i], maps.t1[i], maps.t2[i], settings, gains=gains,
+                                valid=np.stack([m[i] for m in masks]))
+            maps.pd[i], maps.t1[i], maps.t2[i] = p * np.float32(maps.scale), a, b
+        return gains

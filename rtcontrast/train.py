@@ -578,7 +578,8 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [dev.index] if dev.type == "cuda" else None
-        model = DDP(core, device_ids=ids)
+        # gated fusion: the fused branch's identification head is computed but unused (the frozen branch answers)
+        model = DDP(core, device_ids=ids, find_unused_parameters=bool(getattr(core, "gated", False)))
         if disc is not None:
             disc_ddp = DDP(disc, device_ids=ids)
     autocast, amp_dtype = autocast_for(cfg, dev)

@@ -41,7 +41,7 @@ def test_same_grid_is_used_as_is(tmp_path: Path) -> None:
     ok, _ = same_grid(a, b)
     assert ok
     al, why = align(a, b, allow_resample=False)
-    assert al is not None and not al.resampled and al.pixels is b.pixels
+    assert al is not None and not al.resampled and al.pixels is b.pixels and al.valid is None
 
 
 def test_resampling_is_exact_on_linear_fields(tmp_path: Path) -> None:
@@ -66,6 +66,11 @@ def test_outside_partner_field_of_view_is_zero(tmp_path: Path) -> None:
     out = resample_to(a, b)
     assert (out[:, :, :14] == 0).all()  # columns left of x=0 (with the interpolation margin)
     np.testing.assert_allclose(out[:, :, 16:], a.pixels[:, :, 16:], rtol=0, atol=0.51)  # stored values are rounded to integers
+    # the aligned partner says which voxels are measurements: exactly the columns x >= 0 (index 15 on)
+    al, _ = align(a, b, allow_resample=True)
+    assert al is not None and al.valid is not None
+    assert not al.valid[:, :, :15].any() and al.valid[:, :, 15:].all()
+    np.testing.assert_allclose(al.pixels[al.valid], a.pixels[al.valid], rtol=0, atol=0.51)
 
 
 def test_choose_target_rules_agree_whichever_job_asks() -> None:

@@ -116,3 +116,39 @@ def test_target_rule_t2w_gives_output_for_the_t2w_series_only(tmp_path: Path, or
     t2_sops = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in t2}
     referenced = {str(it.ReferencedSOPInstanceUID) for ds in got for it in ds.SourceImageSequence}
     assert t2_sops <= referenced
+
+
+def test_target_rule_never_defers_to_a_target_that_ran_without_it(tmp_path: Path, orthanc: Orthanc,  # noqa: F811
+                                                                  make_node) -> None:
+    """No waiting: the T2w (target) arrives and is processed alone first; the T1w that arrives later must not defer
+    to it (its data would reach the TPS nowhere): it gets derived series of its own, fused with the T2w."""
+    import pydicom
+
+    protocol = {
+        "version": "fusion-target-late",
+        "qa": LENIENT_QA,
+        "destinations": {"tps": {"dicom": {"host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC",
+                                           "connect_timeout_s": 2, "acse_timeout_s": 5}}},
+        "recipes": [{"key": "T2w", "label": "T2w", "te_ms": 100, "tr_ms": 4000, "series_number": 901,
+                     "destinations": ["tps"]}],
+        "fusion": {"enabled": True, "wait_for_partner_s": 0, "target": "t2w"},
+    }
+    node = make_node(protocol, metrics={"enabled": False})
+    t1 = _series(tmp_path, 8.0, 500.0, 7)
+    t2 = _series(tmp_path, 90.0, 4000.0, 8)
+    t1_uid, t2_uid = (str(pydicom.dcmread(p[0], stop_before_pixels=True).SeriesInstanceUID) for p in (t1, t2))
+    assert storescu(node.port, t2).returncode == 0
+    wait_for(lambda: [j for j in node.jobs.recent_jobs(5) if j.state in ("queued", "delivered")], 60, "T2w job done")
+    assert storescu(node.port, t1).returncode == 0
+
+    def settled() -> list:
+        jobs = node.jobs.recent_jobs(10)
+        return jobs if len(jobs) == 2 and all(j.state in ("ineligible", "queued", "delivered") for j in jobs) else []
+
+    jobs = {j.series_uid: j for j in wait_for(settled, 90, "both jobs settled")}
+    assert jobs[t1_uid].state in ("queued", "delivered"), jobs[t1_uid]
+    assert jobs[t1_uid].qa["fusion"]["partners"] == [t2_uid]
+    assert "processed without this series" in jobs[t1_uid].qa["fusion"]["note"]
+    got = wait_for(lambda: (lambda g: g if len(g) == 12 else [])(
+        [orthanc.dataset(u) for u in orthanc.sop_instance_uids()]), 90, "both derived series in Orthanc")
+    assert len({str(ds.SeriesInstanceUID) for ds in got}) == 2
