@@ -45,6 +45,26 @@ def load_checkpoint(path: str | Path) -> tuple[QMapNet | QMapFusionNet, dict]:
     return model, ck
 
 
+def replace_single_branch(model: QMapNet | QMapFusionNet, path: str) -> dict:
+    """Put a qmap/1 checkpoint's weights into a gated fusion model's frozen single-input branch.
+
+    Why: the branches are independent (the fused branch never sees the frozen one), so a
+    better single-input model can be carried into the fusion model without retraining it.
+    """
+    if not isinstance(model, QMapFusionNet) or model.single is None:
+        raise SystemExit("--single-branch needs a gated qmap/2 checkpoint (fusion_gated: true)")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck.get("contract", CONTRACT) != CONTRACT:
+        raise SystemExit(f"--single-branch {path}: a {ck.get('contract')} checkpoint, a {CONTRACT} one is needed")
+    if ck["model_config"] != model.cfg.to_dict():
+        raise SystemExit(f"--single-branch {path}: architecture {ck['model_config']} differs from {model.cfg.to_dict()}")
+    model.single.load_state_dict(ck["model"])
+    model.eval()
+    tc = ck.get("train_config", {})
+    return {"checkpoint": str(path), "name": tc.get("name"), "version": tc.get("version"), "steps": ck.get("step"),
+            "best_validation_render_l1": ck.get("best")}
+
+
 def export(model: QMapNet | QMapFusionNet, out: Path, metadata: dict[str, str]) -> None:
     """torch -> ONNX with dynamic N/H/W (and K for qmap/2) and the contract metadata."""
     tmp = out.with_suffix(".tmp.onnx")
@@ -113,9 +133,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write the evaluation report with figures to models/NAME.report/report.md")
     ap.add_argument("--report-data", default=None, help="with --report: a folder of real SE series to include")
     ap.add_argument("--report-subjects", type=int, default=2, help="with --report: held-out phantom subjects")
+    ap.add_argument("--single-branch", default=None,
+                    help="gated qmap/2 only: a qmap/1 training checkpoint whose weights replace the frozen "
+                         "single-input branch (so the fusion model's single-input case is that model)")
     a = ap.parse_args(argv)
 
     model, ck = load_checkpoint(a.checkpoint)
+    single_info = None
+    if a.single_branch:
+        single_info = replace_single_branch(model, a.single_branch)
     tc = ck["train_config"]
     name = a.name or tc.get("name", "qmap")
     version = a.version or tc.get("version", "0.0.0")
@@ -176,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                                      "No real patient data. ", ""))
     if tc.get("init"):
         card["training"]["initialised_from"] = str(tc["init"])
+    if fusion:
+        card["io"]["inputs"] = {"image": "float32 [N,K,H,W] each input's stored values / its series scale",
+                                "te_tr": "float32 [N,K,2] ms", "present": "float32 [N,K] 1 = present"}
+        card["architecture"]["fusion_options"] = getattr(model, "options", {})
+    if single_info is not None:
+        card["training"]["single_branch"] = single_info
     if a.eval_subjects:
         from rtcontrast.evaluate import evaluate, format_table
 

@@ -159,3 +159,22 @@ def test_gated_fusion_single_input_is_the_single_model(trained: tuple[Path, Trai
     tts2 = np.stack([tt, tt[::-1]], axis=1)
     o2 = m.session.run(None, {"image": xs2, "te_tr": tts2, "present": np.ones((2, 2), np.float32)})
     assert not np.allclose(o2[1], o1[1])
+    # --single-branch: another qmap/1 checkpoint becomes the single-input case; the fused case is unchanged
+    other = dict(ck)
+    other["model"] = {k: (v * 1.05 if k == "head.bias" else v) for k, v in ck["model"].items()}
+    torch.save(other, tmp_path / "other.pt")
+    single.load_state_dict(other["model"])
+    with torch.no_grad():
+        ref2 = single(torch.from_numpy(x), torch.from_numpy(tt))
+    out2 = tmp_path / "gated2.onnx"
+    r = subprocess.run([sys.executable, str(ROOT / "export_onnx.py"), str(fbest), "--out", str(out2),
+                        "--eval-subjects", "0", "--single-branch", str(tmp_path / "other.pt")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out2.with_suffix(".json").read_text())["training"]["single_branch"]["checkpoint"].endswith("other.pt")
+    m2 = QMapModel(out2, provider="cpu")
+    o1b = m2.session.run(None, {"image": xs, "te_tr": tts, "present": np.array([[1, 0], [1, 0]], np.float32)})
+    np.testing.assert_allclose(o1b[1], ref2[1].numpy(), rtol=2e-3, atol=1e-4)
+    assert not np.allclose(o1b[1], o1[1])
+    o2b = m2.session.run(None, {"image": xs2, "te_tr": tts2, "present": np.ones((2, 2), np.float32)})
+    np.testing.assert_allclose(o2b[1], o2[1], rtol=1e-5)
