@@ -25,7 +25,7 @@ import torch
 
 from rtcontrast import dataset, phantom
 from rtcontrast.contract import CONTRACT, CONTRACT_FUSION, INPUT_NAMES, INPUT_NAMES_FUSION, OUTPUT_NAMES
-from rtcontrast.model import T1_RANGE, T2_RANGE, ModelConfig, QMapFusionNet, QMapNet
+from rtcontrast.model import T1_RANGE, T2_RANGE, ModelConfig, QMapFusionNet, QMapNet, fusion_from_single
 from rtcontrast.qmap import QMapModel
 
 OPSET = 17
@@ -45,24 +45,31 @@ def load_checkpoint(path: str | Path) -> tuple[QMapNet | QMapFusionNet, dict]:
     return model, ck
 
 
-def replace_single_branch(model: QMapNet | QMapFusionNet, path: str) -> dict:
+def replace_single_branch(model: QMapNet | QMapFusionNet, path: str) -> tuple[QMapFusionNet, dict]:
     """Put a qmap/1 checkpoint's weights into a gated fusion model's frozen single-input branch.
 
     Why: the branches are independent (the fused branch never sees the frozen one), so a
     better single-input model can be carried into the fusion model without retraining it.
+    An ungated fusion network is wrapped into a gated one here.  Returns the (gated) model
+    and what the card records.
     """
-    if not isinstance(model, QMapFusionNet) or model.single is None:
-        raise SystemExit("--single-branch needs a gated qmap/2 checkpoint (fusion_gated: true)")
+    if not isinstance(model, QMapFusionNet):
+        raise SystemExit("--single-branch needs a qmap/2 checkpoint")
     ck = torch.load(path, map_location="cpu", weights_only=False)
     if ck.get("contract", CONTRACT) != CONTRACT:
         raise SystemExit(f"--single-branch {path}: a {ck.get('contract')} checkpoint, a {CONTRACT} one is needed")
     if ck["model_config"] != model.cfg.to_dict():
         raise SystemExit(f"--single-branch {path}: architecture {ck['model_config']} differs from {model.cfg.to_dict()}")
+    gated_here = model.single is None
+    if gated_here:  # an ungated fusion network: wrap it, the single branch answers single-input cases from now on
+        model = fusion_from_single(ck["model"], model.cfg, model.max_inputs, gated=True, log_input=model.log_input,
+                                   fused_state=model.state_dict())
+    assert model.single is not None
     model.single.load_state_dict(ck["model"])
     model.eval()
     tc = ck.get("train_config", {})
-    return {"checkpoint": str(path), "name": tc.get("name"), "version": tc.get("version"), "steps": ck.get("step"),
-            "best_validation_render_l1": ck.get("best")}
+    return model, {"checkpoint": str(path), "name": tc.get("name"), "version": tc.get("version"), "steps": ck.get("step"),
+            "best_validation_render_l1": ck.get("best"), "gated_at_export": gated_here}
 
 
 def export(model: QMapNet | QMapFusionNet, out: Path, metadata: dict[str, str]) -> None:
@@ -134,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-data", default=None, help="with --report: a folder of real SE series to include")
     ap.add_argument("--report-subjects", type=int, default=2, help="with --report: held-out phantom subjects")
     ap.add_argument("--single-branch", default=None,
-                    help="gated qmap/2 only: a qmap/1 training checkpoint whose weights replace the frozen "
-                         "single-input branch (so the fusion model's single-input case is that model)")
+                    help="qmap/2: a qmap/1 training checkpoint that becomes the frozen single-input branch (an "
+                         "ungated fusion checkpoint is gated with it), so the single-input case is that model")
     a = ap.parse_args(argv)
 
     model, ck = load_checkpoint(a.checkpoint)
     single_info = None
     if a.single_branch:
-        single_info = replace_single_branch(model, a.single_branch)
+        model, single_info = replace_single_branch(model, a.single_branch)
     tc = ck["train_config"]
     name = a.name or tc.get("name", "qmap")
     version = a.version or tc.get("version", "0.0.0")

@@ -115,6 +115,16 @@ def test_fusion_model_from_single_trains_and_exports(trained: tuple[Path, TrainC
     assert one.pd.shape == two.pd.shape == (2, 40, 44)
     with pytest.raises(ValueError, match="at most 3"):
         m.predict_multi([(vol, 80, 3000)] * 4)
+    # --single-branch gates an ungated fusion checkpoint at export: single input = the qmap/1 model, fused unchanged
+    gated_out = tmp_path / "fusion_gated.onnx"
+    single_out = tmp_path / "single.onnx"
+    for args in ([str(fbest), "--out", str(gated_out), "--single-branch", str(best)], [str(best), "--out", str(single_out)]):
+        r = subprocess.run([sys.executable, str(ROOT / "export_onnx.py"), *args, "--eval-subjects", "0"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    g, s1 = QMapModel(gated_out, provider="cpu"), QMapModel(single_out, provider="cpu")
+    np.testing.assert_allclose(g.predict(vol, 80, 3000).t1, s1.predict(vol, 80, 3000).t1, rtol=2e-3)
+    np.testing.assert_allclose(g.predict_multi([(vol, 80, 3000), (vol * 0.5, 10, 500)]).t1, two.t1, rtol=1e-4)
 
 
 def test_gated_fusion_single_input_is_the_single_model(trained: tuple[Path, TrainConfig], tmp_path: Path) -> None:
