@@ -25,9 +25,10 @@ check-config: setup
 
 train: setup-test
 	$(PY) -m rtcontrast.train --config config/train_default.yaml
+	$(PY) -m rtcontrast.train --config config/train_default_continue.yaml
 
 export: setup-test
-	$(PY) export_onnx.py var/train/default/best.pt --out models/qmap-pelvis.onnx
+	$(PY) export_onnx.py var/train/default2/best.pt --out models/qmap-pelvis.onnx
 
 evaluate: setup-test
 	$(PY) -m rtcontrast.evaluate --model models/qmap-pelvis.onnx
