@@ -34,16 +34,21 @@ def _series(tmp: Path, te: float, tr: float, number: int, size: int = 64, n: int
     return write_series(dss, tmp / f"s{number}")
 
 
-def test_t1w_and_t2w_fused_lineage_references_both(tmp_path: Path, orthanc: Orthanc, make_node) -> None:  # noqa: F811
-    protocol = {
-        "version": "fusion-e2e",
+def _protocol(version: str, orthanc_port: int, **fusion: object) -> dict:
+    """One T2w recipe to the TPS (Orthanc), lenient QA, fusion on with the given settings."""
+    return {
+        "version": version,
         "qa": LENIENT_QA,
-        "destinations": {"tps": {"dicom": {"host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC",
+        "destinations": {"tps": {"dicom": {"host": "127.0.0.1", "port": orthanc_port, "ae_title": "ORTHANC",
                                            "connect_timeout_s": 2, "acse_timeout_s": 5}}},
         "recipes": [{"key": "T2w", "label": "T2w", "te_ms": 100, "tr_ms": 4000, "series_number": 901,
                      "destinations": ["tps"]}],
-        "fusion": {"enabled": True, "wait_for_partner_s": 30},
+        "fusion": {"enabled": True, **fusion},
     }
+
+
+def test_t1w_and_t2w_fused_lineage_references_both(tmp_path: Path, orthanc: Orthanc, make_node) -> None:  # noqa: F811
+    protocol = _protocol("fusion-e2e", orthanc.dicom_port, wait_for_partner_s=30)
     node = make_node(protocol, metrics={"enabled": False})
     t1 = _series(tmp_path, 8.0, 500.0, 3)
     t2 = _series(tmp_path, 90.0, 4000.0, 4)
@@ -79,15 +84,7 @@ def test_target_rule_t2w_gives_output_for_the_t2w_series_only(tmp_path: Path, or
 
     from rtcontrast.pipeline import PARTNER_ONLY
 
-    protocol = {
-        "version": "fusion-target",
-        "qa": LENIENT_QA,
-        "destinations": {"tps": {"dicom": {"host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC",
-                                           "connect_timeout_s": 2, "acse_timeout_s": 5}}},
-        "recipes": [{"key": "T2w", "label": "T2w", "te_ms": 100, "tr_ms": 4000, "series_number": 901,
-                     "destinations": ["tps"]}],
-        "fusion": {"enabled": True, "wait_for_partner_s": 30, "target": "t2w"},
-    }
+    protocol = _protocol("fusion-target", orthanc.dicom_port, wait_for_partner_s=30, target="t2w")
     node = make_node(protocol, metrics={"enabled": False})
     t1 = _series(tmp_path, 8.0, 500.0, 5)
     t2 = _series(tmp_path, 90.0, 4000.0, 6)
@@ -124,15 +121,7 @@ def test_target_rule_never_defers_to_a_target_that_ran_without_it(tmp_path: Path
     to it (its data would reach the TPS nowhere): it gets derived series of its own, fused with the T2w."""
     import pydicom
 
-    protocol = {
-        "version": "fusion-target-late",
-        "qa": LENIENT_QA,
-        "destinations": {"tps": {"dicom": {"host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC",
-                                           "connect_timeout_s": 2, "acse_timeout_s": 5}}},
-        "recipes": [{"key": "T2w", "label": "T2w", "te_ms": 100, "tr_ms": 4000, "series_number": 901,
-                     "destinations": ["tps"]}],
-        "fusion": {"enabled": True, "wait_for_partner_s": 0, "target": "t2w"},
-    }
+    protocol = _protocol("fusion-target-late", orthanc.dicom_port, wait_for_partner_s=0, target="t2w")
     node = make_node(protocol, metrics={"enabled": False})
     t1 = _series(tmp_path, 8.0, 500.0, 7)
     t2 = _series(tmp_path, 90.0, 4000.0, 8)
