@@ -114,6 +114,14 @@ def input_gains(images: np.ndarray, te_tr: np.ndarray, t1: np.ndarray, t2: np.nd
     return gains
 
 
+def gain_tissue(images: np.ndarray, valid: np.ndarray, pd: np.ndarray, t1: np.ndarray, t2: np.ndarray,
+                cfg: Settings) -> np.ndarray:
+    """Voxels to read the gains from: maps defined, the first input measured, every measured input clearly above
+    background (ratios of near-background voxels are noise)."""
+    fine = (t1 > 0) & (t2 > 0) & (pd > 0)
+    return fine & valid[0] & np.all(~valid | (images > 2 * cfg.background_frac), axis=0)
+
+
 def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
     order = np.argsort(x)
     c = np.cumsum(w[order])
@@ -211,8 +219,7 @@ def refine(images: np.ndarray, te_tr: np.ndarray, pd: np.ndarray, t1: np.ndarray
     fine = (t1 > 0) & (t2 > 0) & (pd > 0)
     sel = fine & np.any(ok_in & (img > cfg.background_frac), axis=0)
     if gains is None:
-        tissue = fine & np.all(~ok_in | (img > 2 * cfg.background_frac), axis=0) & ok_in[0]
-        gains = input_gains(img, tt, t1, t2, tissue, ok_in)
+        gains = input_gains(img, tt, t1, t2, gain_tissue(img, ok_in, pd, t1, t2, cfg), ok_in)
     elif np.shape(gains) != (img.shape[0],):
         raise ValueError(f"gains must be [K] = [{img.shape[0]}], got shape {np.shape(gains)}")
     gains = np.asarray(gains, np.float64)
@@ -232,4 +239,4 @@ def refine(images: np.ndarray, te_tr: np.ndarray, pd: np.ndarray, t1: np.ndarray
     return out_pd, out_t1, out_t2, gains
 
 
-__all__ = ["Settings", "input_gains", "refine", "DATA_SIGMA", "PRIOR_SIGMA"]
+__all__ = ["Settings", "gain_tissue", "input_gains", "refine", "DATA_SIGMA", "PRIOR_SIGMA"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rtcontrast.consistency import Settings, input_gains, refine
+from rtcontrast.consistency import Settings, gain_tissue, input_gains, refine
 from rtcontrast.contract import (
     INPUT_NAMES,
     INPUT_NAMES_FUSION,
@@ -87,7 +87,7 @@ class QMaps:
     t2: np.ndarray
     te_tr_pred: np.ndarray  # [N,2] ms, identified per slice
     scale: float  # the series scale s used for the model input
-    #: with data consistency: each input's gain relative to the first (median over slices)
+    #: with data consistency: each input's gain relative to the first (estimated once for the volume)
     input_gains: list[float] | None = None
 
 
@@ -226,11 +226,8 @@ class QMapModel:
         if settings.shared_scale:
             gains = np.array([scales[0] / sc for sc in scales])
         else:
-            img = scaled()
-            ok = np.stack(masks)
-            fine = (maps.t1 > 0) & (maps.t2 > 0) & (maps.pd > 0)
-            tissue = fine & ok[0] & np.all(~ok | (img > 2 * settings.background_frac), axis=0)
-            gains = input_gains(img, tt, maps.t1, maps.t2, tissue, ok)
+            img, ok = scaled(), np.stack(masks)
+            gains = input_gains(img, tt, maps.t1, maps.t2, gain_tissue(img, ok, maps.pd, maps.t1, maps.t2, settings), ok)
             del img
         pd_n = maps.pd / np.float32(maps.scale)
         for i in range(maps.pd.shape[0]):
