@@ -24,14 +24,14 @@ check-config: setup
 	$(PY) node.py check-config
 
 train: setup-test
-	$(PY) -m rtcontrast.train --config config/train_default.yaml
-	$(PY) -m rtcontrast.train --config config/train_default_continue.yaml
+	$(PY) -m rtcontrast.research.train --config config/train_default.yaml
+	$(PY) -m rtcontrast.research.train --config config/train_default_continue.yaml
 
 export: setup-test
 	$(PY) export_onnx.py var/train/default2/best.pt --out models/qmap-pelvis.onnx
 
 evaluate: setup-test
-	$(PY) -m rtcontrast.evaluate --model models/qmap-pelvis.onnx
+	$(PY) -m rtcontrast.research.evaluate --model models/qmap-pelvis.onnx
 
 ## Install as a systemd service into /opt/rtcontrast and /etc/rtcontrast (root; see docs/admin.md).
 install:

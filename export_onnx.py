@@ -8,7 +8,7 @@ Steps: build the torch model from the checkpoint, export with dynamic batch/heig
 phantom slices of several sizes (exit 2 above tolerance), evaluate it on the held-out
 phantom split, and write the card ``models/NAME.json`` (version, sha256, training
 configuration, data, ranges, parity, evaluation table) plus ``NAME.eval.png``.  ``--report [--report-data FOLDER]`` also writes the evaluation
-report with figures (:mod:`rtcontrast.report`) to ``models/NAME.report/report.md``.
+report with figures (:mod:`rtcontrast.research.report`) to ``models/NAME.report/report.md``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import numpy as np
 import onnx
 import torch
 
-from rtcontrast import dataset, phantom
-from rtcontrast.contract import CONTRACT, CONTRACT_FUSION, INPUT_NAMES, INPUT_NAMES_FUSION, OUTPUT_NAMES
-from rtcontrast.model import T1_RANGE, T2_RANGE, ModelConfig, QMapFusionNet, QMapNet, fusion_from_single
-from rtcontrast.qmap import QMapModel
+from rtcontrast.research import dataset
+from rtcontrast.research import phantom
+from rtcontrast.core.contract import CONTRACT, CONTRACT_FUSION, INPUT_NAMES, INPUT_NAMES_FUSION, OUTPUT_NAMES
+from rtcontrast.research.model import T1_RANGE, T2_RANGE, ModelConfig, QMapFusionNet, QMapNet, fusion_from_single
+from rtcontrast.core.inference import QMapModel
 
 OPSET = 17
 #: Parity tolerance: 99.9th percentile of |onnx - torch| / (|torch| + floor).
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                          "parameters": int(sum(p.numel() for p in model.parameters()))},
         "training": {"config": tc, "steps": ck["step"], "best_validation_render_l1": ck["best"],
                      "history": ck.get("history", [])},
-        "data": {"kind": "synthetic male-pelvis phantoms (rtcontrast.phantom)",
+        "data": {"kind": "synthetic male-pelvis phantoms (rtcontrast.research.phantom)",
                  "train_seeds": [0, tc.get("n_train_subjects")],
                  "validation_seeds": [dataset.HELDOUT_SEED_BASE, dataset.HELDOUT_SEED_BASE + tc.get("n_val", 0)],
                  "notes": "No real patient data. Relaxation values around de Bazelaire 2004 / Stanisz 2005 at "
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if single_info is not None:
         card["training"]["single_branch"] = single_info
     if a.eval_subjects:
-        from rtcontrast.evaluate import evaluate, format_table
+        from rtcontrast.research.evaluate import evaluate, format_table
 
         fig = out.with_suffix(".eval.png")
         report = evaluate(out, n_subjects=a.eval_subjects, figure=fig)
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         card["evaluation_figure"] = fig.name
         print(format_table(report))
         if fusion:
-            from rtcontrast.evaluate import evaluate_fusion, format_fusion_table
+            from rtcontrast.research.evaluate import evaluate_fusion, format_fusion_table
 
             freport = evaluate_fusion(out, n_subjects=a.eval_subjects)
             card["fusion_evaluation"] = freport
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     card_path = out.with_suffix(".json")
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     if a.report:
-        from rtcontrast.report import write_report
+        from rtcontrast.research.report import write_report
 
         md = write_report(out, out.with_suffix(".report"), a.report_data, n_subjects=a.report_subjects)
         card["report"] = str(md.relative_to(out.parent))

@@ -47,7 +47,7 @@ def other_cpu_users() -> list[str]:
         if not d.name.isdigit() or int(d.name) == me:
             continue
         cmd = _read(str(d / "cmdline")).replace("\x00", " ").strip()
-        if "rtcontrast.train" in cmd:
+        if "rtcontrast.research.train" in cmd:
             found.append(cmd[:160])
     return sorted(set(found))
 
@@ -85,7 +85,7 @@ def machine() -> dict[str, Any]:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_at_start": _read("/proc/loadavg").split()[:3],
         "cpu_contention": (
-            "a model training run (python -m rtcontrast.train) was using the CPU during this benchmark; "
+            "a model training run (python -m rtcontrast.research.train) was using the CPU during this benchmark; "
             "absolute numbers are pessimistic, ratios were measured side by side" if contention else "none detected"
         ),
         "contending_processes": contention,

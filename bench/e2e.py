@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO, machine, median, storescu, table, verdict, write_result  # noqa: E402
 from bench.inference import normalised_batches  # noqa: E402
-from rtcontrast.qmap import QMapModel  # noqa: E402
+from rtcontrast.core.inference import QMapModel  # noqa: E402
 from tests.dicomgen import write_series  # noqa: E402
 from tests.orthanc import Orthanc  # noqa: E402
 from tests.reliability.helpers import (  # noqa: E402

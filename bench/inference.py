@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO, machine, median, table, verdict, write_result  # noqa: E402
-from rtcontrast.contract import pad_amounts, series_scale  # noqa: E402
-from rtcontrast.qmap import QMapModel, cuda_present  # noqa: E402
+from rtcontrast.core.contract import pad_amounts, series_scale  # noqa: E402
+from rtcontrast.core.inference import QMapModel, cuda_present  # noqa: E402
 from tests.reliability.helpers import phantom_volume  # noqa: E402
 
 MODEL = REPO / "models" / "qmap-pelvis.onnx"
@@ -53,7 +53,7 @@ def normalised_batches(model: QMapModel, pixels: np.ndarray, te: float, tr: floa
 def torch_model() -> tuple[Any, str]:
     import torch
 
-    from rtcontrast.model import ModelConfig, QMapNet
+    from rtcontrast.research.model import ModelConfig, QMapNet
 
     card = json.loads(CARD.read_text())
     cfg = card["architecture"]["model_config"]

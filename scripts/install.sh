@@ -86,7 +86,7 @@ mv "$tmp" "$REL"
 trap - EXIT
 chmod 0755 "$REL"
 chmod -R go-w,go+rX "$REL"
-(cd "$REL/app" && "$REL/venv/bin/python" -c "import rtcontrast.node, onnxruntime, pynetdicom, prometheus_client") \
+(cd "$REL/app" && "$REL/venv/bin/python" -c "import rtcontrast.node.service, onnxruntime, pynetdicom, prometheus_client") \
   || { echo "the new release's environment is incomplete; 'current' was not switched" >&2; exit 1; }
 ln -sfn "releases/$VERSION" "$PREFIX/current.new"
 mv -T "$PREFIX/current.new" "$PREFIX/current"

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rtcontrast import phantom  # noqa: E402
+from rtcontrast.research import phantom  # noqa: E402
 from tests.dicomgen import Geometry, make_series, write_series  # noqa: E402
 
 

@@ -5,7 +5,7 @@ physicist actually hands over: nested folders named after patients, files with a
 without ``.dcm``, shuffled names, one or two contrasts per patient, an Enhanced MR
 object, and things that must be skipped (gradient echo, CT, a series without TE, a
 truncated file, a text file, a duplicate copy).  Pixels come from the pelvis phantom
-(rtcontrast.phantom) so the ground-truth maps are known.
+(rtcontrast.research.phantom) so the ground-truth maps are known.
 
 ``build_real_like_dataset(root)`` writes it and returns what was written (see its
 docstring); the PatientIDs/PatientNames are returned so tests can check they never leak.
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from pydicom.uid import RLELossless
 
-from rtcontrast import phantom
+from rtcontrast.research import phantom
 from tests.dicomgen import PATIENT, Geometry, SeriesSpec, make_enhanced, make_series, write_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -12,17 +12,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from rtcontrast.config import ConfigError, NodeConfig, load_node_config
-from rtcontrast.outbox import DicomDestination, FolderDestination
-from rtcontrast.physics import SEED_CONTRASTS
-from rtcontrast.protocol import (
-    MatchRules,
-    ProtocolConfig,
-    build_destinations,
-    check_eligibility,
-    header_te_tr,
-    load_protocol,
-)
+from rtcontrast.settings.node import ConfigError, NodeConfig, load_node_config
+from rtcontrast.node.dispatch.destinations import DicomDestination, FolderDestination, build_destinations
+from rtcontrast.core.physics import SEED_CONTRASTS
+from rtcontrast.settings.protocol import MatchRules, ProtocolConfig, load_protocol
+from rtcontrast.dicom.eligibility import check_eligibility, header_te_tr
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Data consistency (rtcontrast.consistency): refined maps re-render every input; with three contrasts they
+"""Data consistency (rtcontrast.core.consistency): refined maps re-render every input; with three contrasts they
 recover the truth from a poor start; one input is left alone; bad shapes are refused."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtcontrast import phantom
-from rtcontrast.consistency import Settings, input_gains, refine
-from rtcontrast.physics import signal
+from rtcontrast.research import phantom
+from rtcontrast.core.consistency import Settings, input_gains, refine
+from rtcontrast.core.physics import signal
 
 T1W, PDW, T2W = (10.0, 450.0), (10.0, 4000.0), (90.0, 4000.0)
 

@@ -12,21 +12,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from rtcontrast import uids
-from rtcontrast.derive import (
-    PD_SCALE,
-    DeriveError,
-    ModelIdentity,
-    NodeIdentity,
-    RecipeInfo,
-    Window,
-    derive_contrast_series,
-    derive_map_images,
-    derive_parametric_maps,
-    map_to_u16,
-    save_all,
-)
-from rtcontrast.volume import Volume, assemble
+from rtcontrast.dicom import uids
+from rtcontrast.dicom.derive import PD_SCALE, DeriveError, ModelIdentity, NodeIdentity, RecipeInfo, Window, derive_contrast_series, save_all
+from rtcontrast.dicom.map_series import derive_map_images, derive_parametric_maps, map_to_u16
+from rtcontrast.dicom.volume import Volume, assemble
 from tests.dicomgen import Geometry, make_enhanced, make_series, phantom, write_series
 
 DCIODVFY = "/usr/bin/dciodvfy"

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtcontrast.fusion import Candidate, align, choose_target, resample_to, same_grid
-from rtcontrast.volume import Volume, assemble
+from rtcontrast.dicom.grid import Candidate, align, choose_target, resample_to, same_grid
+from rtcontrast.dicom.volume import Volume, assemble
 from tests.dicomgen import Geometry, make_series, write_series
 
 

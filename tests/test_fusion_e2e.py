@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtcontrast import phantom
-from rtcontrast.qmap import QMapModel
+from rtcontrast.research import phantom
+from rtcontrast.core.inference import QMapModel
 from tests.dicomgen import Geometry, make_series, write_series
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
 from tests.test_node_e2e import LENIENT_QA, make_node, node_settings, storescu, wait_for  # noqa: F401
@@ -82,7 +82,7 @@ def test_target_rule_t2w_gives_output_for_the_t2w_series_only(tmp_path: Path, or
     is an input only: its job ends ineligible with a reason naming the target, and nothing of its own is sent."""
     import pydicom
 
-    from rtcontrast.pipeline import PARTNER_ONLY
+    from rtcontrast.node.pipeline import PARTNER_ONLY
 
     protocol = _protocol("fusion-target", orthanc.dicom_port, wait_for_partner_s=30, target="t2w")
     node = make_node(protocol, metrics={"enabled": False})

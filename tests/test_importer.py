@@ -1,4 +1,4 @@
-"""Importing a researcher's own spin-echo export (rtcontrast.importer) from a real-like folder."""
+"""Importing a researcher's own spin-echo export (rtcontrast.research.importer) from a real-like folder."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rtcontrast import importer
-from rtcontrast.importer import ImportReport, load_series, patient_hash, scan
+from rtcontrast.research import importer
+from rtcontrast.research.importer import ImportReport, load_series, patient_hash, scan
 from tests.realdata import build_real_like_dataset
 
 HAS_NIBABEL = importlib.util.find_spec("nibabel") is not None
@@ -205,7 +205,7 @@ def test_nifti_with_sidecars(tmp_path: Path) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "rtcontrast.importer", *args],
+        [sys.executable, "-m", "rtcontrast.research.importer", *args],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
 

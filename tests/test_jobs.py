@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from rtcontrast.db import connect
-from rtcontrast.jobs import JOB_STATES, JobStore
-from rtcontrast.scp import StoredInstance
-from rtcontrast.series import SeriesTracker
+from rtcontrast.node.store.db import connect
+from rtcontrast.node.store.jobs import JOB_STATES, JobStore
+from rtcontrast.node.receive.scp import StoredInstance
+from rtcontrast.node.receive.series import SeriesTracker
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES_A = "1.2.826.0.1.3680043.8.498.1.1"

@@ -1,4 +1,4 @@
-"""The classical least-squares PD/T1/T2 fit (rtcontrast.lsq) on phantoms with known maps."""
+"""The classical least-squares PD/T1/T2 fit (rtcontrast.core.lsq) on phantoms with known maps."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from rtcontrast import lsq, phantom
-from rtcontrast.physics import SEED_CONTRASTS, signal
+from rtcontrast.core import lsq
+from rtcontrast.research import phantom
+from rtcontrast.core.physics import SEED_CONTRASTS, signal
 
 GAIN = 1000.0
 

@@ -23,13 +23,15 @@ import pytest
 import yaml
 from pydicom.data import get_testdata_file
 
-from rtcontrast.config import NodeConfig, load_node_config
-from rtcontrast.contract import ContractError
-from rtcontrast.node import Node, cmd_check_config, cmd_resend, cmd_status, read_status
-from rtcontrast.protocol import ProtocolConfig
-from rtcontrast.qmap import QMapModel
-from rtcontrast.scp import StoredInstance
-from rtcontrast.spool import Spool
+from rtcontrast.settings.node import NodeConfig, load_node_config
+from rtcontrast.core.contract import ContractError
+from rtcontrast.node.cli import cmd_check_config, cmd_resend, cmd_status
+from rtcontrast.node.ops.status import read_status
+from rtcontrast.node.service import Node
+from rtcontrast.settings.protocol import ProtocolConfig
+from rtcontrast.core.inference import QMapModel
+from rtcontrast.node.receive.scp import StoredInstance
+from rtcontrast.node.receive.spool import Spool
 from tests.conftest import dcmtk, free_port
 from tests.dicomgen import write_series
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
@@ -235,8 +237,8 @@ def test_restart_resumes_jobs_supersedes_and_completes_series(tmp_path: Path, mo
     config = NodeConfig.model_validate(node_settings(var))
     protocol = ProtocolConfig.model_validate(folder_protocol(tmp_path / "export", 2))
     # what a node wrote before it died, using its own stores
-    from rtcontrast import db
-    from rtcontrast.jobs import JobStore
+    from rtcontrast.node.store import db
+    from rtcontrast.node.store.jobs import JobStore
     from datetime import datetime, timezone
 
     spool, conn = Spool(config.spool_path), db.connect(config.db_file)

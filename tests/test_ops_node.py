@@ -20,15 +20,17 @@ import pytest
 import yaml
 
 import node as node_cli
-import rtcontrast.node as node_mod
-from rtcontrast import db
-from rtcontrast.config import NodeConfig
-from rtcontrast.jobs import JobStore
-from rtcontrast.node import Node, read_status, release_job
-from rtcontrast.protocol import ProtocolConfig
-from rtcontrast.qmap import QMapModel
-from rtcontrast.retention import purge
-from rtcontrast.scp import StoredInstance
+import rtcontrast.node.service as node_mod
+from rtcontrast.node.store import db
+from rtcontrast.settings.node import NodeConfig
+from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.admin import release_job
+from rtcontrast.node.ops.status import read_status
+from rtcontrast.node.service import Node
+from rtcontrast.settings.protocol import ProtocolConfig
+from rtcontrast.core.inference import QMapModel
+from rtcontrast.node.ops.retention import purge
+from rtcontrast.node.receive.scp import StoredInstance
 from tests.test_node_e2e import LENIENT_QA, node_settings, storescu, wait_for
 from tests.dicomgen import write_series
 from tests.test_pipeline import MODEL_PATH, phantom_series
@@ -91,7 +93,7 @@ def test_reload_mid_job_keeps_the_jobs_protocol(tmp_path: Path, model: QMapModel
     # broken: refused, every field error logged, the old protocol stays
     proto_path.write_text("version: r-bad\nrecipes:\n  - {key: A, label: a, te_ms: 0, tr_ms: 500, series_number: 901,"
                           " destinations: [nowhere]}\nqa: {action: maybe}\n")
-    with caplog.at_level(logging.ERROR, logger="rtcontrast.node"):
+    with caplog.at_level(logging.ERROR, logger="rtcontrast.node.service"):
         assert node.reload() is False
     errors = [r.getMessage() for r in caplog.records]
     assert any(f"{proto_path}:3: recipes[0].te_ms: Input should be greater than 0" in e for e in errors), errors

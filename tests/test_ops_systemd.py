@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rtcontrast import systemd as sd
+from rtcontrast.node.ops import systemd as sd
 from tests.conftest import dcmtk, free_port
 from tests.dicomgen import write_series
 from tests.test_pipeline import MODEL_PATH, REPO, phantom_series

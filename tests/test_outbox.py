@@ -16,17 +16,16 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage
 
-from rtcontrast.db import connect
-from rtcontrast.outbox import (
+from rtcontrast.node.store.db import connect
+from rtcontrast.node.dispatch.outbox import (
     DEAD_LETTER,
     DELIVERED,
     PENDING,
-    DicomDestination,
-    FolderDestination,
     Outbox,
     RetryPolicy,
-    Sender,
 )
+from rtcontrast.node.dispatch.destinations import DicomDestination, FolderDestination
+from rtcontrast.node.dispatch.sender import Sender
 from tests.conftest import free_port
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
 
@@ -188,7 +187,7 @@ def test_tcp_nodelay_is_set(outbox: Outbox) -> None:
     ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1"])
     p = free_port()
     server = ae.start_server(("127.0.0.1", p), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    import rtcontrast.outbox as ob
+    import rtcontrast.node.dispatch.sender as ob
 
     orig = ob._set_nodelay
 

@@ -3,8 +3,8 @@
 import numpy as np
 from scipy import ndimage
 
-from rtcontrast import phantom
-from rtcontrast.phantom import LABELS
+from rtcontrast.research import phantom
+from rtcontrast.research.phantom import LABELS
 
 
 def test_deterministic() -> None:

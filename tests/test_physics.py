@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rtcontrast.physics import SEED_CONTRASTS, signal, weighting
+from rtcontrast.core.physics import SEED_CONTRASTS, signal, weighting
 
 
 def test_hand_computed_values() -> None:

@@ -1,6 +1,6 @@
 """The per-job pipeline without the network: spool + job store + outbox on disk, the real model.
 
-Series come from the pelvis phantom (rtcontrast.phantom) written as DICOM by
+Series come from the pelvis phantom (rtcontrast.research.phantom) written as DICOM by
 tests/dicomgen.py.  Nothing here depends on the model's exact numbers (the shipped model
 is provisional): only on the contract (shapes, QA keys, ranges) and on the pipeline's
 decisions (eligible or not, failed, held, warned, what was queued where).
@@ -20,15 +20,17 @@ import numpy as np
 import pydicom
 import pytest
 
-from rtcontrast import __version__, db, phantom
-from rtcontrast.jobs import JobStore
-from rtcontrast.logs import setup_logging
-from rtcontrast.outbox import Outbox
-from rtcontrast.pipeline import STAGES, PipelineContext, node_identity, run_job
-from rtcontrast.protocol import ProtocolConfig
-from rtcontrast.qmap import QMapModel
-from rtcontrast.scp import StoredInstance
-from rtcontrast.spool import Spool
+from rtcontrast import __version__
+from rtcontrast.node.store import db
+from rtcontrast.research import phantom
+from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.ops.logs import setup_logging
+from rtcontrast.node.dispatch.outbox import Outbox
+from rtcontrast.node.pipeline import STAGES, PipelineContext, node_identity, run_job
+from rtcontrast.settings.protocol import ProtocolConfig
+from rtcontrast.core.inference import QMapModel
+from rtcontrast.node.receive.scp import StoredInstance
+from rtcontrast.node.receive.spool import Spool
 from tests.dicomgen import Geometry, make_enhanced, make_series
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +219,7 @@ def test_maps_classic_and_parametric(tmp_path: Path, model: QMapModel) -> None:
 def test_gradient_echo_is_ineligible_with_exact_reason(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     src = phantom_series(scanning_sequence="GR", uid_seed="gre")
     job_id = env.ingest(src)
-    with caplog.at_level(logging.INFO, logger="rtcontrast.pipeline"):
+    with caplog.at_level(logging.INFO, logger="rtcontrast.node.pipeline"):
         res = run_job(env.ctx, job_id)
     assert res.state == "ineligible"
     assert res.reason == "ScanningSequence 'GR' is gradient echo: not spin-echo"

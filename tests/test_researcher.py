@@ -26,13 +26,14 @@ import yaml
 
 torch = pytest.importorskip("torch")
 
-from rtcontrast.config import NodeConfig  # noqa: E402
-from rtcontrast.contract import ContractError  # noqa: E402
-from rtcontrast.node import Node, cmd_models  # noqa: E402
-from rtcontrast.protocol import ProtocolConfig  # noqa: E402
-from rtcontrast.qmap import QMapModel  # noqa: E402
-from rtcontrast.realdata_source import RealDataSource  # noqa: E402
-from rtcontrast.train import TrainConfig, train  # noqa: E402
+from rtcontrast.settings.node import NodeConfig  # noqa: E402
+from rtcontrast.core.contract import ContractError  # noqa: E402
+from rtcontrast.node.cli import cmd_models  # noqa: E402
+from rtcontrast.node.service import Node  # noqa: E402
+from rtcontrast.settings.protocol import ProtocolConfig  # noqa: E402
+from rtcontrast.core.inference import QMapModel  # noqa: E402
+from rtcontrast.research.realdata_source import RealDataSource  # noqa: E402
+from rtcontrast.research.train import TrainConfig, train  # noqa: E402
 from tests.conftest import dcmtk, free_port  # noqa: E402
 from tests.realdata import build_real_like_dataset  # noqa: E402
 
@@ -174,7 +175,7 @@ def test_torchrun_two_cpu_processes(trained: TrainConfig, realdata: tuple[Path, 
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(asdict(cfg)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "rtcontrast.train", "--config", str(tmp_path / "ddp.yaml")],
+                        "-m", "rtcontrast.research.train", "--config", str(tmp_path / "ddp.yaml")],
                        capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)

@@ -20,8 +20,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, _config
 
-from rtcontrast.scp import ACCEPTED_TRANSFER_SYNTAXES, ScpSettings, StorageSCP, StoredInstance
-from rtcontrast.spool import Spool
+from rtcontrast.node.receive.scp import ACCEPTED_TRANSFER_SYNTAXES, ScpSettings, StorageSCP, StoredInstance
+from rtcontrast.node.receive.spool import Spool
 from tests.conftest import dcmtk
 from tests.dicomgen_receive import (
     ENHANCED_MR_IMAGE,

@@ -21,15 +21,17 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from rtcontrast.config import NodeConfig
-from rtcontrast.jobs import JobStore  # noqa: F401  (registers its schema before db.connect)
-from rtcontrast import db
-from rtcontrast.node import Node
-from rtcontrast.outbox import DELIVERED, PENDING, DicomDestination, Outbox, RetryPolicy, Sender
-from rtcontrast.protocol import ProtocolConfig, build_destinations
-from rtcontrast.qmap import QMapModel
-from rtcontrast.scp import ScpSettings, StorageSCP, StoredInstance
-from rtcontrast.spool import Spool
+from rtcontrast.settings.node import NodeConfig
+from rtcontrast.node.store.jobs import JobStore  # noqa: F401  (registers its schema before db.connect)
+from rtcontrast.node.store import db
+from rtcontrast.node.service import Node
+from rtcontrast.node.dispatch.destinations import DicomDestination, build_destinations
+from rtcontrast.node.dispatch.outbox import DELIVERED, PENDING, Outbox, RetryPolicy
+from rtcontrast.node.dispatch.sender import Sender
+from rtcontrast.settings.protocol import ProtocolConfig
+from rtcontrast.core.inference import QMapModel
+from rtcontrast.node.receive.scp import ScpSettings, StorageSCP, StoredInstance
+from rtcontrast.node.receive.spool import Spool
 from tests.conftest import dcmtk, free_port
 from tests.dicomgen import PATIENT, make_series, phantom, write_series
 from tests.test_pipeline import MODEL_PATH
@@ -108,7 +110,7 @@ def tls_client_args(pki: Pki) -> tuple[str, ...]:
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "rtcontrast.scp" and r.getMessage().startswith("refused")]
+            if r.name == "rtcontrast.node.receive.scp" and r.getMessage().startswith("refused")]
 
 
 def wait_for(cond: Any, timeout_s: float, what: str) -> Any:
@@ -329,7 +331,7 @@ def test_outbox_tls_without_client_cert_is_not_delivered(tmp_path: Path, pki: Pk
 def test_outbox_tls_missing_ca_file_is_a_clear_failure(tmp_path: Path, phantom_files: list[Path],
                                                        logs: pytest.LogCaptureFixture) -> None:
     """Caught by the protocol check first; a file that disappears later fails each attempt clearly."""
-    from rtcontrast.config import ConfigError
+    from rtcontrast.settings.node import ConfigError
 
     with pytest.raises(ValueError, match="missing.crt"):
         protocol_tps(free_port(), enabled=True, ca_file=str(tmp_path / "missing.crt"))
@@ -337,7 +339,7 @@ def test_outbox_tls_missing_ca_file_is_a_clear_failure(tmp_path: Path, phantom_f
     bad.write_text("destinations:\n  tps:\n    dicom:\n      host: 127.0.0.1\n      port: 104\n      ae_title: TPS\n"
                    f"      tls: {{enabled: true, ca_file: {tmp_path / 'nope.crt'}}}\n"
                    "recipes: [{key: a, label: a, te_ms: 100, tr_ms: 4000, series_number: 901, destinations: [tps]}]\n")
-    from rtcontrast.protocol import load_protocol
+    from rtcontrast.settings.protocol import load_protocol
 
     with pytest.raises(ConfigError, match=r"proto.yaml:7: destinations.tps.dicom.tls: .*nope.crt"):
         load_protocol(bad)
@@ -418,7 +420,7 @@ def test_node_config_reaches_scp_settings(pki: Pki) -> None:
 
 
 def test_tls_config_errors(tmp_path: Path, pki: Pki) -> None:
-    from rtcontrast.config import ConfigError, load_node_config
+    from rtcontrast.settings.node import ConfigError, load_node_config
 
     bad = tmp_path / "node.yaml"
     bad.write_text(
@@ -445,7 +447,7 @@ def test_tls_config_errors(tmp_path: Path, pki: Pki) -> None:
 def test_mismatched_key_stops_before_listening(tmp_path: Path, pki: Pki, other_pki: Pki) -> None:
     import ssl
 
-    from rtcontrast.scp import ScpTls
+    from rtcontrast.node.receive.scp import ScpTls
 
     port, tls_port = free_port(), free_port()
     settings = ScpSettings(host="127.0.0.1", port=port,

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from rtcontrast.spool import InvalidUID, Spool, SpoolFull, UnreadableInstance, validate_uid
+from rtcontrast.node.receive.spool import InvalidUID, Spool, SpoolFull, UnreadableInstance, validate_uid
 
 
 def mr(name: str = "MR_small.dcm") -> pydicom.Dataset:

@@ -14,9 +14,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rtcontrast.contract import CONTRACT, ContractError  # noqa: E402
-from rtcontrast.qmap import QMapModel  # noqa: E402
-from rtcontrast.train import TrainConfig, train  # noqa: E402
+from rtcontrast.core.contract import CONTRACT, ContractError  # noqa: E402
+from rtcontrast.core.inference import QMapModel  # noqa: E402
+from rtcontrast.research.train import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_export_parity_and_contract(trained: tuple[Path, TrainConfig], tmp_path:
 
 def test_fusion_model_from_single_trains_and_exports(trained: tuple[Path, TrainConfig], tmp_path: Path) -> None:
     """qmap/2: starts as the trained qmap/1 network, trains, exports, and runs 1..K inputs in the node path."""
-    from rtcontrast.model import ModelConfig, QMapNet, fusion_from_single
+    from rtcontrast.research.model import ModelConfig, QMapNet, fusion_from_single
 
     best, cfg = trained
     ck = torch.load(best, weights_only=False)
@@ -130,7 +130,7 @@ def test_fusion_model_from_single_trains_and_exports(trained: tuple[Path, TrainC
 def test_gated_fusion_single_input_is_the_single_model(trained: tuple[Path, TrainConfig], tmp_path: Path) -> None:
     """Gated qmap/2: training moves the fused branch only; one input present gives the qmap/1 answer exactly,
     in torch and after export through onnxruntime; two inputs give a different (fused) answer."""
-    from rtcontrast.model import ModelConfig, QMapNet
+    from rtcontrast.research.model import ModelConfig, QMapNet
 
     best, cfg = trained
     ck = torch.load(best, weights_only=False)
@@ -142,7 +142,7 @@ def test_gated_fusion_single_input_is_the_single_model(trained: tuple[Path, Trai
     assert fck["fusion_options"] == {"gated": True, "log_input": True}
     for k, v in ck["model"].items():  # the frozen branch did not move (weights nor BatchNorm statistics)
         torch.testing.assert_close(fck["model"]["single." + k], v, rtol=0, atol=0)
-    from rtcontrast.model import QMapFusionNet
+    from rtcontrast.research.model import QMapFusionNet
 
     params = {n for n, _ in QMapFusionNet(ModelConfig(**ck["model_config"]), 2, gated=True,
                                            log_input=True).named_parameters()}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtcontrast.volume import VolumeError, assemble, crop_to, pad_to_multiple
+from rtcontrast.dicom.volume import VolumeError, assemble, crop_to, pad_to_multiple
 from tests.dicomgen import (
     ENHANCED_MR_IMAGE_STORAGE,
     DeflatedExplicitVRLittleEndian,

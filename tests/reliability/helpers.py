@@ -29,7 +29,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 from pydicom.uid import ExplicitVRLittleEndian
 
-from rtcontrast.uids import instance_uid
+from rtcontrast.dicom.uids import instance_uid
 from tests.conftest import free_port
 from tests.dicomgen import make_series
 

@@ -37,10 +37,10 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from rtcontrast.config import NodeConfig
-from rtcontrast.node import Node
-from rtcontrast.protocol import ProtocolConfig
-from rtcontrast.qmap import QMapModel
+from rtcontrast.settings.node import NodeConfig
+from rtcontrast.node.service import Node
+from rtcontrast.settings.protocol import ProtocolConfig
+from rtcontrast.core.inference import QMapModel
 from tests.dicomgen import Geometry, make_series
 from tests.reliability.helpers import LENIENT_QA, MODEL_PATH, echo, node_settings, phantom_volume, series, wait_for
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pydicom
 
-from rtcontrast.qmap import QMapModel
+from rtcontrast.core.inference import QMapModel
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
 from tests.reliability.helpers import (
     FULL,

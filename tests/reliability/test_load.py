@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from rtcontrast.qmap import QMapModel
+from rtcontrast.core.inference import QMapModel
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
 from tests.reliability.helpers import (
     FULL,

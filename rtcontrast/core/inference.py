@@ -1,0 +1,224 @@
+"""Quantitative maps through onnxruntime, per the ``qmap/1`` contract (the node's only model code).
+
+The node never imports torch.  This module loads a model file, refuses one whose
+contract it does not know (with a message that says what is wrong), picks the
+execution provider (CUDA when a GPU is really there, else CPU, decided once and logged
+once), and runs a whole series: series scale, padding to the model's multiple,
+batching, cropping, and un-scaling PD back to stored-value units.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from rtcontrast.core.consistency import Settings, gain_tissue, input_gains, refine
+from rtcontrast.core.maps import QMaps
+from rtcontrast.core.contract import (
+    INPUT_NAMES,
+    INPUT_NAMES_FUSION,
+    OUTPUT_NAMES,
+    ContractError,
+    ModelInfo,
+    pad_amounts,
+    parse_metadata,
+    series_scale,
+)
+
+log = logging.getLogger(__name__)
+
+#: Most pixels (slices x padded rows x padded columns x inputs) in one ``session.run``:
+#: 8 slices of 256x256.  Activation memory grows with the batch's pixels and ONNX
+#: Runtime's arena keeps its peak for the life of the session (8 slices of 512x512 held
+#: over 1 GB), so larger matrices run in smaller batches; per-slice speed is no worse.
+MAX_BATCH_PIXELS = 8 * 256 * 256
+
+
+def cuda_present() -> bool:
+    """True when an NVIDIA driver and device are visible (checked before asking ORT for CUDA).
+
+    onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU and logs
+    an error when asked for it there; probing the driver first keeps start-up clean.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if not any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl")) and not os.environ.get("RTCONTRAST_FORCE_CUDA_PROBE"):
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def choose_providers(preference: str = "auto") -> list[str]:
+    """Execution providers for ``preference`` in {auto, cpu, cuda}."""
+    if preference == "cpu":
+        return ["CPUExecutionProvider"]
+    if preference == "cuda":
+        if not cuda_present():
+            raise RuntimeError("execution_provider 'cuda' requested but no CUDA device/driver is present")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if preference != "auto":
+        raise ValueError(f"unknown execution provider preference {preference!r} (auto|cpu|cuda)")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_present() else ["CPUExecutionProvider"]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_io(sess: ort.InferenceSession, path: Path, info: ModelInfo) -> None:
+    ins = {i.name: i for i in sess.get_inputs()}
+    outs = {o.name: o for o in sess.get_outputs()}
+    names = INPUT_NAMES_FUSION if info.fusion else INPUT_NAMES
+    if set(ins) != set(names):
+        raise ContractError(f"{path}: inputs are {sorted(ins)}, {info.contract} requires {list(names)}")
+    missing = [n for n in OUTPUT_NAMES if n not in outs]
+    if missing:
+        raise ContractError(f"{path}: outputs lack {missing}; {info.contract} requires {list(OUTPUT_NAMES)}")
+    te_rank = 3 if info.fusion else 2
+    if len(ins["image"].shape) != 4 or len(ins["te_tr"].shape) != te_rank:
+        raise ContractError(f"{path}: input ranks must be image 4 and te_tr {te_rank} for {info.contract}, got "
+                            f"{ins['image'].shape} and {ins['te_tr'].shape}")
+    for n in names:
+        if ins[n].type != "tensor(float)":
+            raise ContractError(f"{path}: input {n!r} must be float32, is {ins[n].type}")
+
+
+class QMapModel:
+    """A loaded ``qmap/1`` model ready to run series."""
+
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ContractError(f"model file {self.path} does not exist")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No CPU memory arena: the arena keeps the largest batch's activations (150-400 MB)
+        # for the life of the node, which runs one job at a time with long idle gaps;
+        # per-slice speed measured the same without it (bench/inference.py, bench/memory.py).
+        so.enable_cpu_mem_arena = False
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=choose_providers(provider))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ContractError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.info: ModelInfo = parse_metadata(meta)
+        except ContractError as exc:
+            raise ContractError(f"{self.path}: {exc}") from exc
+        _check_io(self.session, self.path, self.info)
+        self.sha256 = file_sha256(self.path)
+        self.provider = self.session.get_providers()[0]
+
+    def describe(self) -> str:
+        return (f"model {self.info.name} {self.info.version} ({self.path.name}, sha256 {self.sha256[:12]}) "
+                f"on {self.provider}")
+
+    def run_normalised(self, image: np.ndarray, te_tr: np.ndarray, present: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One raw ``session.run`` on already normalised, padded input (``present`` for qmap/2)."""
+        feeds = {"image": image, "te_tr": te_tr}
+        if self.info.fusion:
+            if present is None:
+                raise ValueError(f"{self.info.contract} model needs 'present'")
+            feeds["present"] = present
+        outs = self.session.run(list(OUTPUT_NAMES), feeds)
+        return dict(zip(OUTPUT_NAMES, outs))
+
+    def predict(self, pixels: np.ndarray, te_ms: float, tr_ms: float, batch_size: int = 8) -> QMaps:
+        """Maps of a series ``pixels`` [N,H,W] (stored values after Modality LUT)."""
+        return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size)
+
+    def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int = 8,
+                      consistency: Settings | None = None, valid: list[np.ndarray | None] | None = None) -> QMaps:
+        """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
+
+        ``batch_size`` is an upper bound: batches never exceed :data:`MAX_BATCH_PIXELS`.
+
+        The first series is the geometric target and defines PD's units.  Several inputs
+        need a ``qmap/2`` model; extra inputs beyond its ``max_inputs`` are an error.
+        ``consistency``: with two or more inputs, the network's maps are then refined so
+        that they re-render every input (:func:`rtcontrast.core.consistency.refine`): the gains
+        between inputs once for the volume, then the fit slice by slice.  ``valid``: per
+        input, where it is a measurement (a resampled partner's field of view; None = all).
+        """
+        if not inputs:
+            raise ValueError("no input series")
+        if len(inputs) > self.info.max_inputs:
+            raise ValueError(f"{len(inputs)} input series, model {self.info.name} takes at most {self.info.max_inputs}")
+        pixels = inputs[0][0]
+        if pixels.ndim != 3:
+            raise ValueError(f"pixels must be [N,H,W], got shape {pixels.shape}")
+        for extra, _, _ in inputs[1:]:
+            if extra.shape != pixels.shape:
+                raise ValueError(f"input series shapes differ: {extra.shape} vs {pixels.shape}")
+        n, h, w = pixels.shape
+        scales = [series_scale(p, self.info.input_percentile) for p, _, _ in inputs]
+        s = scales[0]
+        ph, pw = pad_amounts(h, w, self.info.spatial_multiple)
+        k = self.info.max_inputs if self.info.fusion else 1
+        batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // ((h + ph) * (w + pw) * k)))
+        pd = np.empty((n, h, w), np.float32)
+        t1 = np.empty_like(pd)
+        t2 = np.empty_like(pd)
+        te_tr_pred = np.empty((n, 2), np.float32)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            x = np.zeros((stop - start, k, h + ph, w + pw), np.float32)
+            tt = np.zeros((stop - start, k, 2), np.float32)
+            for j, ((px, te, tr), sc) in enumerate(zip(inputs, scales)):
+                x[:, j, :h, :w] = px[start:stop] * np.float32(1.0 / sc)
+                tt[:, j] = (te, tr)
+            present = np.zeros((stop - start, k), np.float32)
+            present[:, : len(inputs)] = 1.0
+            o = self.run_normalised(x, tt if self.info.fusion else tt[:, 0], present)
+            pd[start:stop] = o["pd"][:, 0, :h, :w] * np.float32(s)
+            t1[start:stop] = o["t1"][:, 0, :h, :w]
+            t2[start:stop] = o["t2"][:, 0, :h, :w]
+            te_tr_pred[start:stop] = o["te_tr_pred"]
+        gains = None
+        if consistency is not None and len(inputs) > 1:
+            gains = self._make_consistent(inputs, scales, QMaps(pd, t1, t2, te_tr_pred, s), consistency, valid)
+        return QMaps(pd=pd, t1=t1, t2=t2, te_tr_pred=te_tr_pred, scale=s,
+                     input_gains=[float(v) for v in gains] if gains is not None else None)
+
+    @staticmethod
+    def _make_consistent(inputs: list[tuple[np.ndarray, float, float]], scales: list[float], maps: QMaps,
+                         settings: Settings, valid: list[np.ndarray | None] | None) -> np.ndarray:
+        """Refine ``maps`` in place (consistency with every input); returns the gains used."""
+        k = len(inputs)
+        tt = np.array([(te, tr) for _, te, tr in inputs], np.float64)
+        masks = [np.ones(inputs[0][0].shape, bool) if v is None else np.asarray(v, bool)
+                 for v in (valid or [None] * k)]
+        if len(masks) != k or any(m.shape != inputs[0][0].shape for m in masks):
+            raise ValueError(f"valid: one mask of shape {inputs[0][0].shape} (or None) per input expected")
+
+        def scaled(sl: slice | int = slice(None)) -> np.ndarray:
+            return np.stack([inputs[j][0][sl] * np.float32(1.0 / scales[j]) for j in range(k)])
+
+        if settings.shared_scale:
+            gains = np.array([scales[0] / sc for sc in scales])
+        else:
+            img, ok = scaled(), np.stack(masks)
+            gains = input_gains(img, tt, maps.t1, maps.t2, gain_tissue(img, ok, maps.pd, maps.t1, maps.t2, settings), ok)
+            del img
+        pd_n = maps.pd / np.float32(maps.scale)
+        for i in range(maps.pd.shape[0]):
+            p, a, b, _ = refine(scaled(i), tt, pd_n[i], maps.t1[i], maps.t2[i], settings, gains=gains,
+                                valid=np.stack([m[i] for m in masks]))
+            maps.pd[i], maps.t1[i], maps.t2[i] = p * np.float32(maps.scale), a, b
+        return gains

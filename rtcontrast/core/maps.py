@@ -1,0 +1,24 @@
+"""The maps of one series: PD, T1, T2 and what the model read from the image.
+
+A plain numpy container, kept apart from the onnxruntime runner so that rendering,
+derivation and evaluation can use maps without loading an inference engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class QMaps:
+    """Maps of one series, [N,H,W] float32, in the series' stored-value units (PD) and ms."""
+
+    pd: np.ndarray
+    t1: np.ndarray
+    t2: np.ndarray
+    te_tr_pred: np.ndarray  # [N,2] ms, identified per slice
+    scale: float  # the series scale s used for the model input
+    #: with data consistency: each input's gain relative to the first (estimated once for the volume)
+    input_gains: list[float] | None = None

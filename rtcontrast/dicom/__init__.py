@@ -1,0 +1,1 @@
+"""DICOM objects: reading series into volumes, grids and resampling, UIDs, and the writers of derived objects. No network, no database."""

@@ -1,0 +1,1 @@
+"""Derived objects -> TPS: the durable outbox and its C-STORE sender."""

@@ -1,0 +1,295 @@
+"""Sending outbox items: C-STORE to DICOM peers (TLS, TCP_NODELAY, every status checked) and copies to folders.
+
+The :class:`Sender` thread claims due items from the :class:`~rtcontrast.node.dispatch.outbox.Outbox`,
+sends them per destination in presentation-context chunks, and records each outcome;
+the outbox decides retries and dead letters from those outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.uid import (
+    UID,
+)
+from pynetdicom import AE, evt
+
+from rtcontrast.node.dispatch.destinations import (
+    Destination,
+    DicomDestination,
+    FolderDestination,
+)
+from rtcontrast.node.dispatch.outbox import (
+    _UNCOMPRESSED, MAX_CONTEXTS, WARNING_STATUSES, Outbox, OutboxItem, Outcome, RetryPolicy, atomic_copy,
+)
+
+log = logging.getLogger(__name__)
+
+
+# -- sending -----------------------------------------------------------------------
+def _set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: turn Nagle off (DCMTK peers otherwise stall ~40 ms per PDU)."""
+    import socket
+
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _contexts_for(ts: str) -> list[str]:
+    """Transfer syntaxes to offer for a file in ``ts``: uncompressed files may be converted."""
+    if UID(ts) in _UNCOMPRESSED:
+        return [ts] + [str(t) for t in _UNCOMPRESSED if t != ts]
+    return [ts]
+
+
+def _chunks_by_context(items: Sequence[OutboxItem]) -> list[list[OutboxItem]]:
+    """Split items so that no association needs more than MAX_CONTEXTS contexts."""
+    chunks: list[list[OutboxItem]] = []
+    current: list[OutboxItem] = []
+    keys: set[tuple[str, str]] = set()
+    for it in items:
+        key = (it.sop_class_uid, it.transfer_syntax_uid)
+        if key not in keys and len(keys) >= MAX_CONTEXTS:
+            chunks.append(current)
+            current, keys = [], set()
+        keys.add(key)
+        current.append(it)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+class _RecordingSSLSocket(ssl.SSLSocket):
+    """Keeps the handshake error on its context: pynetdicom only logs it, we report it."""
+
+    def connect(self, addr: object) -> None:  # type: ignore[override]
+        try:
+            super().connect(addr)  # type: ignore[arg-type]
+        except OSError as exc:
+            ctx = self.context
+            if isinstance(ctx, _ClientContext):
+                ctx.handshake_error = exc
+            raise
+
+
+class _ClientContext(ssl.SSLContext):
+    """A client TLS context that remembers why its last handshake failed."""
+
+    handshake_error: BaseException | None = None
+
+
+def client_ssl_context(dest: DicomDestination) -> ssl.SSLContext:
+    """TLS 1.2+ client context for ``dest``: server verification and hostname check on.
+
+    Raises ``OSError``/``ssl.SSLError`` when a file is missing or unusable.
+    """
+    ctx = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if dest.tls_ca_file:
+        ctx.load_verify_locations(cafile=dest.tls_ca_file)
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if dest.tls_cert_file:
+        ctx.load_cert_chain(dest.tls_cert_file, dest.tls_key_file)
+    ctx.sslsocket_class = _RecordingSSLSocket
+    return ctx
+
+
+def send_dicom(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Outcome]:
+    """C-STORE ``items`` over one association per <=128 contexts; one Outcome per item."""
+    outcomes: list[Outcome] = []
+    for chunk in _chunks_by_context(items):
+        outcomes.extend(_send_chunk(dest, chunk))
+    return outcomes
+
+
+def _send_chunk(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Outcome]:
+    ae = AE(ae_title=dest.calling_ae)
+    ae.connection_timeout = dest.connect_timeout_s
+    ae.acse_timeout = dest.acse_timeout_s
+    ae.dimse_timeout = dest.dimse_timeout_s
+    ae.network_timeout = dest.network_timeout_s
+    ae.maximum_pdu_size = dest.max_pdu
+    seen: set[tuple[str, str]] = set()
+    for it in items:
+        key = (it.sop_class_uid, it.transfer_syntax_uid)
+        if key not in seen:
+            seen.add(key)
+            ae.add_requested_context(it.sop_class_uid, _contexts_for(it.transfer_syntax_uid))
+    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}{', TLS' if dest.tls else ''})"
+    ctx: ssl.SSLContext | None = None
+    if dest.tls:
+        try:
+            ctx = client_ssl_context(dest)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            err = f"TLS set-up for {where} failed (ca/cert/key files): {exc}"
+            log.error("outbox: %s", err)
+            return [Outcome(False, None, err) for _ in items]
+    try:
+        assoc = ae.associate(
+            dest.host,
+            dest.port,
+            ae_title=dest.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
+            tls_args=None if ctx is None else (ctx, dest.tls_server_hostname or dest.host),
+        )
+    except (OSError, ValueError) as exc:
+        err = f"association to {where} failed: {exc}"
+        log.warning("outbox: %s", err)
+        return [Outcome(False, None, err) for _ in items]
+    if not assoc.is_established:
+        handshake_error = getattr(ctx, "handshake_error", None)
+        if handshake_error is not None:
+            err = f"TLS handshake with {where} failed: {handshake_error}"
+        elif assoc.is_rejected:
+            err = f"association rejected by {where}"
+        elif assoc.is_aborted:
+            err = f"association aborted by {where}"
+        else:
+            err = f"association to {where} failed (peer unreachable or timed out)"
+        log.warning("outbox: %s", err)
+        return [Outcome(False, None, err) for _ in items]
+
+    outcomes: list[Outcome] = []
+    try:
+        for it in items:
+            if not assoc.is_established:
+                outcomes.append(Outcome(False, None, f"association to {where} ended before this instance was sent"))
+                continue
+            outcomes.append(_store_one(assoc, it, where))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+def _store_one(assoc: object, it: OutboxItem, where: str) -> Outcome:
+    if not it.path.exists():
+        err = f"outbox file {it.path} is missing"
+        log.error("outbox: %s -> %s: %s", it.sop_instance_uid, where, err)
+        return Outcome(False, None, err)
+    try:
+        status = assoc.send_c_store(it.path)  # type: ignore[attr-defined]
+    except (ValueError, AttributeError, OSError) as exc:
+        # No accepted presentation context, unreadable file, ...: this item fails.
+        err = f"C-STORE not sent: {exc}"
+        log.warning("outbox: %s -> %s: %s", it.sop_instance_uid, where, err)
+        return Outcome(False, None, err)
+    code = getattr(status, "Status", None)
+    if code is None:
+        err = "no C-STORE response (timeout, abort or invalid response)"
+        log.warning("outbox: %s -> %s: %s", it.sop_instance_uid, where, err)
+        return Outcome(False, None, err)
+    code = int(code)
+    comment = str(status.get("ErrorComment", "")) if hasattr(status, "get") else ""
+    if code == 0x0000:
+        return Outcome(True, code, None)
+    if code in WARNING_STATUSES:
+        msg = f"warning 0x{code:04X} ({WARNING_STATUSES[code]}){': ' + comment if comment else ''}"
+        log.warning("outbox: %s -> %s stored with %s", it.sop_instance_uid, where, msg)
+        return Outcome(True, code, msg)
+    err = f"C-STORE failed with status 0x{code:04X}{': ' + comment if comment else ''}"
+    log.warning("outbox: %s -> %s: %s", it.sop_instance_uid, where, err)
+    return Outcome(False, code, err)
+
+
+def send_folder(dest: FolderDestination, items: Sequence[OutboxItem]) -> list[Outcome]:
+    """Copy each file to ``<path>/<Study>/<Series>/<SOP>.dcm`` atomically."""
+    outcomes: list[Outcome] = []
+    for it in items:
+        target = Path(dest.path)
+        for part in (it.study_instance_uid, it.series_instance_uid):
+            if part:
+                target = target / part
+        try:
+            atomic_copy(it.path, target / f"{it.sop_instance_uid}.dcm")
+            outcomes.append(Outcome(True, None, None))
+        except OSError as exc:
+            err = f"copy to {dest.name} ({dest.path}) failed: {exc}"
+            log.warning("outbox: %s: %s", it.sop_instance_uid, err)
+            outcomes.append(Outcome(False, None, err))
+    return outcomes
+
+
+@dataclass
+class Sender:
+    """Delivers what the :class:`Outbox` holds: :meth:`run_once` or a background thread."""
+
+    outbox: Outbox
+    destinations: dict[str, Destination]
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    poll_interval_s: float = 1.0
+    batch_size: int = 500
+    delete_delivered: bool = True
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._run_lock = threading.Lock()
+
+    def run_once(self, now: float | None = None) -> int:
+        """Send everything due at ``now``; returns how many instances were delivered."""
+        now = time.time() if now is None else now
+        delivered = 0
+        with self._run_lock:
+            for name, items in self.outbox.due(now, self.batch_size).items():
+                dest = self.destinations.get(name)
+                if dest is None:
+                    err = f"destination {name!r} is not configured"
+                    log.error("outbox: %d item(s) for %s", len(items), err)
+                    outcomes = [Outcome(False, None, err) for _ in items]
+                elif isinstance(dest, FolderDestination):
+                    outcomes = send_folder(dest, items)
+                else:
+                    outcomes = send_dicom(dest, items)
+                self.outbox.record(list(zip(items, outcomes)), self.policy, now, self.rng, self.delete_delivered)
+                ok = sum(1 for o in outcomes if o.delivered)
+                delivered += ok
+                log.info("outbox: %s: %d delivered, %d failed", name, ok, len(items) - ok)
+        return delivered
+
+    # -- background mode -----------------------------------------------------------
+    def start(self) -> None:
+        """Run :meth:`run_once` in a daemon thread every ``poll_interval_s`` (or on wake)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="outbox-sender", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Ask the background thread to look for due items now (e.g. after enqueue)."""
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the background thread after its current batch (bounded by ``timeout_s``)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("outbox: sender thread still busy after %.0f s", timeout_s)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once(time.time())
+            except Exception:  # keep delivering: one bad batch must not stop the node
+                log.exception("outbox: sender iteration failed")
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()

@@ -1,0 +1,1 @@
+"""Operating the node: logs, metrics, audit export, retention, systemd integration."""

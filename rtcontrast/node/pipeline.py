@@ -1,0 +1,543 @@
+"""The per-job stages: eligibility -> assemble -> infer -> render -> derive -> enqueue, with QA.
+
+Why one function per job (:func:`run_job`) rather than a persistent stage machine: every
+stage is deterministic (same files, same protocol, same model give the same pixels and,
+through :mod:`rtcontrast.dicom.uids`, the same UIDs) and the outbox replaces rows of the same
+SOP instance, so the simplest correct resume after a crash is to run an unfinished job
+again from the start.  The job's state still moves through ``assembling``, ``inferring``,
+``rendering``, ``deriving`` and ``queued`` so that ``node.py status`` and the audit show
+where a job is (or where it died).
+
+Outcomes (the job's final state here):
+
+* ``ineligible``: the protocol's match rules refuse the series, or TE/TR are absent or
+  outside the model's trained range; the reason names the attribute, the value and the
+  range.  Nothing is produced.
+* ``failed``: the files do not form a volume (:class:`~rtcontrast.dicom.volume.VolumeError`),
+  a spooled file is missing, or derivation failed; the reason is the error message.  The
+  received files stay in the spool.
+* ``held``: QA exceeded a threshold and the protocol's ``qa.action`` is ``hold``: nothing
+  is sent; the QA preview is written so an admin can decide (``node.py release``
+  re-runs the job with ``hold_override``: sent, flagged as a QA warning).
+* ``queued``: the derived instances are in the outbox for every destination; the node
+  marks the job ``delivered`` once the outbox has delivered them all.
+
+QA numbers (stored in ``job.qa`` and audited): ``self_nrmse`` (re-rendering the input
+from the maps), the TE/TR identified from the image against the header (relative
+error), map percentiles over the body, and the per-stage durations in seconds.
+
+Logs carry the series UID and job id, never patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from rtcontrast import __version__
+from rtcontrast.core.consistency import Settings
+from rtcontrast.core.inference import QMapModel
+from rtcontrast.core.maps import QMaps
+from rtcontrast.core.render import (
+    render,
+    to_uint16,
+    window_from_percentiles,
+)
+from rtcontrast.dicom.derive import ModelIdentity, NodeIdentity, RecipeInfo, derive_contrast_series
+from rtcontrast.dicom.map_series import derive_map_images, derive_parametric_maps, map_to_u16
+from rtcontrast.dicom.grid import (
+    Aligned,
+    Candidate,
+    align,
+    choose_target,
+    voxel_volume_mm3,
+)
+from rtcontrast.dicom.volume import Volume, VolumeError, assemble
+from rtcontrast.node.dispatch.outbox import Outbox
+from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.settings.protocol import ProtocolConfig
+from rtcontrast.dicom.eligibility import check_eligibility, header_te_tr
+from rtcontrast.node.qa import compute_qa, flag_datasets, qa_violations
+
+__all__ = ["PipelineContext", "JobResult", "run_job", "node_identity", "model_identity", "STAGES"]
+
+log = logging.getLogger(__name__)
+
+#: Stages timed for every job (seconds in ``qa["timings_s"]``).
+STAGES: tuple[str, ...] = ("assemble", "infer", "render", "derive", "enqueue")
+#: Voxels per block when whole-volume arrays are rendered or converted: a whole-volume
+#: numpy expression allocates several temporaries of the volume's size (float64 in
+#: map_to_u16), which for a 512x512x200 series alone exceeded 1.5 GB.
+_BLOCK_VOXELS = 1 << 22
+#: Reason prefix of a job whose series is only an input to another series' fused job
+#: (``fusion.target``); such a series still counts as a partner.
+PARTNER_ONLY = "fusion input to"
+
+
+@dataclass
+class PipelineContext:
+    """What a job needs: protocol, model, identities, and the durable stores.
+
+    ``on_enqueued`` is called after instances were queued (the node wakes the sender).
+    ``job_dir(job_id)`` names the job's folder for its QA preview (None: no preview).
+    ``hold_override``: an admin released this job (``node.py release``), so a QA hold
+    becomes a warning (the images are flagged, the job is sent).
+    """
+
+    protocol: ProtocolConfig
+    model: QMapModel
+    node: NodeIdentity
+    jobs: JobStore
+    outbox: Outbox
+    on_enqueued: Callable[[], None] | None = None
+    job_dir: Callable[[int], Path] | None = None
+    hold_override: bool = False
+
+    @property
+    def model_identity(self) -> ModelIdentity:
+        return model_identity(self.model)
+
+
+@dataclass
+class JobResult:
+    """The outcome of :func:`run_job`."""
+
+    job_id: int
+    state: str
+    reason: str | None = None
+    qa: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    queued: dict[str, int] = field(default_factory=dict)  # destination -> instances
+
+
+def model_identity(model: QMapModel) -> ModelIdentity:
+    """The model as named in derived objects and in the job record."""
+    return ModelIdentity(name=model.info.name, version=model.info.version, sha256=model.sha256)
+
+
+def node_identity(
+    *,
+    ae_title: str,
+    model: QMapModel,
+    manufacturer: str = "rtcontrast",
+    model_name: str = "rtcontrast node",
+    station_name: str = "RTCONTRAST",
+    device_serial_number: str = "RTC-0001",
+    institution_name: str | None = None,
+    uid_root: str | None = None,
+) -> NodeIdentity:
+    """General Equipment of derived objects; SoftwareVersions names rtcontrast and the model."""
+    software = f"rtcontrast {__version__}; {model.info.name} {model.info.version}"
+    return NodeIdentity(
+        model_name=model_name,
+        software_versions=software[:64],
+        device_serial_number=device_serial_number,
+        station_name=station_name,
+        manufacturer=manufacturer,
+        institution_name=institution_name,
+        uid_root=uid_root,
+        ae_title=ae_title,
+    )
+
+
+class _Stop(Exception):
+    """End the job in ``state`` with ``reason`` (ineligible, failed, held)."""
+
+    def __init__(self, state: str, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _first_header(paths: list[Path]) -> Dataset:
+    try:
+        return pydicom.dcmread(paths[0], stop_before_pixels=True)
+    except Exception as exc:  # the volume stage would fail the same way; say which file
+        raise _Stop("failed", f"{paths[0].name}: unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+def _timing_from(volume: Volume, header: Dataset) -> tuple[float | None, float | None]:
+    te, tr = volume.te_ms, volume.tr_ms
+    if te is None or tr is None:
+        hte, htr = header_te_tr(header)
+        te = te if te is not None else hte
+        tr = tr if tr is not None else htr
+    return te, tr
+
+
+def check_range(model: QMapModel, te: float | None, tr: float | None) -> str | None:
+    """Why (TE, TR) cannot go to this model, or None when inside its trained range."""
+    if te is None:
+        return "TE missing"
+    if tr is None:
+        return "TR missing"
+    (te_lo, te_hi), (tr_lo, tr_hi) = model.info.te_range_ms, model.info.tr_range_ms
+    problems = []
+    if not te_lo <= te <= te_hi:
+        problems.append(f"TE {te:g} ms outside the model's trained range {te_lo:g}-{te_hi:g} ms")
+    if not tr_lo <= tr <= tr_hi:
+        problems.append(f"TR {tr:g} ms outside the model's trained range {tr_lo:g}-{tr_hi:g} ms")
+    if problems:
+        return "; ".join(problems) + f" (model {model.info.name} {model.info.version})"
+    return None
+
+
+def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple[list[tuple[Aligned, float, float]], dict]:
+    """Other series of the job's study and frame of reference, on the target's grid.
+
+    A partner is the newest job of another series of the same study (so the series is
+    complete), created within ``fusion.window_s`` of this job, eligible under the same
+    match rules and inside the model's range, in the same frame of reference, and on the
+    target's grid (or resampled onto it when the protocol allows).  At most
+    ``max_inputs - 1`` partners are used, newest first.  Returns the partners and a QA
+    record saying which series were used, resampled or skipped and why.
+    """
+    rules = ctx.protocol.fusion
+    job = ctx.jobs.job(job_id)
+    assert job is not None
+    t_job = datetime.fromisoformat(job.created_at)
+    used: list[tuple[Aligned, float, float]] = []
+    record: dict[str, Any] = {"partners": [], "resampled": [], "skipped": {}}
+    for other in reversed(ctx.jobs.latest_jobs_in_study(job.study_uid)):
+        if other.series_uid == job.series_uid:
+            continue
+        uid = other.series_uid
+        if len(used) >= ctx.model.info.max_inputs - 1:
+            record["skipped"][uid] = f"model takes at most {ctx.model.info.max_inputs} inputs"
+            continue
+        if other.state == "failed" or (other.state == "ineligible" and not (other.reason or "").startswith(PARTNER_ONLY)):
+            record["skipped"][uid] = f"its job is {other.state}"
+            continue
+        if abs((datetime.fromisoformat(other.created_at) - t_job).total_seconds()) > rules.window_s:
+            record["skipped"][uid] = f"outside the fusion window of {rules.window_s:g} s"
+            continue
+        members = ctx.jobs.job_instances(other.id)
+        paths = [m.path for m in members]
+        if not paths or not all(p.is_file() for p in paths):
+            record["skipped"][uid] = "spooled files missing"
+            continue
+        try:
+            header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+            ok, why = check_eligibility(header, ctx.protocol,
+                                        calling_ae=next((m.calling_ae for m in members if m.calling_ae), None))
+            if not ok:
+                record["skipped"][uid] = why
+                continue
+            if str(header.get("FrameOfReferenceUID", "")) != target.frame_of_reference_uid:
+                record["skipped"][uid] = "different frame of reference"
+                continue
+            pv = assemble(paths)
+        except (VolumeError, OSError, pydicom.errors.InvalidDicomError) as exc:
+            record["skipped"][uid] = f"unusable: {exc}"
+            continue
+        te, tr = _timing_from(pv, header)
+        bad = check_range(ctx.model, te, tr)
+        if bad:
+            record["skipped"][uid] = bad
+            continue
+        aligned, why = align(target, pv, rules.allow_resample)
+        if aligned is None:
+            record["skipped"][uid] = why
+            continue
+        assert te is not None and tr is not None
+        used.append((aligned, te, tr))
+        record["partners"].append(uid)
+        if aligned.resampled:
+            record["resampled"].append(uid)
+    return used, record
+
+
+def _target_uses(ctx: PipelineContext, study: str, target: str, series: str) -> bool:
+    """Whether the target series' job has used, or will use, ``series`` as a partner.
+
+    It will when it has not looked for partners yet (received/assembling: it finds this
+    series then), and it has when its QA lists this series.  Otherwise (it ran before this
+    series arrived, or failed / was held) this series must not defer to it: its data would
+    reach the TPS in no derived series at all.  The node runs one job at a time, so the
+    target's job is never half-way through while this one asks.
+    """
+    jobs = [j for j in ctx.jobs.latest_jobs_in_study(study) if j.series_uid == target]
+    if not jobs:
+        return False
+    tj = jobs[-1]
+    if tj.state in ("received", "assembling"):
+        return True
+    return tj.state in ("queued", "delivered") and series in ((tj.qa or {}).get("fusion") or {}).get("partners", [])
+
+
+def _blockwise_u16(shape: tuple[int, ...], fill: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """A uint16 volume filled slice block by slice block (``fill(a, b)`` gives slices a..b-1)."""
+    n, h, w = shape
+    out = np.empty((n, h, w), np.uint16)
+    step = max(1, _BLOCK_VOXELS // max(1, h * w))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        out[a:b] = fill(a, b)
+    return out
+
+
+def _slab(maps: QMaps, a: int, b: int) -> QMaps:
+    return QMaps(pd=maps.pd[a:b], t1=maps.t1[a:b], t2=maps.t2[a:b], te_tr_pred=maps.te_tr_pred[a:b], scale=maps.scale)
+
+
+def render_u16(maps: QMaps, te_ms: float, tr_ms: float) -> np.ndarray:
+    """``to_uint16(render(maps, te, tr))`` computed in slice blocks (same values, bounded memory)."""
+    return _blockwise_u16(maps.pd.shape, lambda a, b: to_uint16(render(_slab(maps, a, b), te_ms, tr_ms)))
+
+
+def classic_map_u16(maps: QMaps, quantity: str) -> np.ndarray:
+    """The stored pixels of a classic T1/T2/PD map image (as derive's map_to_u16), in slice blocks."""
+    src = {"T1": maps.t1, "T2": maps.t2, "PD": maps.pd}[quantity]
+    scale = np.float32(maps.scale)
+    if quantity == "PD":
+        return _blockwise_u16(src.shape, lambda a, b: map_to_u16(src[a:b] / scale, quantity))
+    return _blockwise_u16(src.shape, lambda a, b: map_to_u16(src[a:b], quantity))
+
+
+def _derive_all(
+    ctx: PipelineContext, volume: Volume, rendered: dict[str, tuple[np.ndarray, Any]],
+    classic: dict[str, np.ndarray], map_values: dict[str, np.ndarray] | None,
+    co_sources: list[Volume] | None = None,
+) -> dict[str, list[Dataset]]:
+    """Datasets per destination: one series per recipe, plus maps as the protocol says.
+
+    ``classic``: stored pixels of the classic T1/T2/PD map images (:func:`classic_map_u16`);
+    ``map_values``: float maps for Parametric Maps (None when not produced).  Pixel
+    arrays are dropped from ``rendered``/``classic`` once their series is derived (the
+    datasets hold a copy), so a large series does not hold both at once.
+    """
+    p = ctx.protocol
+    model = ctx.model_identity
+    per_dest: dict[str, list[Dataset]] = {}
+    for recipe in p.recipes:
+        u16, win = rendered.pop(recipe.key)
+        info = RecipeInfo(
+            key=recipe.key,
+            te_ms=recipe.te_ms,
+            tr_ms=recipe.tr_ms,
+            series_number=recipe.series_number,
+            series_description=recipe.series_description,
+        )
+        dss = derive_contrast_series(volume, u16, info, ctx.node, model, (win.center, win.width),
+                                     co_sources=co_sources or ())
+        del u16
+        for dest in recipe.destinations:
+            per_dest.setdefault(dest, []).extend(dss)
+    if p.maps.classic or p.maps.parametric:
+        extra: list[Dataset] = []
+        if p.maps.classic:
+            nums = p.maps.classic_series_numbers
+            for q in ("T1", "T2", "PD"):
+                extra.extend(derive_map_images(volume, classic.pop(q), q, getattr(nums, q), ctx.node, model,
+                                               co_sources=co_sources or ()))
+        if p.maps.parametric:
+            assert map_values is not None
+            nums = p.maps.parametric_series_numbers
+            extra.extend(
+                derive_parametric_maps(
+                    volume, map_values, ctx.node, model, {"T1": nums.T1, "T2": nums.T2, "PD": nums.PD},
+                    content_qualification=p.maps.content_qualification,
+                )
+            )
+        for dest in p.maps.destinations:
+            per_dest.setdefault(dest, []).extend(extra)
+    return per_dest
+
+
+def _write_preview(
+    ctx: PipelineContext, job_id: int, series: str, volume: Volume, maps: QMaps,
+    rendered: dict[str, tuple[np.ndarray, Any]], qa: dict[str, Any],
+) -> None:
+    """The QA montage in the job folder; a failure is logged, never fails the job."""
+    if ctx.job_dir is None:
+        return
+    from rtcontrast.node.preview import PREVIEW_NAME, write_preview
+
+    try:
+        labels = {r.key: r.label for r in ctx.protocol.recipes}
+        path = write_preview(
+            ctx.job_dir(job_id) / PREVIEW_NAME,
+            volume.pixels,
+            {"PD (rel.)": maps.pd / np.float32(maps.scale), "T1 [ms]": maps.t1, "T2 [ms]": maps.t2},
+            {labels.get(k, k): u16 for k, (u16, _) in rendered.items()},
+            f"job {job_id} series {series}",
+            qa,
+        )
+        qa["preview"] = str(path)
+    except Exception as exc:  # a missing font or a full disk must not stop the series
+        log.warning("job %d series %s: QA preview not written: %s: %s", job_id, series, type(exc).__name__, exc)
+
+
+def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
+    """Run one job through every stage and leave it in its final pipeline state.
+
+    Never raises for a bad series (the job ends ``ineligible``/``failed``/``held`` with a
+    reason); an unexpected exception (a bug, a full disk in the outbox) propagates after
+    the job was marked ``failed`` with the error, so the caller can log the traceback.
+    """
+    jobs, protocol, model = ctx.jobs, ctx.protocol, ctx.model
+    job = jobs.job(job_id)
+    if job is None:
+        raise KeyError(f"no job {job_id}")
+    series = job.series_uid
+    mid = ctx.model_identity
+    timings: dict[str, float] = {}
+    qa: dict[str, Any] = {}
+    result = JobResult(job_id=job_id, state="failed", qa=qa, timings_s=timings)
+    ident = dict(
+        protocol_version=protocol.audit_version,
+        model_name=mid.name,
+        model_version=mid.version,
+        model_sha256=mid.sha256,
+    )
+
+    def finish(state: str, reason: str | None) -> JobResult:
+        if timings:
+            qa["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+        jobs.set_state(job_id, state, reason, qa=qa or None)
+        result.state, result.reason = state, reason
+        return result
+
+    try:
+        # -- assemble (incl. eligibility on the first header: cheap, before decoding pixels)
+        t0 = time.perf_counter()
+        jobs.set_state(job_id, "assembling", None, **ident)
+        members = jobs.job_instances(job_id)
+        if not members:
+            raise _Stop("failed", "the job has no instances")
+        paths = [m.path for m in members]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise _Stop("failed", f"{len(missing)} spooled file(s) missing, e.g. {missing[0]}")
+        header = _first_header(paths)
+        calling_ae = next((m.calling_ae for m in members if m.calling_ae), None)
+        ok, why = check_eligibility(header, protocol, calling_ae=calling_ae)
+        if not ok:
+            raise _Stop("ineligible", why)
+        try:
+            volume = assemble(paths)
+        except VolumeError as exc:
+            raise _Stop("failed", f"volume: {exc}") from exc
+        te, tr = _timing_from(volume, header)
+        out_of_range = check_range(model, te, tr)
+        if out_of_range:
+            raise _Stop("ineligible", out_of_range)
+        assert te is not None and tr is not None
+        qa["slices"] = int(volume.pixels.shape[0])
+        qa["matrix"] = [int(volume.pixels.shape[1]), int(volume.pixels.shape[2])]
+        timings["assemble"] = time.perf_counter() - t0
+
+        # -- infer + QA
+        t0 = time.perf_counter()
+        jobs.set_state(job_id, "inferring")
+        co_sources: list[Volume] = []
+        if protocol.fusion.enabled and model.info.fusion:
+            partners, qa["fusion"] = _fusion_partners(ctx, job_id, volume)
+            target = choose_target(
+                [Candidate(series, te, tr, voxel_volume_mm3(volume))]
+                + [Candidate(a.volume.series_uid, pte, ptr, voxel_volume_mm3(a.volume)) for a, pte, ptr in partners],
+                protocol.fusion.target) if partners else None
+            if target is not None and target != series:
+                qa["fusion"]["target"] = target
+                if _target_uses(ctx, job.study_uid, target, series):
+                    raise _Stop("ineligible", f"{PARTNER_ONLY} series {target} (fusion.target: "
+                                              f"{protocol.fusion.target}); no derived series of its own")
+                qa["fusion"]["note"] = (f"target series {target} was processed without this series: "
+                                        "derived series of its own instead")
+            co_sources = [a.volume for a, _, _ in partners]
+            maps = model.predict_multi([(volume.pixels, te, tr)] + [(a.pixels, pte, ptr) for a, pte, ptr in partners],
+                                       consistency=(Settings(shared_scale=protocol.fusion.shared_scale)
+                                                    if protocol.fusion.consistency else None),
+                                       valid=[None] + [a.valid for a, _, _ in partners])
+            if maps.input_gains is not None:
+                qa["fusion"]["input_gains"] = [round(g, 4) for g in maps.input_gains]
+            if partners:
+                log.info("job %d series %s fused with %s", job_id, series, ", ".join(qa["fusion"]["partners"]))
+        else:
+            if protocol.fusion.enabled:
+                qa["fusion"] = {"partners": [], "note": f"model contract {model.info.contract}: single input"}
+            maps = model.predict(volume.pixels, te, tr)
+        qa.update(compute_qa(maps, volume.pixels, te, tr))
+        violations = qa_violations(qa, protocol)
+        qa["violations"] = violations
+        qa["action"] = protocol.qa.action if violations else "none"
+        timings["infer"] = time.perf_counter() - t0
+        hold = bool(violations) and protocol.qa.action == "hold"
+        if hold and ctx.hold_override:
+            qa["action"] = "released"
+            jobs.audit(job_id, "hold_overridden", {"violations": violations})
+
+        # -- render every recipe (also for a held job: its preview shows them)
+        t0 = time.perf_counter()
+        jobs.set_state(job_id, "rendering")
+        rendered = {}
+        for recipe in protocol.recipes:
+            u16 = render_u16(maps, recipe.te_ms, recipe.tr_ms)
+            rendered[recipe.key] = (u16, window_from_percentiles(u16))
+        timings["render"] = time.perf_counter() - t0
+        _write_preview(ctx, job_id, series, volume, maps, rendered, qa)
+        if hold and not ctx.hold_override:
+            raise _Stop("held", "QA hold: " + "; ".join(violations))
+        # what derivation needs of the maps; then the float maps are released (memory)
+        t0 = time.perf_counter()
+        classic = {q: classic_map_u16(maps, q) for q in ("T1", "T2", "PD")} if protocol.maps.classic else {}
+        map_values = ({"T1": maps.t1, "T2": maps.t2, "PD": maps.pd / np.float32(maps.scale)}
+                      if protocol.maps.parametric else None)
+        del maps
+        timings["render"] += time.perf_counter() - t0
+
+        # -- derive
+        t0 = time.perf_counter()
+        jobs.set_state(job_id, "deriving")
+        per_dest = _derive_all(ctx, volume, rendered, classic, map_values, co_sources)
+        if violations and (protocol.qa.action == "warn" or (hold and ctx.hold_override)):
+            flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
+            flag_datasets(list(flagged.values()), "; ".join(violations))
+        timings["derive"] = time.perf_counter() - t0
+
+        # -- enqueue
+        t0 = time.perf_counter()
+        for dest, dss in per_dest.items():
+            ctx.outbox.enqueue(job_id, dest, dss)
+            result.queued[dest] = len(dss)
+        timings["enqueue"] = time.perf_counter() - t0
+        if ctx.on_enqueued is not None:
+            ctx.on_enqueued()
+        qa["queued"] = dict(result.queued)
+        if violations:
+            log.warning("job %d series %s: QA %s: %s", job_id, series, protocol.qa.action, "; ".join(violations))
+        finish("queued", "QA warning: " + "; ".join(violations) if violations else None)
+    except _Stop as stop:
+        level = logging.INFO if stop.state == "ineligible" else logging.WARNING
+        log.log(level, "job %d series %s %s: %s", job_id, series, stop.state, stop.reason)
+        jobs.audit(job_id, stop.state, {"reason": stop.reason})
+        finish(stop.state, stop.reason)
+    except Exception as exc:
+        finish("failed", f"unexpected error: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if timings:
+            log.info(
+                "job %d series %s timings: %s",
+                job_id, series, " ".join(f"{k}={timings[k]:.3f}s" for k in STAGES if k in timings),
+            )
+    if "self_nrmse" in qa:  # inference ran: QA numbers go to the audit (queued or held)
+        jobs.audit(job_id, "qa", dict(qa))
+    if result.state == "queued":
+        log.info(
+            "job %d series %s queued: %s (self NRMSE %.3f)",
+            job_id, series, ", ".join(f"{n} to {d}" for d, n in result.queued.items()), qa.get("self_nrmse", 0.0),
+        )
+    return result

@@ -1,0 +1,1 @@
+"""Scanner -> spool -> series: the Storage SCP, the durable spool and series completion."""

@@ -1,0 +1,1 @@
+"""SQLite persistence: the connection, schema versions, instances, jobs and audit."""

@@ -1,0 +1,1 @@
+"""Configuration schemas (pydantic): the node's settings and the site's protocol."""
