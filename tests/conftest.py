@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import shutil
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,3 +36,36 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="module")
+def model():  # noqa: ANN201  (QMapModel; imported lazily so conftest stays light)
+    """The shipped qmap/1 model through onnxruntime on the CPU (one session per test module)."""
+    from rtcontrast.core.inference import QMapModel
+    from tests.support import MODEL_PATH
+
+    return QMapModel(MODEL_PATH, "cpu")
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, model: Any) -> Iterator[Callable[..., Any]]:
+    """Start in-process nodes (stopped at the end of the test)."""
+    from rtcontrast.node.service import Node
+    from rtcontrast.settings.node import NodeConfig
+    from rtcontrast.settings.protocol import ProtocolConfig
+    from tests.support import node_settings
+
+    started: list[Any] = []
+
+    def make(protocol: dict[str, Any], **over: Any) -> Any:
+        node = Node(NodeConfig.model_validate(node_settings(tmp_path / "var", **over)),
+                    ProtocolConfig.model_validate(protocol), model=model)
+        node.start()
+        started.append(node)
+        return node
+
+    yield make
+    for n in started:
+        n.stop(timeout_s=10)
+
+

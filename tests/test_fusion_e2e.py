@@ -12,8 +12,7 @@ from rtcontrast.research import phantom
 from rtcontrast.core.inference import QMapModel
 from tests.dicomgen import Geometry, make_series, write_series
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
-from tests.test_node_e2e import LENIENT_QA, make_node, node_settings, storescu, wait_for  # noqa: F401
-from tests.test_pipeline import REPO
+from tests.support import LENIENT_QA, REPO, storescu, wait_for
 
 FUSION_MODEL = REPO / "models" / "qmap-pelvis-fusion.onnx"
 

@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,37 +32,15 @@ from rtcontrast.settings.protocol import ProtocolConfig
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.node.receive.scp import StoredInstance
 from rtcontrast.node.receive.spool import Spool
-from tests.conftest import dcmtk, free_port
+from tests.conftest import free_port
 from tests.dicomgen import write_series
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
-from tests.test_pipeline import MODEL_PATH, REPO, phantom_series
+from tests.support import LENIENT_QA, MODEL_PATH, REPO, dciodvfy_errors, node_settings, phantom_series, storescu, wait_for
 
-DCIODVFY = "/usr/bin/dciodvfy"
 GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def model() -> QMapModel:
-    return QMapModel(MODEL_PATH, "cpu")
-
-
-def node_settings(var: Path, **over: Any) -> dict[str, Any]:
-    """Node config for tests: loopback, free port, short timeouts, quick retries."""
-    cfg: dict[str, Any] = {
-        "bind_host": "127.0.0.1",
-        "port": free_port(),
-        "var_dir": str(var),
-        "series_idle_timeout_s": 3.0,
-        "release_grace_s": 0.3,
-        "model_path": str(MODEL_PATH),
-        "limits": {"min_free_disk_bytes": 0},
-        "delivery": {"max_attempts": 20, "base_delay_s": 0.3, "max_delay_s": 1.0, "poll_interval_s": 0.2},
-    }
-    cfg.update(over)
-    return cfg
 
 
 def recipes(n: int, dest: str) -> list[dict[str, Any]]:
@@ -75,9 +53,6 @@ def recipes(n: int, dest: str) -> list[dict[str, Any]]:
 
 
 #: QA that the provisional model always passes (tests must not depend on its numbers).
-LENIENT_QA = {"max_self_nrmse": 10.0, "max_te_error_frac": 100.0, "max_tr_error_frac": 100.0, "action": "warn"}
-
-
 def tps_protocol(dicom_port: int, n_recipes: int = 3) -> dict[str, Any]:
     return {
         "version": "e2e",
@@ -91,49 +66,6 @@ def tps_protocol(dicom_port: int, n_recipes: int = 3) -> dict[str, Any]:
 def folder_protocol(path: Path, n_recipes: int = 1) -> dict[str, Any]:
     return {"version": "e2e", "qa": LENIENT_QA, "destinations": {"out": {"folder": {"path": str(path)}}},
             "recipes": recipes(n_recipes, "out")}
-
-
-def storescu(port: int, files: list[Path] | list[str], timeout: float = 60,
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    """dcmtk storescu as the scanner (AE SCANNER), bounded network timeouts."""
-    cmd = [dcmtk("storescu"), "-aet", "SCANNER", "-aec", "RTCONTRAST", "-to", "10", "-ta", "10", "-td", "20",
-           *extra, "127.0.0.1", str(port), *map(str, files)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """dciodvfy error lines, minus old dicom3tools' unknown SyntheticData (0008,001C)."""
-    if not Path(DCIODVFY).exists():
-        pytest.skip("dicom3tools dciodvfy not installed")
-    r = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
-    return [ln for ln in (r.stderr + r.stdout).splitlines() if ln.startswith("Error") and "(0x0008,0x001c)" not in ln]
-
-
-@pytest.fixture
-def make_node(tmp_path: Path, model: QMapModel) -> Iterator[Callable[..., Node]]:
-    """Start in-process nodes (stopped at the end of the test)."""
-    started: list[Node] = []
-
-    def make(protocol: dict[str, Any], **over: Any) -> Node:
-        node = Node(NodeConfig.model_validate(node_settings(tmp_path / "var", **over)),
-                    ProtocolConfig.model_validate(protocol), model=model)
-        node.start()
-        started.append(node)
-        return node
-
-    yield make
-    for n in started:
-        n.stop(timeout_s=10)
 
 
 def db_rows(db: Path, sql: str) -> list[tuple[Any, ...]]:

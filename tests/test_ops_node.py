@@ -31,9 +31,8 @@ from rtcontrast.settings.protocol import ProtocolConfig
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.node.ops.retention import purge
 from rtcontrast.node.receive.scp import StoredInstance
-from tests.test_node_e2e import LENIENT_QA, node_settings, storescu, wait_for
 from tests.dicomgen import write_series
-from tests.test_pipeline import MODEL_PATH, phantom_series
+from tests.support import LENIENT_QA, MODEL_PATH, node_settings, phantom_series, storescu, wait_for
 
 PHANTOM_NAME, PHANTOM_ID = "PHANTOM^TEST", "RTC-PHANTOM-001"
 

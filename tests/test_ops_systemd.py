@@ -30,7 +30,7 @@ import yaml
 from rtcontrast.node.ops import systemd as sd
 from tests.conftest import dcmtk, free_port
 from tests.dicomgen import write_series
-from tests.test_pipeline import MODEL_PATH, REPO, phantom_series
+from tests.support import MODEL_PATH, REPO, phantom_series
 
 UNIT = REPO / "systemd" / "rtcontrast.service"
 PHANTOM_NAME, PHANTOM_ID = "PHANTOM^TEST", "RTC-PHANTOM-001"

@@ -8,7 +8,6 @@ decisions (eligible or not, failed, held, warned, what was queued where).
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -22,7 +21,6 @@ import pytest
 
 from rtcontrast import __version__
 from rtcontrast.node.store import db
-from rtcontrast.research import phantom
 from rtcontrast.node.store.jobs import JobStore
 from rtcontrast.node.ops.logs import setup_logging
 from rtcontrast.node.dispatch.outbox import Outbox
@@ -31,34 +29,8 @@ from rtcontrast.settings.protocol import ProtocolConfig
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.node.receive.scp import StoredInstance
 from rtcontrast.node.receive.spool import Spool
-from tests.dicomgen import Geometry, make_enhanced, make_series
-
-REPO = Path(__file__).resolve().parent.parent
-MODEL_PATH = REPO / "models" / "qmap-pelvis.onnx"
-
-
-# ----------------------------------------------------------------------------- helpers (also used by test_node_e2e)
-
-
-@functools.lru_cache(maxsize=4)
-def phantom_image(n: int = 6, size: int = 64, te: float = 90.0, tr: float = 4000.0, seed: int = 3) -> np.ndarray:
-    """A simulated spin-echo magnitude volume [n, size, size] of the pelvis phantom (cached)."""
-    maps, _ = phantom.volume(seed, n_slices=n, shape=(size, size), pixel_mm=320.0 / size, slice_mm=4.0)
-    acq = phantom.acquire(maps, te, tr, np.random.default_rng(seed), snr=60, bias_strength=0.1, gain=800)
-    return acq.image
-
-
-def geometry(size: int) -> Geometry:
-    return Geometry(pixel_spacing=(320.0 / size, 320.0 / size), slice_spacing=4.0, slice_thickness=4.0)
-
-
-def phantom_series(n: int = 6, size: int = 64, te: float = 90.0, tr: float = 4000.0, **spec: Any) -> list[pydicom.Dataset]:
-    """Classic MR datasets of the phantom with header TE/TR ``te``/``tr`` (pixels simulated at 90/4000
-    unless the caller's TE/TR is inside the trained range)."""
-    sim_te = te if 8 <= te <= 150 else 90.0
-    sim_tr = tr if 300 <= tr <= 6000 else 4000.0
-    return make_series(phantom_image(n, size, sim_te, sim_tr), te=te, tr=tr, geometry=geometry(size), **spec)
-
+from tests.dicomgen import make_enhanced
+from tests.support import geometry, phantom_image, phantom_series
 
 def small_protocol(**overrides: Any) -> ProtocolConfig:
     """Two recipes to a folder destination 'out' (path set by the caller's fixture)."""
@@ -76,11 +48,6 @@ def small_protocol(**overrides: Any) -> ProtocolConfig:
     for k, v in overrides.items():
         raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
     return ProtocolConfig.model_validate(raw)
-
-
-@pytest.fixture(scope="module")
-def model() -> QMapModel:
-    return QMapModel(MODEL_PATH, "cpu")
 
 
 class Env:

@@ -34,7 +34,7 @@ from rtcontrast.node.receive.scp import ScpSettings, StorageSCP, StoredInstance
 from rtcontrast.node.receive.spool import Spool
 from tests.conftest import dcmtk, free_port
 from tests.dicomgen import PATIENT, make_series, phantom, write_series
-from tests.test_pipeline import MODEL_PATH
+from tests.support import MODEL_PATH
 from tests.tlsgen import Pki, make_pki
 
 pytestmark = pytest.mark.network

@@ -1,0 +1,93 @@
+"""Helpers shared by the test modules (plain functions and constants; fixtures live in conftest.py).
+
+Test modules import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+from rtcontrast.research import phantom
+from tests.conftest import dcmtk, free_port
+from tests.dicomgen import Geometry, make_series
+
+DCIODVFY = "/usr/bin/dciodvfy"
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_PATH = REPO / "models" / "qmap-pelvis.onnx"
+
+
+@functools.lru_cache(maxsize=4)
+def phantom_image(n: int = 6, size: int = 64, te: float = 90.0, tr: float = 4000.0, seed: int = 3) -> np.ndarray:
+    """A simulated spin-echo magnitude volume [n, size, size] of the pelvis phantom (cached)."""
+    maps, _ = phantom.volume(seed, n_slices=n, shape=(size, size), pixel_mm=320.0 / size, slice_mm=4.0)
+    acq = phantom.acquire(maps, te, tr, np.random.default_rng(seed), snr=60, bias_strength=0.1, gain=800)
+    return acq.image
+
+
+def geometry(size: int) -> Geometry:
+    return Geometry(pixel_spacing=(320.0 / size, 320.0 / size), slice_spacing=4.0, slice_thickness=4.0)
+
+
+def phantom_series(n: int = 6, size: int = 64, te: float = 90.0, tr: float = 4000.0, **spec: Any) -> list[pydicom.Dataset]:
+    """Classic MR datasets of the phantom with header TE/TR ``te``/``tr`` (pixels simulated at 90/4000
+    unless the caller's TE/TR is inside the trained range)."""
+    sim_te = te if 8 <= te <= 150 else 90.0
+    sim_tr = tr if 300 <= tr <= 6000 else 4000.0
+    return make_series(phantom_image(n, size, sim_te, sim_tr), te=te, tr=tr, geometry=geometry(size), **spec)
+
+
+def node_settings(var: Path, **over: Any) -> dict[str, Any]:
+    """Node config for tests: loopback, free port, short timeouts, quick retries."""
+    cfg: dict[str, Any] = {
+        "bind_host": "127.0.0.1",
+        "port": free_port(),
+        "var_dir": str(var),
+        "series_idle_timeout_s": 3.0,
+        "release_grace_s": 0.3,
+        "model_path": str(MODEL_PATH),
+        "limits": {"min_free_disk_bytes": 0},
+        "delivery": {"max_attempts": 20, "base_delay_s": 0.3, "max_delay_s": 1.0, "poll_interval_s": 0.2},
+    }
+    cfg.update(over)
+    return cfg
+
+
+LENIENT_QA = {"max_self_nrmse": 10.0, "max_te_error_frac": 100.0, "max_tr_error_frac": 100.0, "action": "warn"}
+
+
+def storescu(port: int, files: list[Path] | list[str], timeout: float = 60,
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu as the scanner (AE SCANNER), bounded network timeouts."""
+    cmd = [dcmtk("storescu"), "-aet", "SCANNER", "-aec", "RTCONTRAST", "-to", "10", "-ta", "10", "-td", "20",
+           *extra, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy error lines, minus old dicom3tools' unknown SyntheticData (0008,001C)."""
+    if not Path(DCIODVFY).exists():
+        pytest.skip("dicom3tools dciodvfy not installed")
+    r = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return [ln for ln in (r.stderr + r.stdout).splitlines() if ln.startswith("Error") and "(0x0008,0x001c)" not in ln]
+
+
