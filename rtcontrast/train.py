@@ -71,6 +71,7 @@ from tqdm import tqdm
 
 from rtcontrast import dataset
 from rtcontrast.model import Discriminator, ModelConfig, QMapFusionNet, QMapNet, fusion_from_single
+from rtcontrast.model_se import LOG_SD_RANGE, QMapSENet, gaussian_nll
 from rtcontrast.physics import SEED_CONTRASTS, signal
 
 log = logging.getLogger("rtcontrast.train")
@@ -143,6 +144,12 @@ class TrainConfig:
     select_on: str = "render"
     #: CUDA autocast: "none", "bf16", "fp16" or "auto" (bf16 where supported, else fp16); ignored on CPU
     amp: str = "none"
+    #: qmap/3: phantom slices per source {pelvis, random, abdomen} (rtcontrast.dataset_se); the mix is by count
+    se_sources: dict[str, int] = field(default_factory=lambda: {"pelvis": 2000, "random": 2000, "abdomen": 1000})
+    #: qmap/3: validation slices per source (held-out seeds)
+    se_val_sources: dict[str, int] = field(default_factory=lambda: {"pelvis": 24, "random": 16, "abdomen": 8})
+    #: qmap/3: weight of the Gaussian NLL of log T1, log T2, log PD (trains the uncertainty outputs)
+    w_nll: float = 0.1
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -173,6 +180,8 @@ class TrainConfig:
             raise SystemExit("select_on: real_cross needs data_dir with paired series")
         if (self.fusion_gated or self.init_fused) and not (self.init_single or self.init):
             raise SystemExit("fusion_gated / init_fused need init_single: the trained qmap/1 checkpoint")
+        if self.contract == "qmap/3" and self.uses_real:
+            raise SystemExit("real-data training is not implemented for qmap/3 models yet (phantom sources only)")
         if self.amp not in ("none", "bf16", "fp16", "auto"):
             raise SystemExit(f"amp must be none, bf16, fp16 or auto, got {self.amp!r}")
 
@@ -181,7 +190,15 @@ def batch_to_torch(b: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return {k: torch.from_numpy(v).to(device) for k, v in b.items()}
 
 
-def make_batch(bank: dataset.Bank, idx: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> dict[str, np.ndarray]:
+def make_batch(bank: Any, idx: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> dict[str, np.ndarray]:
+    if cfg.contract == "qmap/3":
+        from rtcontrast import dataset_se
+
+        se = [dataset_se.make_sample(bank.maps(int(i)), *dataset.random_contrast(rng, cfg.p_seed_contrast), rng,
+                                     cfg.scale_jitter) for i in idx]
+        out = dataset.stack(se)
+        out["field_t"] = np.array([[s.field_t] for s in se], np.float32)
+        return out
     if cfg.contract == "qmap/2":
         multi = []
         p = np.asarray(cfg.p_inputs[: cfg.max_inputs], float)
@@ -210,8 +227,10 @@ def build_model(cfg: TrainConfig) -> QMapNet | QMapFusionNet:
             fused = _load_same_arch(cfg.init_fused, cfg, "init_fused")["model"] if cfg.init_fused else None
             return fusion_from_single(ck["model"], ModelConfig(**cfg.model), cfg.max_inputs, fused_state=fused, **opts)
         return QMapFusionNet(ModelConfig(**cfg.model), max_inputs=cfg.max_inputs, **opts)
+    if cfg.contract == "qmap/3":
+        return QMapSENet(ModelConfig(**cfg.model))  # type: ignore[return-value]
     if cfg.contract != "qmap/1":
-        raise SystemExit(f"unknown contract {cfg.contract!r} (qmap/1 or qmap/2)")
+        raise SystemExit(f"unknown contract {cfg.contract!r} (qmap/1, qmap/2 or qmap/3)")
     return QMapNet(ModelConfig(**cfg.model))
 
 
@@ -228,6 +247,8 @@ def _load_same_arch(path: str, cfg: TrainConfig, what: str) -> dict[str, Any]:
 def run_model(model: QMapNet | QMapFusionNet, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     if isinstance(getattr(model, "module", model), QMapFusionNet):  # DDP wraps the model
         return model(b["image"], b["te_tr"], b["present"])
+    if isinstance(getattr(model, "module", model), QMapSENet):
+        return model(b["image"], b["te_tr"], b["field_t"])
     return model(b["image"], b["te_tr"])
 
 
@@ -243,7 +264,7 @@ def losses(model: QMapNet | QMapFusionNet, b: dict[str, torch.Tensor], targets: 
 def phantom_losses(outputs: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor], targets: list[tuple[float, float]],
                    cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The phantom loss terms from the model's outputs on batch ``b`` (see the module docstring)."""
-    pd, t1, t2, te_tr_pred = outputs
+    pd, t1, t2, te_tr_pred = outputs[:4]
     tissue = (b["pd_img"] > 0) & (b["t1"] > 0) & (b["labels"] != 3)
     strong = tissue & (b["pd_img"] > 0.1 * b["pd_img"].amax(dim=(2, 3), keepdim=True))
     nm = strong.sum().clamp(min=1)
@@ -264,7 +285,16 @@ def phantom_losses(outputs: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor]
     l_ident = (torch.log(te_tr_pred) - torch.log(b["te_tr0"])).abs().mean()
     total = (cfg.w_render * l_render + cfg.w_maps * l_maps + cfg.w_pd * l_pd + cfg.w_clean * l_clean
              + cfg.w_ident * l_ident)
-    return {"total": total, "render": l_render, "maps": l_maps, "pd": l_pd, "clean": l_clean, "ident": l_ident}
+    out = {"total": total, "render": l_render, "maps": l_maps, "pd": l_pd, "clean": l_clean, "ident": l_ident}
+    if len(outputs) > 4:  # qmap/3: uncertainty of log T1, log T2, log PD (rtcontrast.model_se)
+        t1_sd, t2_sd, pd_sd = outputs[4:7]
+        l_nll = (gaussian_nll(torch.log(t1), torch.log(b["t1"].clamp(min=1)), t1_sd, strong)
+                 + gaussian_nll(torch.log(t2), torch.log(b["t2"].clamp(min=1)), t2_sd, strong)
+                 + gaussian_nll(torch.log(pd + 1e-3), torch.log(b["pd_img"] + 1e-3),
+                                (pd_sd / pd.clamp(min=1e-3)).clamp(min=LOG_SD_RANGE[0]), strong))
+        out["nll"] = l_nll
+        out["total"] = total + cfg.w_nll * l_nll
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -283,7 +313,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def validation_batches(cfg: TrainConfig) -> list[dict[str, np.ndarray]]:
     """A fixed held-out validation set (seeds never used in training), deterministic."""
-    bank = dataset.build_bank(range(dataset.HELDOUT_SEED_BASE, dataset.HELDOUT_SEED_BASE + cfg.n_val), cfg.patch,
+    if cfg.contract == "qmap/3":
+        from rtcontrast import dataset_se
+
+        base = dataset.HELDOUT_SEED_BASE
+        bank: Any = dataset_se.build_mixed_bank({k: (base, base + n) for k, n in cfg.se_val_sources.items()}, cfg.patch,
+                                               Path(cfg.cache_dir), workers=1)
+    else:
+        bank = dataset.build_bank(range(dataset.HELDOUT_SEED_BASE, dataset.HELDOUT_SEED_BASE + cfg.n_val), cfg.patch,
                               Path(cfg.cache_dir), workers=1)
     rng = np.random.default_rng(4242)
     out = []
@@ -322,9 +359,18 @@ def save_checkpoint(path: Path, model: QMapNet | QMapFusionNet, opt: torch.optim
         "rng": rng.bit_generator.state,
         "torch_rng": torch.get_rng_state(),
         "history": history,
+        "hardware": hardware(next(model.parameters()).device),
         **(extra or {}),
     }, tmp)
     tmp.replace(path)
+
+
+def hardware(device: torch.device) -> str:
+    """What trained this checkpoint (for the model card): device, CPU count, torch threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+    return (f"CPU: {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, no GPU, "
+            f"torch {torch.__version__}")
 
 
 # ----------------------------------------------------------------------------- real data
@@ -588,10 +634,10 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
     bank = None
     if cfg.w_phantom > 0:
         if dd.main:
-            bank = dataset.build_bank(range(0, cfg.n_train_subjects), cfg.patch, Path(cfg.cache_dir))
+            bank = training_bank(cfg)
         dd.barrier()
         if not dd.main:
-            bank = dataset.build_bank(range(0, cfg.n_train_subjects), cfg.patch, Path(cfg.cache_dir))
+            bank = training_bank(cfg)
     val = validation_batches(cfg) if dd.main else []
     real_val = real.validation_pairs() if (real is not None and dd.main) else []
     if step == 0 and dd.main:
@@ -602,11 +648,13 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
     core.train()
     mixed = cfg.uses_real or cfg.w_phantom != 1.0
     keys = (["total", "render", "maps", "pd", "clean", "ident"] if cfg.w_phantom > 0 else ["total"])
+    if cfg.contract == "qmap/3":
+        keys.append("nll")
     if cfg.w_unpaired > 0:
         keys += ["u_total", "u_self", "u_id_real", "u_id_render", "u_adv", "d_loss"]
     if cfg.w_paired > 0:
         keys += ["p_total", "p_cross", "p_id"]
-    val_keys = ["val_" + k for k in ("total", "render", "maps", "pd", "clean", "ident", "real_cross", "real_id")]
+    val_keys = ["val_" + k for k in ("total", "render", "maps", "pd", "clean", "ident", "nll", "real_cross", "real_id")]
     metrics = MetricsLog(out / "metrics.csv", keys + val_keys, step if resume else None) if dd.main else None
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, disable=not dd.main)
     t0 = time.time()
@@ -637,7 +685,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
             lo["d_loss"] = discriminator_step(disc, disc_ddp, disc_opt, ub["image"], fake, autocast)  # type: ignore[arg-type]
         step += 1
         bar.update(1)
-        bar.set_postfix({k: f"{float(v.detach()):.4f}" for k, v in lo.items() if k in ("total", "render", "maps", "p_cross")})
+        bar.set_postfix({k: f"{float(v.detach()):.4f}" for k, v in lo.items() if k in ("total", "render", "maps", "nll", "p_cross")})
         row: dict[str, Any] = {"step": step, "lr": lr_at(step - 1, cfg), "elapsed_s": round(time.time() - t0, 1)}
         row.update({k: float(v.detach()) for k, v in lo.items()})
         if dd.main and (step % cfg.val_every == 0 or step == cfg.steps):
@@ -661,6 +709,16 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
         metrics.close()
     dd.barrier()
     return out / "best.pt"
+
+
+def training_bank(cfg: TrainConfig) -> Any:
+    """The phantom maps of the training seeds (qmap/3: the mixed sources of rtcontrast.dataset_se)."""
+    if cfg.contract == "qmap/3":
+        from rtcontrast import dataset_se
+
+        return dataset_se.build_mixed_bank({k: (0, n) for k, n in cfg.se_sources.items()}, cfg.patch,
+                                           Path(cfg.cache_dir))
+    return dataset.build_bank(range(0, cfg.n_train_subjects), cfg.patch, Path(cfg.cache_dir))
 
 
 def mixed_losses(model: Any, core: QMapNet, disc: Discriminator | None, bank: dataset.Bank | None, real: Any,
