@@ -198,6 +198,9 @@ def make_batch(bank: Any, idx: np.ndarray, rng: np.random.Generator, cfg: TrainC
                                      cfg.scale_jitter) for i in idx]
         out = dataset.stack(se)
         out["field_t"] = np.array([[s.field_t] for s in se], np.float32)
+        # TE/TR cannot be told from a random-geometry image (its tissue values are random): identification
+        # learns from the anatomical sources only
+        out["id_weight"] = np.array([bank.source[int(i)] != dataset_se.SOURCES.index("random") for i in idx], np.float32)
         return out
     if cfg.contract == "qmap/2":
         multi = []
@@ -282,7 +285,11 @@ def phantom_losses(outputs: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor]
     te0, tr0 = b["te_tr0"][:, 0, None, None, None], b["te_tr0"][:, 1, None, None, None]
     own = signal(pd, te0, tr0, t1, t2, xp=torch)
     l_clean = F.l1_loss(own, b["clean"])
-    l_ident = (torch.log(te_tr_pred) - torch.log(b["te_tr0"])).abs().mean()
+    if "id_weight" in b:
+        per = (torch.log(te_tr_pred) - torch.log(b["te_tr0"])).abs().mean(dim=1)
+        l_ident = (per * b["id_weight"]).sum() / b["id_weight"].sum().clamp(min=1.0)
+    else:
+        l_ident = (torch.log(te_tr_pred) - torch.log(b["te_tr0"])).abs().mean()
     total = (cfg.w_render * l_render + cfg.w_maps * l_maps + cfg.w_pd * l_pd + cfg.w_clean * l_clean
              + cfg.w_ident * l_ident)
     out = {"total": total, "render": l_render, "maps": l_maps, "pd": l_pd, "clean": l_clean, "ident": l_ident}
