@@ -144,6 +144,10 @@ class TrainConfig:
     select_on: str = "render"
     #: CUDA autocast: "none", "bf16", "fp16" or "auto" (bf16 where supported, else fp16); ignored on CPU
     amp: str = "none"
+    #: wall-clock budget in seconds (None: none).  The cosine schedule then runs on the larger of step/steps and
+    #: elapsed/budget, and training stops (validated, checkpointed) when the budget is spent, so a run on a slow or
+    #: shared machine still ends with a decayed learning rate.  Elapsed time carries over --resume.
+    time_budget_s: float | None = None
     #: qmap/3: phantom slices per source {pelvis, random, abdomen} (rtcontrast.dataset_se); the mix is by count
     se_sources: dict[str, int] = field(default_factory=lambda: {"pelvis": 2000, "random": 2000, "abdomen": 1000})
     #: qmap/3: validation slices per source (held-out seeds)
@@ -310,11 +314,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to 2 % of the peak."""
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float | None = None) -> float:
+    """Linear warm-up then cosine decay to 2 % of the peak (progress by steps or by ``time_budget_s``)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.time_budget_s and elapsed_s is not None:
+        p = max(p, elapsed_s / cfg.time_budget_s)
     return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
@@ -607,11 +613,13 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
             disc = Discriminator(**cfg.disc).to(dev)
             disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr_disc, betas=(0.5, 0.999))
     step, best, history = 0, float("inf"), []
+    elapsed0 = 0.0
     if resume:
         ck = torch.load(resume, map_location=dev, weights_only=False)
         core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, best, history = ck["step"], ck["best"], ck.get("history", [])
+        elapsed0 = float(ck.get("elapsed_total_s", 0.0))
         if dd.main:
             rng.bit_generator.state = ck["rng"]
             torch.set_rng_state(ck["torch_rng"])
@@ -666,9 +674,15 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, disable=not dd.main)
     t0 = time.time()
     end = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    spent = False
+    elapsed_total = elapsed0  # measured after each step: the same figure decides the last validation and the stop
     while step < end:
+        elapsed, spent = _clock(cfg, dd, elapsed_total)
+        if spent:
+            log.info("time budget of %.0f s spent at step %d: stopping", cfg.time_budget_s, step)
+            break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg, elapsed)
         if not mixed:
             idx = rng.integers(0, len(bank), cfg.batch_size)  # type: ignore[arg-type]
             b = batch_to_torch(make_batch(bank, idx, rng, cfg), dev)  # type: ignore[arg-type]
@@ -693,9 +707,11 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
         step += 1
         bar.update(1)
         bar.set_postfix({k: f"{float(v.detach()):.4f}" for k, v in lo.items() if k in ("total", "render", "maps", "nll", "p_cross")})
-        row: dict[str, Any] = {"step": step, "lr": lr_at(step - 1, cfg), "elapsed_s": round(time.time() - t0, 1)}
+        row: dict[str, Any] = {"step": step, "lr": lr_at(step - 1, cfg, elapsed), "elapsed_s": round(time.time() - t0, 1)}
+        elapsed_total = elapsed0 + time.time() - t0
+        last_one = step == cfg.steps or bool(cfg.time_budget_s and elapsed_total >= cfg.time_budget_s)
         row.update({k: float(v.detach()) for k, v in lo.items()})
-        if dd.main and (step % cfg.val_every == 0 or step == cfg.steps):
+        if dd.main and (step % cfg.val_every == 0 or last_one):
             v = validate(core, val, cfg, dev)
             v.update(validate_real(core, real_val, cfg, dev))
             v.update(step=step, elapsed_s=round(time.time() - t0, 1))
@@ -705,17 +721,27 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
             if v[cfg.select_on] < best:
                 best = v[cfg.select_on]
                 save_checkpoint(out / "best.pt", core, opt, step, cfg, best, rng, history,
-                                _extra(disc, disc_opt, real_rng, real))
+                                {**_extra(disc, disc_opt, real_rng, real), "elapsed_total_s": elapsed_total})
         if metrics is not None:
             metrics.write(row)
-        if dd.main and (step % cfg.ckpt_every == 0 or step in (cfg.steps, end)):
+        if dd.main and (step % cfg.ckpt_every == 0 or step in (cfg.steps, end) or last_one):
             save_checkpoint(out / "last.pt", core, opt, step, cfg, best, rng, history,
-                            _extra(disc, disc_opt, real_rng, real))
+                            {**_extra(disc, disc_opt, real_rng, real), "elapsed_total_s": elapsed_total})
     bar.close()
     if metrics is not None:
         metrics.close()
     dd.barrier()
     return out / "best.pt"
+
+
+def _clock(cfg: TrainConfig, dd: Dist, elapsed: float) -> tuple[float, bool]:
+    """(elapsed seconds, budget spent?) as rank 0 sees them, so every rank uses one lr and stops at one step."""
+    spent = bool(cfg.time_budget_s and elapsed >= cfg.time_budget_s)
+    if dd.world > 1 and cfg.time_budget_s:
+        t = torch.tensor([elapsed, float(spent)], device=dd.device)
+        dist.broadcast(t, 0)
+        elapsed, spent = float(t[0]), bool(t[1] > 0.5)
+    return elapsed, spent
 
 
 def training_bank(cfg: TrainConfig) -> Any:
