@@ -25,20 +25,32 @@ import torch
 
 from rtcontrast.research import dataset
 from rtcontrast.research import phantom
-from rtcontrast.core.contract import CONTRACT, CONTRACT_FUSION, INPUT_NAMES, INPUT_NAMES_FUSION, OUTPUT_NAMES
+from rtcontrast.core.contract import (
+    CONTRACT,
+    CONTRACT_FUSION,
+    CONTRACT_SE,
+    INPUT_NAMES,
+    INPUT_NAMES_FUSION,
+    INPUT_NAMES_SE,
+    OUTPUT_NAMES,
+    UNCERTAINTY_OUTPUT_NAMES,
+)
 from rtcontrast.research.model import T1_RANGE, T2_RANGE, ModelConfig, QMapFusionNet, QMapNet, fusion_from_single
-from rtcontrast.core.inference import QMapModel
+from rtcontrast.research.model_se import QMapSENet
+from rtcontrast.core.inference import QMapModel, file_sha256
 
 OPSET = 17
 #: Parity tolerance: 99.9th percentile of |onnx - torch| / (|torch| + floor).
 PARITY_RTOL = 2e-3
 
 
-def load_checkpoint(path: str | Path) -> tuple[QMapNet | QMapFusionNet, dict]:
+def load_checkpoint(path: str | Path) -> tuple[QMapNet | QMapFusionNet | QMapSENet, dict]:
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    if ck.get("contract", CONTRACT) == CONTRACT_FUSION:
-        model: QMapNet | QMapFusionNet = QMapFusionNet(ModelConfig(**ck["model_config"]), max_inputs=ck["max_inputs"],
-                                                       **ck.get("fusion_options", {}))
+    if ck.get("contract", CONTRACT) == CONTRACT_SE:
+        model: QMapNet | QMapFusionNet | QMapSENet = QMapSENet(ModelConfig(**ck["model_config"]))
+    elif ck.get("contract", CONTRACT) == CONTRACT_FUSION:
+        model = QMapFusionNet(ModelConfig(**ck["model_config"]), max_inputs=ck["max_inputs"],
+                              **ck.get("fusion_options", {}))
     else:
         model = QMapNet(ModelConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
@@ -73,14 +85,25 @@ def replace_single_branch(model: QMapNet | QMapFusionNet, path: str) -> tuple[QM
             "best_validation_render_l1": ck.get("best"), "gated_at_export": gated_here}
 
 
-def export(model: QMapNet | QMapFusionNet, out: Path, metadata: dict[str, str]) -> None:
+def output_names(model: torch.nn.Module) -> list[str]:
+    """The ONNX output names of ``model`` (qmap/3 adds the uncertainty outputs)."""
+    return list(OUTPUT_NAMES) + (list(UNCERTAINTY_OUTPUT_NAMES) if isinstance(model, QMapSENet) else [])
+
+
+def export(model: QMapNet | QMapFusionNet | QMapSENet, out: Path, metadata: dict[str, str]) -> None:
     """torch -> ONNX with dynamic N/H/W (and K for qmap/2) and the contract metadata."""
     tmp = out.with_suffix(".tmp.onnx")
     dyn = {"pd": {0: "N", 2: "H", 3: "W"}, "t1": {0: "N", 2: "H", 3: "W"}, "t2": {0: "N", 2: "H", 3: "W"},
            "te_tr_pred": {0: "N"}}
-    if isinstance(model, QMapFusionNet):
+    if isinstance(model, QMapSENet):
+        args: tuple = (torch.rand(2, 1, 64, 96), torch.tensor([[80.0, 3000.0], [10.0, 500.0]]),
+                       torch.tensor([[1.5], [3.0]]))
+        names = list(INPUT_NAMES_SE)
+        dyn.update({"image": {0: "N", 2: "H", 3: "W"}, "te_tr": {0: "N"}, "field_t": {0: "N"}})
+        dyn.update({n: {0: "N", 2: "H", 3: "W"} for n in UNCERTAINTY_OUTPUT_NAMES})
+    elif isinstance(model, QMapFusionNet):
         k = model.max_inputs
-        args: tuple = (torch.rand(2, k, 64, 96), torch.tensor([[[80.0, 3000.0]] * k, [[10.0, 500.0]] * k]),
+        args = (torch.rand(2, k, 64, 96), torch.tensor([[[80.0, 3000.0]] * k, [[10.0, 500.0]] * k]),
                        torch.tensor([[1.0] + [0.0] * (k - 1), [1.0] * k]))
         names = list(INPUT_NAMES_FUSION)
         dyn.update({"image": {0: "N", 2: "H", 3: "W"}, "te_tr": {0: "N"}, "present": {0: "N"}})
@@ -89,19 +112,19 @@ def export(model: QMapNet | QMapFusionNet, out: Path, metadata: dict[str, str]) 
         names = list(INPUT_NAMES)
         dyn.update({"image": {0: "N", 2: "H", 3: "W"}, "te_tr": {0: "N"}})
     with torch.no_grad():
-        torch.onnx.export(model, args, str(tmp), input_names=names, output_names=list(OUTPUT_NAMES),
+        torch.onnx.export(model, args, str(tmp), input_names=names, output_names=output_names(model),
                           dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
     m = onnx.load(str(tmp))
     del m.metadata_props[:]
     for k, v in metadata.items():
         m.metadata_props.add(key=k, value=v)
-    m.doc_string = f"rtcontrast {CONTRACT} model {metadata['name']} {metadata['version']}"
+    m.doc_string = f"rtcontrast {metadata['rtcontrast.contract']} model {metadata['name']} {metadata['version']}"
     onnx.checker.check_model(m)
     onnx.save(m, str(tmp))
     tmp.replace(out)
 
 
-def parity(model: QMapNet | QMapFusionNet, onnx_path: Path) -> dict:
+def parity(model: QMapNet | QMapFusionNet | QMapSENet, onnx_path: Path) -> dict:
     """Compare ONNX (onnxruntime CPU) with torch on held-out phantom slices of several sizes."""
     qm = QMapModel(onnx_path, provider="cpu")
     rng = np.random.default_rng(7)
@@ -117,10 +140,15 @@ def parity(model: QMapNet | QMapFusionNet, onnx_path: Path) -> dict:
         else:
             sl = dataset.make_sample(maps, *dataset.random_contrast(rng), rng)
             feeds = (sl.image[:h, :w][None, None].astype(np.float32), np.array([[sl.te, sl.tr]], np.float32))
+            if isinstance(model, QMapSENet):
+                feeds = (*feeds, np.array([[(1.5, 3.0)[k % 2]]], np.float32))
         with torch.no_grad():
             ref = [t.numpy() for t in model(*(torch.from_numpy(np.ascontiguousarray(f)) for f in feeds))]
-        got = qm.run_normalised(*feeds)
-        for name, r in zip(OUTPUT_NAMES, ref):
+        if isinstance(model, QMapSENet):
+            got = qm.run_normalised(feeds[0], feeds[1], None, feeds[2])
+        else:
+            got = qm.run_normalised(*feeds)
+        for name, r in zip(output_names(model), ref):
             g = got[name]
             floor = 1e-3 * max(float(np.abs(r).max()), 1e-6)
             rel = float(np.percentile(np.abs(g - r) / (np.abs(r) + floor), 99.9))
@@ -141,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write the evaluation report with figures to models/NAME.report/report.md")
     ap.add_argument("--report-data", default=None, help="with --report: a folder of real SE series to include")
     ap.add_argument("--report-subjects", type=int, default=2, help="with --report: held-out phantom subjects")
+    ap.add_argument("--generalisation", action="store_true",
+                    help="also the in-domain vs unseen-anatomy tables with the constant-maps floor (always for qmap/3)")
+    ap.add_argument("--save-weights", action="store_true",
+                    help="also write NAME.pt: the weights (+ architecture, contract) loadable with torch.load("
+                         "weights_only=True), so --init can fine-tune from a fresh clone; its sha256 goes in the card")
     ap.add_argument("--single-branch", default=None,
                     help="qmap/2: a qmap/1 training checkpoint that becomes the frozen single-input branch (an "
                          "ungated fusion checkpoint is gated with it), so the single-input case is that model")
@@ -156,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fusion = isinstance(model, QMapFusionNet)
+    se = isinstance(model, QMapSENet)
     meta = {
-        "rtcontrast.contract": CONTRACT_FUSION if fusion else CONTRACT,
+        "rtcontrast.contract": CONTRACT_FUSION if fusion else CONTRACT_SE if se else CONTRACT,
         "name": name,
         "version": version,
         "input_percentile": str(dataset.INPUT_PERCENTILE),
@@ -192,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         "architecture": {"model_config": ck["model_config"],
                          "parameters": int(sum(p.numel() for p in model.parameters()))},
         "training": {"config": tc, "steps": ck["step"], "best_validation_render_l1": ck["best"],
-                     "history": ck.get("history", [])},
+                     "history": ck.get("history", []), "hardware": ck.get("hardware"),
+                     "wall_time_s_last_stage": (ck.get("history") or [{}])[-1].get("elapsed_s")},
         "data": {"kind": "synthetic male-pelvis phantoms (rtcontrast.research.phantom)",
                  "train_seeds": [0, tc.get("n_train_subjects")],
                  "validation_seeds": [dataset.HELDOUT_SEED_BASE, dataset.HELDOUT_SEED_BASE + tc.get("n_val", 0)],
@@ -216,6 +251,26 @@ def main(argv: list[str] | None = None) -> int:
         card["architecture"]["fusion_options"] = getattr(model, "options", {})
     if single_info is not None:
         card["training"]["single_branch"] = single_info
+    if se:
+        card["io"]["inputs"]["field_t"] = "float32 [N,1] MagneticFieldStrength in T (node default 1.5 when absent)"
+        card["io"]["outputs"].update({"t1_log_sd": "float32 [N,1,H,W] sd of ln T1", "t2_log_sd": "float32 [N,1,H,W] sd "
+                                      "of ln T2", "pd_sd": "float32 [N,1,H,W] sd of PD, input units"})
+        card["data"]["kind"] = ("synthetic phantoms: male pelvis (rtcontrast.research.phantom), upper abdomen "
+                                "(rtcontrast.research.abdomen_phantom), random geometry with a broad tissue prior "
+                                "(rtcontrast.research.random_phantom, rtcontrast.research.tissue_prior)")
+        card["data"]["sources"] = {k: [0, n] for k, n in tc.get("se_sources", {}).items()}
+        card["data"]["notes"] = ("No real patient data, no atlases or templates. Acquisitions with fast-spin-echo T2 "
+                                 "blurring, reduced k-space, bias, gain and Rician noise (rtcontrast.research.acquisition). "
+                                 "Evaluation-only head phantoms (rtcontrast.research.eval_phantoms) are never imported by "
+                                 "training.")
+    if a.save_weights:
+        pt = out.with_suffix(".pt")
+        torch.save({"model": model.state_dict(), "model_config": ck["model_config"],
+                    "contract": meta["rtcontrast.contract"], "max_inputs": ck.get("max_inputs", 1),
+                    "fusion_options": ck.get("fusion_options", {})}, pt)
+        card["weights"] = {"file": pt.name, "sha256": file_sha256(pt),
+                           "note": "weights-only (torch.load(weights_only=True)); fine-tune with "
+                                   f"python -m rtcontrast.research.train --config ... --init models/{pt.name}"}
     if a.eval_subjects:
         from rtcontrast.research.evaluate import evaluate, format_table
 
@@ -225,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         card["evaluation_table"] = format_table(report).splitlines()
         card["evaluation_figure"] = fig.name
         print(format_table(report))
+        if se or a.generalisation:
+            from rtcontrast.research.evaluate_se import format_generalisation, generalisation
+
+            gen = generalisation(out, n_subjects=a.eval_subjects)
+            card["generalisation"] = gen
+            card["generalisation_table"] = format_generalisation(gen).splitlines()
+            print(format_generalisation(gen))
         if fusion:
             from rtcontrast.research.evaluate import evaluate_fusion, format_fusion_table
 

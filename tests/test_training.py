@@ -188,3 +188,19 @@ def test_gated_fusion_single_input_is_the_single_model(trained: tuple[Path, Trai
     assert not np.allclose(o1b[1], o1[1])
     o2b = m2.session.run(None, {"image": xs2, "te_tr": tts2, "present": np.ones((2, 2), np.float32)})
     np.testing.assert_allclose(o2b[1], o2[1], rtol=1e-5)
+
+
+def test_time_budget_stops_with_a_decayed_schedule(tmp_path: Path) -> None:
+    """time_budget_s: the run ends by the clock (validated and checkpointed) with the learning rate decayed."""
+    import csv
+
+    from rtcontrast.research.train import lr_at
+
+    cfg = replace(tiny(tmp_path, 10_000), out_dir=str(tmp_path / "tb"), time_budget_s=4.0, val_every=10_000)
+    best = train(cfg)
+    ck = torch.load(Path(cfg.out_dir) / "last.pt", weights_only=False)
+    assert 0 < ck["step"] < 10_000 and ck["elapsed_total_s"] >= 4.0
+    assert best.exists() and ck["history"][-1]["step"] == ck["step"]  # validated where it stopped
+    rows = list(csv.DictReader((Path(cfg.out_dir) / "metrics.csv").open()))
+    assert float(rows[-1]["lr"]) <= 0.03 * cfg.lr  # cosine ran out with the clock, not with the steps
+    assert lr_at(100, cfg, elapsed_s=2.0) < lr_at(100, cfg, elapsed_s=0.0)

@@ -10,6 +10,15 @@ Outputs
     te_tr_pred  float32 [N,2]      ms, identified from the image alone
 H and W must be multiples of ``spatial_multiple`` (the caller pads); N is free.
 
+``qmap/3`` (one series + field strength, with uncertainty) = ``qmap/1`` plus:
+    input   field_t     float32 [N,1]      the series' MagneticFieldStrength in tesla (the node uses
+                                           :data:`DEFAULT_FIELD_T` when the header lacks it, and records that)
+    optional outputs (a model may export none, some or all; the node works with and without them):
+            t1_log_sd   float32 [N,1,H,W]  predicted sd of ln T1 (~ relative sd of T1)
+            t2_log_sd   float32 [N,1,H,W]  predicted sd of ln T2
+            pd_sd       float32 [N,1,H,W]  predicted sd of PD, in the units of ``pd``
+    Metadata as ``qmap/1``; ``field_strengths_t`` (trained fields, all > 0) is checked.
+
 ``qmap/2`` (fusion of K co-registered spin-echo series of one frame of reference):
     image    float32 [N,K,H,W]  each present input divided by its own series scale; absent slots zero
     te_tr    float32 [N,K,2]    ms (absent slots: any value, ignored)
@@ -28,10 +37,16 @@ import numpy as np
 
 CONTRACT = "qmap/1"
 CONTRACT_FUSION = "qmap/2"
-KNOWN_CONTRACTS: tuple[str, ...] = (CONTRACT, CONTRACT_FUSION)
+CONTRACT_SE = "qmap/3"
+KNOWN_CONTRACTS: tuple[str, ...] = (CONTRACT, CONTRACT_FUSION, CONTRACT_SE)
 INPUT_NAMES: tuple[str, ...] = ("image", "te_tr")
 INPUT_NAMES_FUSION: tuple[str, ...] = ("image", "te_tr", "present")
+INPUT_NAMES_SE: tuple[str, ...] = ("image", "te_tr", "field_t")
 OUTPUT_NAMES: tuple[str, ...] = ("pd", "t1", "t2", "te_tr_pred")
+#: qmap/3 optional outputs: per-voxel uncertainty (see the module docstring).
+UNCERTAINTY_OUTPUT_NAMES: tuple[str, ...] = ("t1_log_sd", "t2_log_sd", "pd_sd")
+#: Field strength (T) assumed for a qmap/3 model when the series header has none.
+DEFAULT_FIELD_T = 1.5
 REQUIRED_METADATA: tuple[str, ...] = (
     "rtcontrast.contract",
     "name",
@@ -67,6 +82,11 @@ class ModelInfo:
         """True for a ``qmap/2`` model (several inputs)."""
         return self.contract == CONTRACT_FUSION
 
+    @property
+    def takes_field(self) -> bool:
+        """True for a ``qmap/3`` model (needs the series' field strength as input ``field_t``)."""
+        return self.contract == CONTRACT_SE
+
     def te_tr_in_range(self, te: float, tr: float) -> bool:
         """True when (TE, TR) lies inside the trained range."""
         return (self.te_range_ms[0] <= te <= self.te_range_ms[1]) and (
@@ -85,7 +105,7 @@ def _pair(text: str, key: str) -> tuple[float, float]:
 
 
 def parse_metadata(meta: dict[str, str]) -> ModelInfo:
-    """Validate a model's metadata_props against ``qmap/1`` and return them parsed."""
+    """Validate a model's metadata_props against its contract (``qmap/1``, ``/2`` or ``/3``) and return them parsed."""
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise ContractError(f"model metadata lacks {', '.join(missing)} (required by {CONTRACT})")
@@ -108,6 +128,9 @@ def parse_metadata(meta: dict[str, str]) -> ModelInfo:
         fields = tuple(float(v) for v in meta["field_strengths_t"].split(","))
     except ValueError as exc:
         raise ContractError(f"model metadata has a malformed number: {exc}") from exc
+    if contract == CONTRACT_SE and (not fields or any(not 0 < f <= 20 for f in fields)):
+        raise ContractError(f"{CONTRACT_SE} model metadata 'field_strengths_t' must list field strengths in (0, 20] T, "
+                            f"got {meta['field_strengths_t']!r}")
     if not 0 < pct <= 100:
         raise ContractError(f"input_percentile must be in (0, 100], got {pct}")
     if mult < 1:

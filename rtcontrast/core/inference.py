@@ -21,9 +21,12 @@ import onnxruntime as ort
 from rtcontrast.core.consistency import Settings, gain_tissue, input_gains, refine
 from rtcontrast.core.maps import QMaps
 from rtcontrast.core.contract import (
+    DEFAULT_FIELD_T,
     INPUT_NAMES,
     INPUT_NAMES_FUSION,
+    INPUT_NAMES_SE,
     OUTPUT_NAMES,
+    UNCERTAINTY_OUTPUT_NAMES,
     ContractError,
     ModelInfo,
     pad_amounts,
@@ -81,7 +84,7 @@ def file_sha256(path: str | Path) -> str:
 def _check_io(sess: ort.InferenceSession, path: Path, info: ModelInfo) -> None:
     ins = {i.name: i for i in sess.get_inputs()}
     outs = {o.name: o for o in sess.get_outputs()}
-    names = INPUT_NAMES_FUSION if info.fusion else INPUT_NAMES
+    names = INPUT_NAMES_FUSION if info.fusion else INPUT_NAMES_SE if info.takes_field else INPUT_NAMES
     if set(ins) != set(names):
         raise ContractError(f"{path}: inputs are {sorted(ins)}, {info.contract} requires {list(names)}")
     missing = [n for n in OUTPUT_NAMES if n not in outs]
@@ -91,6 +94,8 @@ def _check_io(sess: ort.InferenceSession, path: Path, info: ModelInfo) -> None:
     if len(ins["image"].shape) != 4 or len(ins["te_tr"].shape) != te_rank:
         raise ContractError(f"{path}: input ranks must be image 4 and te_tr {te_rank} for {info.contract}, got "
                             f"{ins['image'].shape} and {ins['te_tr'].shape}")
+    if info.takes_field and len(ins["field_t"].shape) != 2:
+        raise ContractError(f"{path}: input 'field_t' must be [N,1] for {info.contract}, got {ins['field_t'].shape}")
     for n in names:
         if ins[n].type != "tensor(float)":
             raise ContractError(f"{path}: input {n!r} must be float32, is {ins[n].type}")
@@ -124,27 +129,46 @@ class QMapModel:
         _check_io(self.session, self.path, self.info)
         self.sha256 = file_sha256(self.path)
         self.provider = self.session.get_providers()[0]
+        exported = {o.name for o in self.session.get_outputs()}
+        #: the optional uncertainty outputs this model exports (qmap/3), in contract order
+        self.uncertainty_outputs: tuple[str, ...] = tuple(n for n in UNCERTAINTY_OUTPUT_NAMES if n in exported)
 
     def describe(self) -> str:
         return (f"model {self.info.name} {self.info.version} ({self.path.name}, sha256 {self.sha256[:12]}) "
                 f"on {self.provider}")
 
-    def run_normalised(self, image: np.ndarray, te_tr: np.ndarray, present: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """One raw ``session.run`` on already normalised, padded input (``present`` for qmap/2)."""
+    def run_normalised(self, image: np.ndarray, te_tr: np.ndarray, present: np.ndarray | None = None,
+                       field_t: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One raw ``session.run`` on already normalised, padded input (``present`` for qmap/2, ``field_t`` [N,1] for qmap/3).
+
+        Returns the contract's outputs plus the optional uncertainty outputs the model has.
+        """
         feeds = {"image": image, "te_tr": te_tr}
         if self.info.fusion:
             if present is None:
                 raise ValueError(f"{self.info.contract} model needs 'present'")
             feeds["present"] = present
-        outs = self.session.run(list(OUTPUT_NAMES), feeds)
-        return dict(zip(OUTPUT_NAMES, outs))
+        if self.info.takes_field:
+            if field_t is None:
+                raise ValueError(f"{self.info.contract} model needs 'field_t'")
+            feeds["field_t"] = np.asarray(field_t, np.float32).reshape(-1, 1)
+        names = list(OUTPUT_NAMES) + list(self.uncertainty_outputs)
+        outs = self.session.run(names, feeds)
+        return dict(zip(names, outs))
 
-    def predict(self, pixels: np.ndarray, te_ms: float, tr_ms: float, batch_size: int = 8) -> QMaps:
-        """Maps of a series ``pixels`` [N,H,W] (stored values after Modality LUT)."""
-        return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size)
+    def predict(self, pixels: np.ndarray, te_ms: float, tr_ms: float, batch_size: int = 8,
+                field_t: float | None = None) -> QMaps:
+        """Maps of a series ``pixels`` [N,H,W] (stored values after Modality LUT).
+
+        ``field_t``: the series' MagneticFieldStrength (T); used by ``qmap/3`` models (when
+        None they get :data:`~rtcontrast.core.contract.DEFAULT_FIELD_T`, and ``QMaps.field_t_assumed``
+        says so), ignored by ``qmap/1``/``qmap/2`` models.
+        """
+        return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size, field_t=field_t)
 
     def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int = 8,
-                      consistency: Settings | None = None, valid: list[np.ndarray | None] | None = None) -> QMaps:
+                      consistency: Settings | None = None, valid: list[np.ndarray | None] | None = None,
+                      field_t: float | None = None) -> QMaps:
         """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
 
         ``batch_size`` is an upper bound: batches never exceed :data:`MAX_BATCH_PIXELS`.
@@ -176,6 +200,15 @@ class QMapModel:
         t1 = np.empty_like(pd)
         t2 = np.empty_like(pd)
         te_tr_pred = np.empty((n, 2), np.float32)
+        unc = {u: np.empty_like(pd) for u in self.uncertainty_outputs}
+        field_used: float | None = None
+        assumed = False
+        if self.info.takes_field:
+            assumed = field_t is None or not np.isfinite(field_t) or field_t <= 0
+            field_used = DEFAULT_FIELD_T if assumed else float(field_t)  # type: ignore[arg-type]
+            if assumed:
+                log.warning("series has no usable MagneticFieldStrength (%r): model %s assumes %.1f T", field_t,
+                            self.info.name, DEFAULT_FIELD_T)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             x = np.zeros((stop - start, k, h + ph, w + pw), np.float32)
@@ -185,8 +218,11 @@ class QMapModel:
                 tt[:, j] = (te, tr)
             present = np.zeros((stop - start, k), np.float32)
             present[:, : len(inputs)] = 1.0
-            o = self.run_normalised(x, tt if self.info.fusion else tt[:, 0], present)
+            ft = np.full((stop - start, 1), field_used or 0.0, np.float32) if self.info.takes_field else None
+            o = self.run_normalised(x, tt if self.info.fusion else tt[:, 0], present, ft)
             pd[start:stop] = o["pd"][:, 0, :h, :w] * np.float32(s)
+            for u in self.uncertainty_outputs:
+                unc[u][start:stop] = o[u][:, 0, :h, :w] * np.float32(s if u == "pd_sd" else 1.0)
             t1[start:stop] = o["t1"][:, 0, :h, :w]
             t2[start:stop] = o["t2"][:, 0, :h, :w]
             te_tr_pred[start:stop] = o["te_tr_pred"]
@@ -194,7 +230,9 @@ class QMapModel:
         if consistency is not None and len(inputs) > 1:
             gains = self._make_consistent(inputs, scales, QMaps(pd, t1, t2, te_tr_pred, s), consistency, valid)
         return QMaps(pd=pd, t1=t1, t2=t2, te_tr_pred=te_tr_pred, scale=s,
-                     input_gains=[float(v) for v in gains] if gains is not None else None)
+                     input_gains=[float(v) for v in gains] if gains is not None else None,
+                     t1_log_sd=unc.get("t1_log_sd"), t2_log_sd=unc.get("t2_log_sd"), pd_sd=unc.get("pd_sd"),
+                     field_t=field_used, field_t_assumed=assumed)
 
     @staticmethod
     def _make_consistent(inputs: list[tuple[np.ndarray, float, float]], scales: list[float], maps: QMaps,

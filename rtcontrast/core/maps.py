@@ -22,3 +22,10 @@ class QMaps:
     scale: float  # the series scale s used for the model input
     #: with data consistency: each input's gain relative to the first (estimated once for the volume)
     input_gains: list[float] | None = None
+    #: qmap/3 models that export uncertainty: sd of ln T1 and ln T2, sd of PD (stored-value units); else None
+    t1_log_sd: np.ndarray | None = None
+    t2_log_sd: np.ndarray | None = None
+    pd_sd: np.ndarray | None = None
+    #: qmap/3: the field strength (T) given to the model, and whether it was assumed (header had none)
+    field_t: float | None = None
+    field_t_assumed: bool = False

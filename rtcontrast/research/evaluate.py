@@ -106,13 +106,14 @@ def evaluate(model_path: str | Path, n_subjects: int = 6, n_slices: int = 4, fig
     """Run the evaluation; returns a JSON-able report (also used for the model card)."""
     model = QMapModel(model_path, provider=provider)
     report: dict = {"model": model.info.name, "version": model.info.version, "sha256": model.sha256,
+                    "contract": model.info.contract,
                     "split": {"seeds": [EVAL_SEED_BASE, EVAL_SEED_BASE + n_subjects - 1], "slices_per_subject": n_slices,
                               "matrix": [256, 256], "fields_t": [1.5, 3.0]},
                     "targets": TARGETS, "inputs": {}}
     fig_data = None
     for name, (te, tr) in zip(SEED_CONTRAST_NAMES, SEED_CONTRASTS):
         cases = held_out_cases(n_subjects, n_slices, te, tr)
-        preds = [model.predict(c.image, te, tr) for c in cases]
+        preds = [model.predict(c.image, te, tr, field_t=c.maps.field_t) for c in cases]  # field: qmap/3 only
         entry: dict = {"te_tr": [te, tr], "render": {}}
         for tname, (tte, ttr) in zip(SEED_CONTRAST_NAMES, SEED_CONTRASTS):
             truth = np.concatenate([signal(c.truth_pd, tte, ttr, c.maps.t1, c.maps.t2) for c in cases])
@@ -348,10 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the report as JSON here")
     ap.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--fusion", action="store_true", help="also the qmap/2 fusion table (1, 2, 3, all inputs + LSQ)")
+    ap.add_argument("--generalisation", choices=["auto", "yes", "no"], default="auto",
+                    help="in-domain vs unseen-anatomy tables with the constant-maps floor and calibration "
+                         "(rtcontrast.research.evaluate_se); auto = yes for qmap/1 and qmap/3 models")
     a = ap.parse_args(argv)
     fig = a.figure or str(Path(a.model).with_suffix(".eval.png"))
     report = evaluate(a.model, a.subjects, a.slices, fig, a.provider)
     print(format_table(report))
+    if a.generalisation == "yes" or (a.generalisation == "auto" and report.get("contract", "qmap/1") != "qmap/2"):
+        from rtcontrast.research.evaluate_se import format_generalisation, generalisation
+
+        report["generalisation"] = generalisation(a.model, a.subjects, a.slices, a.provider)
+        print()
+        print(format_generalisation(report["generalisation"]))
     if a.fusion:
         report["fusion"] = evaluate_fusion(a.model, a.subjects, a.slices, a.provider)
         print()

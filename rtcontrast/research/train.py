@@ -71,9 +71,10 @@ from tqdm import tqdm
 
 from rtcontrast.research import dataset
 from rtcontrast.research.model import Discriminator, ModelConfig, QMapFusionNet, QMapNet, fusion_from_single
+from rtcontrast.research.model_se import LOG_SD_RANGE, QMapSENet, gaussian_nll
 from rtcontrast.core.physics import SEED_CONTRASTS, signal
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("rtcontrast.research.train")
 
 
 @dataclass
@@ -143,6 +144,16 @@ class TrainConfig:
     select_on: str = "render"
     #: CUDA autocast: "none", "bf16", "fp16" or "auto" (bf16 where supported, else fp16); ignored on CPU
     amp: str = "none"
+    #: wall-clock budget in seconds (None: none).  The cosine schedule then runs on the larger of step/steps and
+    #: elapsed/budget, and training stops (validated, checkpointed) when the budget is spent, so a run on a slow or
+    #: shared machine still ends with a decayed learning rate.  Elapsed time carries over --resume.
+    time_budget_s: float | None = None
+    #: qmap/3: phantom slices per source {pelvis, random, abdomen} (rtcontrast.research.dataset_se); the mix is by count
+    se_sources: dict[str, int] = field(default_factory=lambda: {"pelvis": 2000, "random": 2000, "abdomen": 1000})
+    #: qmap/3: validation slices per source (held-out seeds)
+    se_val_sources: dict[str, int] = field(default_factory=lambda: {"pelvis": 24, "random": 16, "abdomen": 8})
+    #: qmap/3: weight of the Gaussian NLL of log T1, log T2, log PD (trains the uncertainty outputs)
+    w_nll: float = 0.1
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -173,6 +184,8 @@ class TrainConfig:
             raise SystemExit("select_on: real_cross needs data_dir with paired series")
         if (self.fusion_gated or self.init_fused) and not (self.init_single or self.init):
             raise SystemExit("fusion_gated / init_fused need init_single: the trained qmap/1 checkpoint")
+        if self.contract == "qmap/3" and self.uses_real:
+            raise SystemExit("real-data training is not implemented for qmap/3 models yet (phantom sources only)")
         if self.amp not in ("none", "bf16", "fp16", "auto"):
             raise SystemExit(f"amp must be none, bf16, fp16 or auto, got {self.amp!r}")
 
@@ -181,7 +194,18 @@ def batch_to_torch(b: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return {k: torch.from_numpy(v).to(device) for k, v in b.items()}
 
 
-def make_batch(bank: dataset.Bank, idx: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> dict[str, np.ndarray]:
+def make_batch(bank: Any, idx: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> dict[str, np.ndarray]:
+    if cfg.contract == "qmap/3":
+        from rtcontrast.research import dataset_se
+
+        se = [dataset_se.make_sample(bank.maps(int(i)), *dataset.random_contrast(rng, cfg.p_seed_contrast), rng,
+                                     cfg.scale_jitter) for i in idx]
+        out = dataset.stack(se)
+        out["field_t"] = np.array([[s.field_t] for s in se], np.float32)
+        # TE/TR cannot be told from a random-geometry image (its tissue values are random): identification
+        # learns from the anatomical sources only
+        out["id_weight"] = np.array([bank.source[int(i)] != dataset_se.SOURCES.index("random") for i in idx], np.float32)
+        return out
     if cfg.contract == "qmap/2":
         multi = []
         p = np.asarray(cfg.p_inputs[: cfg.max_inputs], float)
@@ -210,8 +234,10 @@ def build_model(cfg: TrainConfig) -> QMapNet | QMapFusionNet:
             fused = _load_same_arch(cfg.init_fused, cfg, "init_fused")["model"] if cfg.init_fused else None
             return fusion_from_single(ck["model"], ModelConfig(**cfg.model), cfg.max_inputs, fused_state=fused, **opts)
         return QMapFusionNet(ModelConfig(**cfg.model), max_inputs=cfg.max_inputs, **opts)
+    if cfg.contract == "qmap/3":
+        return QMapSENet(ModelConfig(**cfg.model))  # type: ignore[return-value]
     if cfg.contract != "qmap/1":
-        raise SystemExit(f"unknown contract {cfg.contract!r} (qmap/1 or qmap/2)")
+        raise SystemExit(f"unknown contract {cfg.contract!r} (qmap/1, qmap/2 or qmap/3)")
     return QMapNet(ModelConfig(**cfg.model))
 
 
@@ -228,6 +254,8 @@ def _load_same_arch(path: str, cfg: TrainConfig, what: str) -> dict[str, Any]:
 def run_model(model: QMapNet | QMapFusionNet, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     if isinstance(getattr(model, "module", model), QMapFusionNet):  # DDP wraps the model
         return model(b["image"], b["te_tr"], b["present"])
+    if isinstance(getattr(model, "module", model), QMapSENet):
+        return model(b["image"], b["te_tr"], b["field_t"])
     return model(b["image"], b["te_tr"])
 
 
@@ -243,7 +271,7 @@ def losses(model: QMapNet | QMapFusionNet, b: dict[str, torch.Tensor], targets: 
 def phantom_losses(outputs: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor], targets: list[tuple[float, float]],
                    cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The phantom loss terms from the model's outputs on batch ``b`` (see the module docstring)."""
-    pd, t1, t2, te_tr_pred = outputs
+    pd, t1, t2, te_tr_pred = outputs[:4]
     tissue = (b["pd_img"] > 0) & (b["t1"] > 0) & (b["labels"] != 3)
     strong = tissue & (b["pd_img"] > 0.1 * b["pd_img"].amax(dim=(2, 3), keepdim=True))
     nm = strong.sum().clamp(min=1)
@@ -261,10 +289,23 @@ def phantom_losses(outputs: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor]
     te0, tr0 = b["te_tr0"][:, 0, None, None, None], b["te_tr0"][:, 1, None, None, None]
     own = signal(pd, te0, tr0, t1, t2, xp=torch)
     l_clean = F.l1_loss(own, b["clean"])
-    l_ident = (torch.log(te_tr_pred) - torch.log(b["te_tr0"])).abs().mean()
+    if "id_weight" in b:
+        per = (torch.log(te_tr_pred) - torch.log(b["te_tr0"])).abs().mean(dim=1)
+        l_ident = (per * b["id_weight"]).sum() / b["id_weight"].sum().clamp(min=1.0)
+    else:
+        l_ident = (torch.log(te_tr_pred) - torch.log(b["te_tr0"])).abs().mean()
     total = (cfg.w_render * l_render + cfg.w_maps * l_maps + cfg.w_pd * l_pd + cfg.w_clean * l_clean
              + cfg.w_ident * l_ident)
-    return {"total": total, "render": l_render, "maps": l_maps, "pd": l_pd, "clean": l_clean, "ident": l_ident}
+    out = {"total": total, "render": l_render, "maps": l_maps, "pd": l_pd, "clean": l_clean, "ident": l_ident}
+    if len(outputs) > 4:  # qmap/3: uncertainty of log T1, log T2, log PD (rtcontrast.research.model_se)
+        t1_sd, t2_sd, pd_sd = outputs[4:7]
+        l_nll = (gaussian_nll(torch.log(t1), torch.log(b["t1"].clamp(min=1)), t1_sd, strong)
+                 + gaussian_nll(torch.log(t2), torch.log(b["t2"].clamp(min=1)), t2_sd, strong)
+                 + gaussian_nll(torch.log(pd + 1e-3), torch.log(b["pd_img"] + 1e-3),
+                                (pd_sd / pd.clamp(min=1e-3)).clamp(min=LOG_SD_RANGE[0]), strong))
+        out["nll"] = l_nll
+        out["total"] = total + cfg.w_nll * l_nll
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -273,17 +314,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to 2 % of the peak."""
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float | None = None) -> float:
+    """Linear warm-up then cosine decay to 2 % of the peak (progress by steps or by ``time_budget_s``)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.time_budget_s and elapsed_s is not None:
+        p = max(p, elapsed_s / cfg.time_budget_s)
     return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
 def validation_batches(cfg: TrainConfig) -> list[dict[str, np.ndarray]]:
     """A fixed held-out validation set (seeds never used in training), deterministic."""
-    bank = dataset.build_bank(range(dataset.HELDOUT_SEED_BASE, dataset.HELDOUT_SEED_BASE + cfg.n_val), cfg.patch,
+    if cfg.contract == "qmap/3":
+        from rtcontrast.research import dataset_se
+
+        base = dataset.HELDOUT_SEED_BASE
+        bank: Any = dataset_se.build_mixed_bank({k: (base, base + n) for k, n in cfg.se_val_sources.items()}, cfg.patch,
+                                               Path(cfg.cache_dir), workers=1)
+    else:
+        bank = dataset.build_bank(range(dataset.HELDOUT_SEED_BASE, dataset.HELDOUT_SEED_BASE + cfg.n_val), cfg.patch,
                               Path(cfg.cache_dir), workers=1)
     rng = np.random.default_rng(4242)
     out = []
@@ -322,9 +372,18 @@ def save_checkpoint(path: Path, model: QMapNet | QMapFusionNet, opt: torch.optim
         "rng": rng.bit_generator.state,
         "torch_rng": torch.get_rng_state(),
         "history": history,
+        "hardware": hardware(next(model.parameters()).device),
         **(extra or {}),
     }, tmp)
     tmp.replace(path)
+
+
+def hardware(device: torch.device) -> str:
+    """What trained this checkpoint (for the model card): device, CPU count, torch threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+    return (f"CPU: {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, no GPU, "
+            f"torch {torch.__version__}")
 
 
 # ----------------------------------------------------------------------------- real data
@@ -554,11 +613,13 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
             disc = Discriminator(**cfg.disc).to(dev)
             disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr_disc, betas=(0.5, 0.999))
     step, best, history = 0, float("inf"), []
+    elapsed0 = 0.0
     if resume:
         ck = torch.load(resume, map_location=dev, weights_only=False)
         core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, best, history = ck["step"], ck["best"], ck.get("history", [])
+        elapsed0 = float(ck.get("elapsed_total_s", 0.0))
         if dd.main:
             rng.bit_generator.state = ck["rng"]
             torch.set_rng_state(ck["torch_rng"])
@@ -588,10 +649,10 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
     bank = None
     if cfg.w_phantom > 0:
         if dd.main:
-            bank = dataset.build_bank(range(0, cfg.n_train_subjects), cfg.patch, Path(cfg.cache_dir))
+            bank = training_bank(cfg)
         dd.barrier()
         if not dd.main:
-            bank = dataset.build_bank(range(0, cfg.n_train_subjects), cfg.patch, Path(cfg.cache_dir))
+            bank = training_bank(cfg)
     val = validation_batches(cfg) if dd.main else []
     real_val = real.validation_pairs() if (real is not None and dd.main) else []
     if step == 0 and dd.main:
@@ -602,18 +663,26 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
     core.train()
     mixed = cfg.uses_real or cfg.w_phantom != 1.0
     keys = (["total", "render", "maps", "pd", "clean", "ident"] if cfg.w_phantom > 0 else ["total"])
+    if cfg.contract == "qmap/3":
+        keys.append("nll")
     if cfg.w_unpaired > 0:
         keys += ["u_total", "u_self", "u_id_real", "u_id_render", "u_adv", "d_loss"]
     if cfg.w_paired > 0:
         keys += ["p_total", "p_cross", "p_id"]
-    val_keys = ["val_" + k for k in ("total", "render", "maps", "pd", "clean", "ident", "real_cross", "real_id")]
+    val_keys = ["val_" + k for k in ("total", "render", "maps", "pd", "clean", "ident", "nll", "real_cross", "real_id")]
     metrics = MetricsLog(out / "metrics.csv", keys + val_keys, step if resume else None) if dd.main else None
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, disable=not dd.main)
     t0 = time.time()
     end = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    spent = False
+    elapsed_total = elapsed0  # measured after each step: the same figure decides the last validation and the stop
     while step < end:
+        elapsed, spent = _clock(cfg, dd, elapsed_total)
+        if spent:
+            log.info("time budget of %.0f s spent at step %d: stopping", cfg.time_budget_s, step)
+            break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg, elapsed)
         if not mixed:
             idx = rng.integers(0, len(bank), cfg.batch_size)  # type: ignore[arg-type]
             b = batch_to_torch(make_batch(bank, idx, rng, cfg), dev)  # type: ignore[arg-type]
@@ -637,10 +706,12 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
             lo["d_loss"] = discriminator_step(disc, disc_ddp, disc_opt, ub["image"], fake, autocast)  # type: ignore[arg-type]
         step += 1
         bar.update(1)
-        bar.set_postfix({k: f"{float(v.detach()):.4f}" for k, v in lo.items() if k in ("total", "render", "maps", "p_cross")})
-        row: dict[str, Any] = {"step": step, "lr": lr_at(step - 1, cfg), "elapsed_s": round(time.time() - t0, 1)}
+        bar.set_postfix({k: f"{float(v.detach()):.4f}" for k, v in lo.items() if k in ("total", "render", "maps", "nll", "p_cross")})
+        row: dict[str, Any] = {"step": step, "lr": lr_at(step - 1, cfg, elapsed), "elapsed_s": round(time.time() - t0, 1)}
+        elapsed_total = elapsed0 + time.time() - t0
+        last_one = step == cfg.steps or bool(cfg.time_budget_s and elapsed_total >= cfg.time_budget_s)
         row.update({k: float(v.detach()) for k, v in lo.items()})
-        if dd.main and (step % cfg.val_every == 0 or step == cfg.steps):
+        if dd.main and (step % cfg.val_every == 0 or last_one):
             v = validate(core, val, cfg, dev)
             v.update(validate_real(core, real_val, cfg, dev))
             v.update(step=step, elapsed_s=round(time.time() - t0, 1))
@@ -650,17 +721,37 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
             if v[cfg.select_on] < best:
                 best = v[cfg.select_on]
                 save_checkpoint(out / "best.pt", core, opt, step, cfg, best, rng, history,
-                                _extra(disc, disc_opt, real_rng, real))
+                                {**_extra(disc, disc_opt, real_rng, real), "elapsed_total_s": elapsed_total})
         if metrics is not None:
             metrics.write(row)
-        if dd.main and (step % cfg.ckpt_every == 0 or step in (cfg.steps, end)):
+        if dd.main and (step % cfg.ckpt_every == 0 or step in (cfg.steps, end) or last_one):
             save_checkpoint(out / "last.pt", core, opt, step, cfg, best, rng, history,
-                            _extra(disc, disc_opt, real_rng, real))
+                            {**_extra(disc, disc_opt, real_rng, real), "elapsed_total_s": elapsed_total})
     bar.close()
     if metrics is not None:
         metrics.close()
     dd.barrier()
     return out / "best.pt"
+
+
+def _clock(cfg: TrainConfig, dd: Dist, elapsed: float) -> tuple[float, bool]:
+    """(elapsed seconds, budget spent?) as rank 0 sees them, so every rank uses one lr and stops at one step."""
+    spent = bool(cfg.time_budget_s and elapsed >= cfg.time_budget_s)
+    if dd.world > 1 and cfg.time_budget_s:
+        t = torch.tensor([elapsed, float(spent)], device=dd.device)
+        dist.broadcast(t, 0)
+        elapsed, spent = float(t[0]), bool(t[1] > 0.5)
+    return elapsed, spent
+
+
+def training_bank(cfg: TrainConfig) -> Any:
+    """The phantom maps of the training seeds (qmap/3: the mixed sources of rtcontrast.research.dataset_se)."""
+    if cfg.contract == "qmap/3":
+        from rtcontrast.research import dataset_se
+
+        return dataset_se.build_mixed_bank({k: (0, n) for k, n in cfg.se_sources.items()}, cfg.patch,
+                                           Path(cfg.cache_dir))
+    return dataset.build_bank(range(0, cfg.n_train_subjects), cfg.patch, Path(cfg.cache_dir))
 
 
 def mixed_losses(model: Any, core: QMapNet, disc: Discriminator | None, bank: dataset.Bank | None, real: Any,
