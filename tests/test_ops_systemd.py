@@ -18,6 +18,7 @@ import site
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -184,20 +185,30 @@ def test_node_under_systemd_ready_watchdog_reload_metrics(tmp_path: Path) -> Non
         proc = subprocess.Popen([sys.executable, str(REPO / "node.py"), "run", "--config", str(cfg), "--protocol",
                                  str(proto)], cwd=tmp_path, env=env, stdout=logf, stderr=subprocess.STDOUT)
     messages: list[tuple[float, str]] = []
+    ready_before_listen: list[bool] = []
+    reading = threading.Event()
+
+    def reader() -> None:
+        """Drain the notify socket as systemd does (a reader that falls behind fills the queue)."""
+        sock.settimeout(0.2)
+        while not reading.is_set():
+            try:
+                msg = sock.recv(4096).decode()
+            except (TimeoutError, OSError):
+                continue
+            if msg.startswith("READY=1"):
+                ready_before_listen.append(not _port_open(port))
+            messages.append((time.monotonic(), msg))
+
+    threading.Thread(target=reader, name="notify-reader", daemon=True).start()
 
     def receive_until(pred: Any, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            sock.settimeout(max(0.05, deadline - time.monotonic()))
-            try:
-                msg = sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            messages.append((time.monotonic(), msg))
-            if msg.startswith("READY=1"):
-                assert _port_open(port), "READY=1 came before the SCP listened"
+            assert not any(ready_before_listen), "READY=1 came before the SCP listened"
             if pred():
                 return
+            time.sleep(0.05)
         raise AssertionError(f"timed out; got {[m for _, m in messages]}; log:\n{log_path.read_text()[-3000:]}")
 
     def log_text() -> str:
@@ -288,6 +299,24 @@ def test_node_under_systemd_ready_watchdog_reload_metrics(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        reading.set()
         sock.close()
     text = log_text()
     assert PHANTOM_NAME not in text and PHANTOM_ID not in text and "PHANTOM" not in text
+
+
+def test_notify_never_blocks_on_a_full_queue(tmp_path: Path) -> None:
+    """A supervisor that reads slowly must not freeze the node's main loop (and its SIGTERM
+    handling): Linux queues only ``max_dgram_qlen`` (10) datagrams on a unix socket; past
+    that a blocking send would hang.  Here nobody reads: notify returns False at once."""
+    sock, addr = _notify_socket()
+    try:
+        env = {"NOTIFY_SOCKET": addr}
+        results = []
+        t0 = time.monotonic()
+        for _ in range(64):
+            results.append(sd.notify("WATCHDOG=1", env=env))
+        assert time.monotonic() - t0 < 5.0
+        assert results[0] is True and results[-1] is False  # queued until full, then dropped
+    finally:
+        sock.close()

@@ -40,7 +40,12 @@ def _address(env: Mapping[str, str]) -> str | None:
 def notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     """Send ``state`` (e.g. ``"READY=1\\nSTATUS=listening"``) to systemd; True when sent.
 
-    Never raises: a service must not die because its supervisor's socket is gone.
+    Never raises: a service must not die because its supervisor's socket is gone.  Never
+    blocks either: a datagram socket whose reader is behind (Linux queues at most
+    ``net.unix.max_dgram_qlen`` datagrams, 10 by default) would otherwise stop the main
+    loop in ``send`` — and with it SIGTERM handling — until the reader catches up.  A
+    message that finds the queue full is dropped (the next watchdog ping follows within
+    a period).
     """
     addr = _address(os.environ if env is None else env)
     if addr is None:
@@ -51,8 +56,11 @@ def notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.connect(addr)
-            s.sendall(state.encode("utf-8"))
+            s.send(state.encode("utf-8"), socket.MSG_DONTWAIT)
         return True
+    except BlockingIOError:
+        log.debug("sd_notify(%s) dropped: the supervisor's queue is full", state.split("\n", 1)[0])
+        return False
     except OSError as exc:
         log.warning("sd_notify(%s) failed: %s", state.split("\n", 1)[0], exc)
         return False
