@@ -504,7 +504,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         t0 = time.perf_counter()
         jobs.set_state(job_id, "deriving")
         per_dest = _derive_all(ctx, volume, rendered, classic, map_values, co_sources, mask,
-                               "QA passed" if not violations else "QA exceeded: " + "; ".join(violations))
+                               "QA passed" if not violations else None)  # warn: flag_datasets writes it
         if violations and (protocol.qa.action == "warn" or (hold and ctx.hold_override)):
             flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
             flag_datasets(list(flagged.values()), "; ".join(violations))
