@@ -67,7 +67,7 @@ def test_refused_connection_is_called_refused_and_logged_once_per_series(
     msg = by_series["1.2.3.4.5"].getMessage()
     assert msg.startswith("outbox: job 5 series 1.2.3.4.5 -> tps: 0 delivered, 7 dead-lettered after 1 attempts")
     assert "connection refused" in msg
-    assert by_series["1.2.3.4.5"].destination == "tps" and by_series["1.2.3.4.5"].job == "5"  # type: ignore[attr-defined]
+    assert by_series["1.2.3.4.5"].destination == "tps" and by_series["1.2.3.4.5"].job == 5  # type: ignore[attr-defined]
     # the outbox itself no longer writes an ERROR per instance
     assert not [r for r in caplog.records if r.name.endswith("outbox") and r.levelno >= logging.ERROR]
 

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 # -- sending -----------------------------------------------------------------------
 def _set_nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler: turn Nagle off (DCMTK peers otherwise stall ~40 ms per PDU)."""
-
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -279,7 +278,7 @@ def log_delivery(destination: str, items: Sequence[OutboxItem], outcomes: Sequen
             errors[w] = errors.get(w, 0) + 1
         why = "; ".join(f"{e}" + (f" ({n} instances)" if n > 1 and len(errors) > 1 else "") for e, n in errors.items())
         head = f"outbox: job {job} series {series} -> {destination}"
-        extra = {"job": job, "series_uid": series, "destination": destination, "stage": "deliver",
+        extra = {"job": int(job) if job.isdigit() else job, "series_uid": series, "destination": destination, "stage": "deliver",
                  "delivered": ok, "failed": len(failed), "dead_letters": dead, "attempt": attempt}
         if dead:
             log.error("%s: %d delivered, %d dead-lettered after %d attempts%s: %s", head, ok, dead, max_attempts,

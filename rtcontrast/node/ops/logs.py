@@ -50,9 +50,9 @@ class PHIFilter(logging.Filter):
         return True
 
 
-#: Fields a log shipper filters on.  Set with ``extra=`` or :func:`with_context`; for lines that
-#: only name them in the text ("job 12 series 1.2.3 ..."), :class:`JsonFormatter` reads them from it.
-CONTEXT_FIELDS = ("job", "series_uid", "stage", "destination")
+# Fields a log shipper filters on: job, series_uid, stage, destination.  Set with ``extra=`` or
+# :func:`with_context`; for lines that only name a job or series in their text ("job 12 series
+# 1.2.3 ..."), :class:`JsonFormatter` reads them from it.
 _TEXT_FIELDS = (
     ("job", re.compile(r"\bjob (\d+)\b")),
     ("series_uid", re.compile(r"\bseries ((?:\d+\.)+\d+)\b")),
