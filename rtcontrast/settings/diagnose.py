@@ -36,7 +36,7 @@ _YAML_HINTS: tuple[tuple[str, bool, str], ...] = (
     ("found character '\\t' that cannot start any token", False,
      "a tab character: YAML indents with spaces only"),
     ("found a tab character", False, "a tab character: YAML indents with spaces only"),
-    ("found unexpected end of stream", True, "a quote opened here is never closed"),
+    ("found unexpected end of stream", True, "the file ends inside a value opened here (an unclosed quote?)"),
     ("expected ',' or '}'", True, "a '{' opened here is not closed with '}' (or an item lacks a ',')"),
     ("expected ',' or ']'", True, "a '[' opened here is not closed with ']' (or an item lacks a ',')"),
     ("found undefined alias", False, "'*' starts an alias in YAML: quote the value"),
@@ -56,9 +56,12 @@ def yaml_error(name: str, exc: yaml.YAMLError) -> str:
     context_mark = getattr(exc, "context_mark", None)
     text = f"{problem}"
     use_context = False
+    context_text = str(getattr(exc, "context", None) or "")
     for start, ctx_line, words in _YAML_HINTS:
         if problem.startswith(start):
             text, use_context = words, ctx_line
+            if "quoted scalar" in context_text:
+                text = "a quote opened here is never closed"
             break
     else:
         context = getattr(exc, "context", None)
