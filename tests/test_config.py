@@ -111,7 +111,7 @@ def test_protocol_errors_have_lines_and_paths(tmp_path: Path) -> None:
     name = str(p)
     expected = [
         f"{name}:7: match.series_description_regex: Value error, invalid regular expression",
-        f"{name}:8: match.colour: Extra inputs are not permitted",
+        f"{name}:8: match.colour: unknown key (known keys here: modality, ",
         f"{name}:16: recipes[1].key: duplicate recipe key 'a' (also recipes[0].key)",
         f"{name}:18: recipes[1].te_ms: Input should be greater than 0",
         f"{name}:20: recipes[1].series_number: duplicate series number 950 (also recipes[0].series_number)",
@@ -143,7 +143,7 @@ def test_node_config_errors(tmp_path: Path) -> None:
         f"{name}:1: ae_title: Value error, an AE title is 1 to 16",
         f"{name}:2: port: Input should be less than or equal to 65535",
         f"{name}:4: limits.max_associations: Input should be greater than or equal to 1",
-        f"{name}:5: limits.max_pdus: Extra inputs are not permitted",
+        f"{name}:5: limits.max_pdus: unknown key (did you mean 'max_pdu_bytes'?)",
         f"{name}:6: execution_provider: Input should be 'auto', 'cpu' or 'cuda'",
         f"{name}:7: allowed_ips: Value error, 'not-an-ip' is not an IP address",
         f"{name}:8: uid_root: Value error, a UID root",
@@ -320,3 +320,116 @@ def test_enhanced_mr_headers() -> None:
 def test_deepcopy_of_config_is_equal() -> None:
     p = ProtocolConfig()
     assert copy.deepcopy(p) == p
+
+
+# -- #16: check-config as an admin meets it ------------------------------------------
+@pytest.mark.parametrize("text, line, words", [
+    # a key without ':' - PyYAML notices only on the next line
+    ("ae_title: A\nlog_format json\nport: 104\n", 2, "missing ':'"),
+    # a key indented one space less than its block
+    ("ae_title: A\nlimits:\n  max_associations: 5\n max_pdu_bytes: 1000\nport: 104\n", 4, "bad indentation"),
+    # a key indented deeper than the one above
+    ("ae_title: A\nport: 104\n  log_format: json\n", 3, "indented deeper"),
+    # an unclosed quote: PyYAML points at the end of the file
+    ('ae_title: "A\nport: 104\nlog_level: INFO\n', 1, "quote opened here is never closed"),
+    ("ae_title: A\nlimits: {max_associations: 5\nport: 104\n", 2, "'{' opened here"),
+    ("ae_title: A\n\tport: 104\n", 2, "tab character"),
+])
+def test_yaml_syntax_errors_in_plain_words_at_the_line_to_edit(tmp_path: Path, text: str, line: int,
+                                                                 words: str) -> None:
+    p = tmp_path / "node.yaml"
+    p.write_text(text)
+    [err] = errors_of(load_node_config, p)
+    assert err.startswith(f"{p}:{line}: YAML syntax error: "), err
+    assert words in err and "<block" not in err, err
+
+
+def test_unknown_keys_get_did_you_mean(tmp_path: Path) -> None:
+    node = write(tmp_path, "node.yaml", """
+        ae_titel: A
+        metrics:
+          prot: 9111
+        completely_unrelated: 1
+    """)
+    errs = errors_of(load_node_config, node)
+    assert f"{node}:1: ae_titel: unknown key (did you mean 'ae_title'?)" in errs
+    assert f"{node}:3: metrics.prot: unknown key (did you mean 'port'?)" in errs
+    assert any(e.startswith(f"{node}:4: completely_unrelated: unknown key (known keys here: ae_title,")
+               for e in errs), errs
+    proto = write(tmp_path, "protocol.yaml", """
+        destinations:
+          tps:
+            dicom: {host: h, port: 104, ae_title: T, hots: x}
+        recipes:
+          - {key: a, label: T2w, te_ms: 80, tr_ms: 4000, series_number: 901, destinations: [tps], tr: 5}
+    """)
+    errs = errors_of(load_protocol, proto)
+    assert f"{proto}:3: destinations.tps.dicom.hots: unknown key (did you mean 'host'?)" in errs
+    assert f"{proto}:5: recipes[0].tr: unknown key (did you mean 'tr_ms'?)" in errs
+
+
+def test_semantic_checks_tr_shorter_than_te_and_ports(tmp_path: Path) -> None:
+    proto = write(tmp_path, "protocol.yaml", """
+        recipes:
+          - {key: a, label: T2w, te_ms: 80, tr_ms: 60, series_number: 901, destinations: [export]}
+          - {key: b, label: T2w TE75 TR4500, te_ms: 120, tr_ms: 4500, series_number: 902, destinations: [export]}
+    """)
+    errs = errors_of(load_protocol, proto)
+    assert f"{proto}:2: recipes[0].tr_ms: TR 60 ms is not longer than TE 80 ms: a spin echo needs TR > TE" in errs
+    assert any(e.startswith(f"{proto}:3: recipes[1].label: label says TE 75 but te_ms is 120") for e in errs), errs
+    node = write(tmp_path, "node.yaml", """
+        port: 11112
+        metrics:
+          port: 11112
+    """)
+    assert errors_of(load_node_config, node) == [
+        f"{node}:3: metrics.port: metrics.port and port are both 11112: the metrics endpoint and the DICOM "
+        "listener need different ports"]
+    off = write(tmp_path, "off.yaml", "port: 9110\nmetrics: {enabled: false}\n")
+    assert load_node_config(off).port == 9110  # no metrics listener: no clash
+
+
+def test_shipped_recipes_name_te_tr_once() -> None:
+    for r in load_protocol(REPO / "config" / "protocol.yaml").recipes:
+        d = r.series_description
+        assert d.count("TE") == 1 and d.count("TR") == 1, d
+        assert f"TE{r.te_ms:g}" in d and f"TR{r.tr_ms:g}" in d, d
+    from rtcontrast.settings.protocol import Recipe
+
+    bare = Recipe(key="x", label="T2w", te_ms=90, tr_ms=4000, series_number=901, destinations=["e"])
+    assert bare.series_description == "SYNTH T2w TE90 TR4000"
+
+
+def test_check_config_reports_every_error_at_once(tmp_path: Path) -> None:
+    import os
+
+    from rtcontrast.node.admin import check_config
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    node = write(tmp_path, "node.yaml", f"""
+        ae_title: A
+        port: 70000
+        var_dir: {locked}/var
+        model_path: {tmp_path}/missing.onnx
+    """)
+    proto = write(tmp_path, "protocol.yaml", """
+        recipes:
+          - {key: a, label: T2w, te_ms: 80, tr_ms: 60, series_number: 901, destinations: [export]}
+    """)
+    try:
+        errors, summary = check_config(node, proto)
+    finally:
+        locked.chmod(0o700)
+    assert summary == ""
+    assert errors[0].startswith(f"{node}:2: port: ")
+    if os.geteuid() != 0:  # root may write anywhere
+        assert any(e.startswith(f"{node}:3: var_dir: var_dir '{locked}/var' cannot be created") for e in errors), errors
+    assert any(e.startswith(f"{node}:4: model_path: ") and "does not exist" in e for e in errors), errors
+    assert errors[-1].startswith(f"{proto}:2: recipes[0].tr_ms: TR 60 ms"), errors
+    # a file where var_dir should be a directory is caught for root too
+    (tmp_path / "afile").write_text("x")
+    node2 = write(tmp_path, "node2.yaml", f"var_dir: {tmp_path}/afile/var\n")
+    errors, _ = check_config(node2, None)
+    assert errors == [f"{node2}:1: var_dir: var_dir '{tmp_path}/afile/var': '{tmp_path}/afile' is not a directory"]

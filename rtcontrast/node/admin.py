@@ -6,12 +6,15 @@ Each opens its own connection: a running node sees the change within a scheduler
 from __future__ import annotations
 
 import logging
+import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 from rtcontrast.core.contract import ContractError
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.node.dispatch.outbox import Outbox
-from rtcontrast.node.registry import resolve_model
+from rtcontrast.node.registry import resolve_model, resolve_model_path
 from rtcontrast.node.store import db
 from rtcontrast.node.store.jobs import JobStore
 from rtcontrast.settings.node import ConfigError, NodeConfig
@@ -77,34 +80,109 @@ def _load(config_path: Path | None, protocol_path: Path | None) -> tuple[NodeCon
     return config, protocol
 
 
-def check_config(config_path: Path | None, protocol_path: Path | None) -> tuple[list[str], str]:
-    """Validate node config, protocol and the model's contract: (errors, one-line summary).
-
-    Each error reads ``file:line: field: message``.  ``None`` paths mean the embedded
-    defaults.
-    """
+def _where(path: Path | None, loc: tuple[str | int, ...]) -> str:
+    """``file:line`` of ``loc`` in ``path`` (``(embedded defaults):1`` without a file)."""
     from rtcontrast.settings.node import line_of, read_yaml
 
+    if path is None:
+        return "(embedded defaults):1"
     try:
-        config, protocol = _load(config_path, protocol_path)
+        _, lines = read_yaml(Path(path))
+    except ConfigError:
+        return f"{path}:1"
+    return f"{path}:{line_of(lines, loc)}"
+
+
+def _raw_setting(path: Path | None, key: str, default: object) -> object:
+    """One top-level value of a node config that did not validate (for the checks that still can run)."""
+    from rtcontrast.settings.node import read_yaml
+
+    if path is None:
+        return default
+    try:
+        data, _ = read_yaml(Path(path))
+    except ConfigError:
+        return None
+    return data.get(key, default) if isinstance(data, dict) else None
+
+
+def _writable_dir_problem(var_dir: Path) -> str | None:
+    """Why the node could not create or write ``var_dir`` (None when it can)."""
+    probe = var_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"var_dir {str(var_dir)!r}: {str(probe)!r} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == var_dir else f"cannot be created ({str(probe)!r} is not writable)"
+        return f"var_dir {str(var_dir)!r} {what} by this user (uid {os.getuid()}); the node keeps its spool and database there"
+    return None
+
+
+_LOC_RE = re.compile(r"^(.*?):(\d+): ")
+
+
+def _error_order(config_path: Path | None) -> Callable[[str], tuple[int, int]]:
+    """Sort key: the node config's errors first, then the protocol's, each by line."""
+    def key(error: str) -> tuple[int, int]:
+        m = _LOC_RE.match(error)
+        if m is None:
+            return (2, 0)
+        return (0 if config_path is not None and m.group(1) == str(config_path) else 1, int(m.group(2)))
+    return key
+
+
+def check_config(config_path: Path | None, protocol_path: Path | None) -> tuple[list[str], str]:
+    """Validate node config, protocol, var_dir and the model: (every error, one-line summary).
+
+    Each error reads ``file:line: field: message``.  ``None`` paths mean the embedded
+    defaults.  Every check that can run does, so one run lists every problem: a bad
+    ``model_path`` or an unwritable ``var_dir`` is reported beside the YAML errors.
+    """
+    from rtcontrast.settings.node import load_node_config
+    from rtcontrast.settings.protocol import load_protocol
+
+    errors: list[str] = []
+    config: NodeConfig | None = None
+    protocol: ProtocolConfig | None = None
+    try:
+        config = load_node_config(config_path)
     except ConfigError as exc:
-        return exc.errors, ""
+        errors.extend(exc.errors)
     try:
-        model_file = resolve_model(config, protocol)
-    except ContractError as exc:
-        where = "(embedded defaults):1"
-        if protocol_path is not None:
-            _, lines = read_yaml(Path(protocol_path))
-            where = f"{protocol_path}:{line_of(lines, ('model',))}"
-        return [f"{where}: model: {exc}"], ""
-    try:
-        model = QMapModel(model_file, "cpu" if config.execution_provider == "auto" else config.execution_provider)
-    except (ContractError, RuntimeError) as exc:
-        where = "(embedded defaults):1"
-        if config_path is not None:
-            _, lines = read_yaml(Path(config_path))
-            where = f"{config_path}:{line_of(lines, ('model_path',))}"
-        return [f"{where}: model_path: {exc}"], ""
+        protocol = load_protocol(protocol_path)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    var_dir = config.var_dir if config is not None else _raw_setting(config_path, "var_dir", "./var")
+    if isinstance(var_dir, (str, Path)):
+        problem = _writable_dir_problem(Path(var_dir))
+        if problem:
+            errors.append(f"{_where(config_path, ('var_dir',))}: var_dir: {problem}")
+    model = None
+    if config is not None and protocol is not None:
+        try:
+            model_file = resolve_model(config, protocol)
+        except ContractError as exc:
+            errors.append(f"{_where(protocol_path, ('model',))}: model: {exc}")
+        else:
+            provider = "cpu" if config.execution_provider == "auto" else config.execution_provider
+            try:
+                model = QMapModel(model_file, provider)
+            except (ContractError, RuntimeError, OSError) as exc:
+                errors.append(f"{_where(config_path, ('model_path',))}: model_path: {exc}")
+    else:  # the node config or the protocol is wrong: still say whether the model file is usable
+        raw = config.model_path if config is not None else _raw_setting(config_path, "model_path",
+                                                                        "models/qmap-pelvis.onnx")
+        if isinstance(raw, (str, Path)):
+            try:
+                QMapModel(resolve_model_path(Path(raw)), "cpu")
+            except (ContractError, RuntimeError, OSError) as exc:
+                errors.append(f"{_where(config_path, ('model_path',))}: model_path: {exc}")
+    if errors:
+        return sorted(errors, key=_error_order(config_path)), ""
+    assert config is not None and protocol is not None and model is not None
     summary = (
         f"OK: node {config_path or '(embedded defaults)'} (AE {config.ae_title}, port {config.port}, "
         f"var {config.var_dir}); protocol {protocol_path or '(embedded defaults)'} ({protocol.audit_version}, "
@@ -112,5 +190,3 @@ def check_config(config_path: Path | None, protocol_path: Path | None) -> tuple[
         f"model {model.info.name} {model.info.version} sha256 {model.sha256[:12]}"
     )
     return [], summary
-
-

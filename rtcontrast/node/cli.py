@@ -8,8 +8,11 @@ and :mod:`rtcontrast.node.registry`, so each is testable without a shell.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rtcontrast import __version__
@@ -228,6 +231,24 @@ def cmd_models(config_path: Path | None, protocol_path: Path | None) -> int:
     return 0
 
 
+def _quiet_on_closed_pipe(fn: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """``node.py audit ... | head``: when the reader goes away, end quietly (exit 141 as a
+    shell tool killed by SIGPIPE would) instead of printing a BrokenPipeError traceback."""
+    @functools.wraps(fn)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            rc = fn(argv)
+            sys.stdout.flush()  # a closed pipe shows here for output still in the buffer
+            return rc
+        except BrokenPipeError:
+            # Python flushes stdout again at exit: point it at /dev/null so that fails quietly too.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
+    return wrapper
+
+
+@_quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rtcontrast", description="rtcontrast DICOM node")
     parser.add_argument("--version", action="version", version=f"rtcontrast {__version__}")

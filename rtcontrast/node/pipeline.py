@@ -53,7 +53,7 @@ from rtcontrast.core.render import (
     window_from_percentiles,
 )
 from rtcontrast.dicom.derive import ModelIdentity, NodeIdentity, RecipeInfo, derive_contrast_series
-from rtcontrast.dicom.map_series import derive_map_images, derive_parametric_maps, map_to_u16
+from rtcontrast.dicom.map_series import body_mask, derive_map_images, derive_parametric_maps, map_to_u16
 from rtcontrast.dicom.grid import (
     Aligned,
     Candidate,
@@ -309,7 +309,7 @@ def classic_map_u16(maps: QMaps, quantity: str) -> np.ndarray:
 def _derive_all(
     ctx: PipelineContext, volume: Volume, rendered: dict[str, tuple[np.ndarray, Any]],
     classic: dict[str, np.ndarray], map_values: dict[str, np.ndarray] | None,
-    co_sources: list[Volume] | None = None,
+    co_sources: list[Volume] | None = None, mask: np.ndarray | None = None, qa_note: str | None = None,
 ) -> dict[str, list[Dataset]]:
     """Datasets per destination: one series per recipe, plus maps as the protocol says.
 
@@ -331,7 +331,7 @@ def _derive_all(
             series_description=recipe.series_description,
         )
         dss = derive_contrast_series(volume, u16, info, ctx.node, model, (win.center, win.width),
-                                     co_sources=co_sources or ())
+                                     co_sources=co_sources or (), qa_note=qa_note)
         del u16
         for dest in recipe.destinations:
             per_dest.setdefault(dest, []).extend(dss)
@@ -341,7 +341,7 @@ def _derive_all(
             nums = p.maps.classic_series_numbers
             for q in ("T1", "T2", "PD"):
                 extra.extend(derive_map_images(volume, classic.pop(q), q, getattr(nums, q), ctx.node, model,
-                                               co_sources=co_sources or ()))
+                                               co_sources=co_sources or (), mask=mask, qa_note=qa_note))
         if p.maps.parametric:
             assert map_values is not None
             nums = p.maps.parametric_series_numbers
@@ -349,6 +349,7 @@ def _derive_all(
                 derive_parametric_maps(
                     volume, map_values, ctx.node, model, {"T1": nums.T1, "T2": nums.T2, "PD": nums.PD},
                     content_qualification=p.maps.content_qualification,
+                    co_sources=co_sources or (), mask=mask, qa_note=qa_note,
                 )
             )
         for dest in p.maps.destinations:
@@ -495,13 +496,15 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         classic = {q: classic_map_u16(maps, q) for q in ("T1", "T2", "PD")} if protocol.maps.classic else {}
         map_values = ({"T1": maps.t1, "T2": maps.t2, "PD": maps.pd / np.float32(maps.scale)}
                       if protocol.maps.parametric else None)
+        mask = body_mask(volume.pixels, maps.scale) if (protocol.maps.classic or protocol.maps.parametric) else None
         del maps
         timings["render"] += time.perf_counter() - t0
 
         # -- derive
         t0 = time.perf_counter()
         jobs.set_state(job_id, "deriving")
-        per_dest = _derive_all(ctx, volume, rendered, classic, map_values, co_sources)
+        per_dest = _derive_all(ctx, volume, rendered, classic, map_values, co_sources, mask,
+                               "QA passed" if not violations else None)  # warn: flag_datasets writes it
         if violations and (protocol.qa.action == "warn" or (hold and ctx.hold_override)):
             flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
             flag_datasets(list(flagged.values()), "; ".join(violations))

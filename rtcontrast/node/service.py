@@ -110,6 +110,7 @@ class Node:
         )
         self.destinations: dict[str, Destination] = self._destinations_of(protocol)
         self.metrics = NodeMetrics()
+        self.metrics.set_health_check(self.healthy)  # GET /healthz on the metrics port
         self.metrics.set_model(self.model.info.name, self.model.info.version, self.model.sha256, self.model.provider)
         self.metrics.set_protocol(protocol.audit_version, len(protocol.recipes))
         self.metrics.set_destinations(list(self.destinations))

@@ -60,7 +60,7 @@ from rtcontrast.research.importer_nifti import _is_nifti_magic, _nifti_stem, _sc
 HEADER_TAGS: tuple[str, ...] = (
     "SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "PatientName",
     "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SeriesNumber",
-    "SeriesDescription", "ProtocolName", "BodyPartExamined", "ImageType",
+    "SeriesDescription", "ProtocolName", "BodyPartExamined", "ImageType", "SyntheticData",
     "ScanningSequence", "SequenceVariant", "ScanOptions", "SequenceName", "EchoTrainLength",
     "RFEchoTrainLength", "EchoTime", "RepetitionTime", "Rows", "Columns", "NumberOfFrames",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
@@ -107,9 +107,15 @@ def _frames(ds: Dataset) -> int:
 
 
 def _dicom_series(
-    instances: list[_Instance], rules: MatchRules, report: ImportReport
+    instances: list[_Instance], rules: MatchRules, report: ImportReport, include_derived: bool = False
 ) -> SeriesInfo | None:
-    """Decide one (study, series, TE, TR) group: a SeriesInfo, or a skip entry."""
+    """Decide one (study, series, TE, TR) group: a SeriesInfo, or a skip entry.
+
+    ImageType DERIVED is skipped unless ``include_derived``: scanners mark distortion-
+    corrected or filtered series DERIVED although their contrast is the acquired one.
+    Synthetic images (SyntheticData YES, e.g. this node's own output) are never included:
+    training on them would teach the model its own errors.
+    """
     rep = instances[0].ds
     series_uid = _str(rep, "SeriesInstanceUID")
     te_label = "" if instances[0].te is None else f" TE {instances[0].te:g}"
@@ -119,11 +125,18 @@ def _dicom_series(
     if ok and sop_class not in SUPPORTED_SOP_CLASSES:
         name = UID(sop_class).name if sop_class else "(none)"
         ok, why = False, f"SOP class {name} is not MR Image Storage or Enhanced MR"
+    notes: list[str] = []
+    if ok and _str(rep, "SyntheticData").upper() == "YES":
+        ok, why = False, "SyntheticData YES: a synthetic image (e.g. rtcontrast output), never a training input"
     if ok:
         image_type = [str(v).upper() for v in (rep.get("ImageType") or [])]
         if image_type and image_type[0] == "DERIVED":
             shown = "\\".join(image_type)
-            ok, why = False, f"ImageType '{shown}' is a derived image, not an acquired series"
+            if include_derived:
+                notes.append(f"ImageType '{shown}' (derived, e.g. distortion-corrected): included by --include-derived")
+            else:
+                ok, why = False, (f"ImageType '{shown}' is a derived image, not an acquired series "
+                                  "(scanner-corrected series: scan with --include-derived)")
     if ok:
         sizes = {(int(i.ds.get("Rows", 0) or 0), int(i.ds.get("Columns", 0) or 0)) for i in instances}
         if len(sizes) > 1:
@@ -135,7 +148,6 @@ def _dicom_series(
     assert te is not None and tr is not None  # check_eligibility refused missing TE/TR
     rows, cols = next(iter(sizes))
     pid = _str(rep, "PatientID")
-    notes = []
     if not pid:
         notes.append("no PatientID: patient taken as the study")
     try:
@@ -161,7 +173,7 @@ def _dicom_series(
     )
 
 
-def _scan_dicom(files: list[Path], rules: MatchRules, report: ImportReport) -> None:
+def _scan_dicom(files: list[Path], rules: MatchRules, report: ImportReport, include_derived: bool = False) -> None:
     groups: dict[tuple[str, str, float | None, float | None], list[_Instance]] = defaultdict(list)
     seen_sop: dict[str, Path] = {}
     for path in files:
@@ -205,7 +217,7 @@ def _scan_dicom(files: list[Path], rules: MatchRules, report: ImportReport) -> N
     for study, series, _, _ in groups:
         per_series[(study, series)] += 1
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2] or -1.0, k[3] or -1.0)):
-        info = _dicom_series(sorted(groups[key], key=lambda i: i.path), rules, report)
+        info = _dicom_series(sorted(groups[key], key=lambda i: i.path), rules, report, include_derived)
         if info is None:
             continue
         n = per_series[(key[0], key[1])]
@@ -240,11 +252,12 @@ def _walk(root: Path, report: ImportReport) -> list[Path]:
     return out
 
 
-def scan(root: Path | str, rules: MatchRules | None = None) -> ImportReport:
+def scan(root: Path | str, rules: MatchRules | None = None, include_derived: bool = False) -> ImportReport:
     """Walk ``root`` and report usable spin-echo series, paired groups and skipped files.
 
     Only headers are read.  ``rules`` defaults to the protocol's default ``match`` rules
-    (the node's own notion of an eligible series).  Raises FileNotFoundError /
+    (the node's own notion of an eligible series).  ``include_derived`` also takes series
+    whose ImageType is DERIVED (not synthetic ones).  Raises FileNotFoundError /
     NotADirectoryError when ``root`` is not a folder.
     """
     root = Path(root)
@@ -273,7 +286,7 @@ def scan(root: Path | str, rules: MatchRules | None = None) -> ImportReport:
                 report.skipped.append((str(p), "JSON file without a NIfTI image of the same name"))
             continue
         dicom_candidates.append(p)
-    _scan_dicom(dicom_candidates, rules, report)
+    _scan_dicom(dicom_candidates, rules, report, include_derived)
     _scan_nifti(nifti, root, rules, report)
     report.series.sort(key=lambda s: (s.patient_hash, s.study_uid, s.series_uid, s.contrast))
     report.paired_groups = _pair(report.series)
@@ -312,9 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp = sub.add_parser("scan", help="report the usable spin-echo series under FOLDER")
     sp.add_argument("folder", type=Path)
     sp.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    sp.add_argument("--include-derived", action="store_true",
+                    help="also use series whose ImageType is DERIVED (e.g. distortion-corrected by the scanner); "
+                         "synthetic images (SyntheticData YES) are never used")
     args = ap.parse_args(argv)
     try:
-        report = scan(args.folder)
+        report = scan(args.folder, include_derived=args.include_derived)
     except (FileNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

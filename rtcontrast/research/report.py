@@ -7,7 +7,8 @@ This writes ``DIR/report.md`` (Markdown) with PNG figures:
 * held-out phantoms (``rtcontrast.research.evaluate``'s split, truth known): example slices of the
   input, predicted maps vs truth, rendered contrasts and error maps; per-tissue
   Bland-Altman plots of T1 and T2 (region means per slice, % difference) with a bias /
-  limits-of-agreement table;
+  limits-of-agreement table (limits only from at least :data:`MIN_BA_POINTS` points:
+  a standard deviation of one or two points is no limit of agreement);
 * real data (``--data``, scanned with :func:`rtcontrast.research.importer.scan`, no truth): an
   example slice (input, maps, rendered contrasts) per contrast, identified vs header
   TE/TR, the self-consistency residual per series (rendering at the input's own TE/TR
@@ -16,6 +17,8 @@ This writes ``DIR/report.md`` (Markdown) with PNG figures:
 
 The model runs through the node's own inference path (:class:`rtcontrast.core.inference.QMapModel`).
 Real series are named by UID and patient hash only (no patient identity in the report).
+Every image has a colour bar with its unit; log axes are labelled at 1-2-5 steps only
+(matplotlib's default minor labels overlapped).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 PHANTOM_INPUTS: tuple[str, ...] = ("T2w_75", "T1w_400")
 #: Voxels above this fraction of the series scale are "body" for real-data residuals.
 BODY_FRACTION = 0.05
+#: Bland-Altman limits of agreement (bias +- 1.96 SD) need at least this many points.
+MIN_BA_POINTS = 10
 
 
 def _plt() -> Any:
@@ -50,6 +55,28 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def log_axis(ax: Any, which: str = "x") -> None:
+    """A log axis labelled at 1, 2, 5 x 10^k with plain numbers ("50", "200"), no minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _imshow(ax: Any, img: np.ndarray, title: str, unit: str, **kw: Any) -> None:
+    """An image with its colour bar (labelled with the unit) and no axes."""
+    im = ax.imshow(img, **kw)
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb.ax.tick_params(labelsize=6)
+    if unit:
+        cb.set_label(unit, fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
 
 
 def _nrmse(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
@@ -81,21 +108,42 @@ def bland_altman_points(cases: list, preds: list[QMaps]) -> dict[str, dict[str, 
     return {t: {k: np.asarray(v) for k, v in d.items()} for t, d in out.items()}
 
 
-def bland_altman_stats(points: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per tissue and quantity: bias and 95 % limits of agreement of the % difference."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+def bland_altman_stats(points: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per tissue and quantity: n, bias and 95 % limits of agreement of the % difference.
+
+    The limits are None with fewer than :data:`MIN_BA_POINTS` points (an SD from n = 1 is 0,
+    from n = 2 or 3 meaningless): the report says so instead of drawing a false band.
+    """
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
     for tissue, d in points.items():
         out[tissue] = {}
         for q in ("t1", "t2"):
             pred, true = d[f"{q}_pred"], d[f"{q}_true"]
             diff = 100 * (pred - true) / ((pred + true) / 2)
-            sd = float(diff.std(ddof=1)) if diff.size > 1 else 0.0
-            out[tissue][q] = {"n": int(diff.size), "bias_pct": float(diff.mean()), "loa_low_pct": float(diff.mean() - 1.96 * sd),
-                              "loa_high_pct": float(diff.mean() + 1.96 * sd)}
+            bias = float(diff.mean()) if diff.size else float("nan")
+            enough = diff.size >= MIN_BA_POINTS
+            sd = float(diff.std(ddof=1)) if enough else None
+            out[tissue][q] = {"n": int(diff.size), "bias_pct": bias,
+                              "loa_low_pct": bias - 1.96 * sd if sd is not None else None,
+                              "loa_high_pct": bias + 1.96 * sd if sd is not None else None}
     return out
 
 
+def _loa_text(s: dict[str, float | None]) -> str:
+    if s["loa_low_pct"] is None:
+        return f"n < {MIN_BA_POINTS}"
+    return f"{s['loa_low_pct']:+.1f} .. {s['loa_high_pct']:+.1f}"
+
+
 def plot_bland_altman(points: dict[str, dict[str, np.ndarray]], path: Path, title: str) -> None:
+    """Bland-Altman of T1 and T2 (all tissues): limits drawn only from >= MIN_BA_POINTS points."""
+    fig = bland_altman_figure(points, title)
+    fig.savefig(path, dpi=70)
+    _plt().close(fig)
+
+
+def bland_altman_figure(points: dict[str, dict[str, np.ndarray]], title: str) -> Any:
+    """The Bland-Altman figure (see :func:`plot_bland_altman`)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, q, unit in ((axes[0], "t1", "T1"), (axes[1], "t2", "T2")):
@@ -106,20 +154,23 @@ def plot_bland_altman(points: dict[str, dict[str, np.ndarray]], path: Path, titl
             diff = 100 * (pred - true) / mean
             alld.append(diff)
             ax.scatter(mean, diff, s=14, label=tissue)
-        if alld:
-            a = np.concatenate(alld)
-            bias, sd = float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
-            for y, style in ((bias, "-"), (bias - 1.96 * sd, "--"), (bias + 1.96 * sd, "--")):
-                ax.axhline(y, color="k", linestyle=style, linewidth=0.8)
+        a = np.concatenate(alld) if alld else np.zeros(0)
+        if a.size >= MIN_BA_POINTS:
+            bias, sd = float(a.mean()), float(a.std(ddof=1))
+            for y, style, label in ((bias, "-", f"bias {bias:+.1f} %"),
+                                    (bias - 1.96 * sd, "--", "95 % limits of agreement"), (bias + 1.96 * sd, "--", None)):
+                ax.axhline(y, color="k", linestyle=style, linewidth=0.8, label=label)
+        else:
+            ax.text(0.02, 0.96, f"n = {a.size} < {MIN_BA_POINTS}: no limits of agreement", transform=ax.transAxes,
+                    fontsize=8, va="top")
         ax.axhline(0, color="grey", linewidth=0.5)
-        ax.set_xscale("log")
+        log_axis(ax, "x")
         ax.set_xlabel(f"mean of predicted and true {unit} (ms)")
         ax.set_ylabel(f"{unit} difference (% of mean)")
-        ax.set_title(f"{unit}: {title}")
+        ax.set_title(f"{unit}: {title}", fontsize=9)
     axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
-    plt.close(fig)
+    return fig
 
 
 def phantom_section(model: QMapModel, out: Path, n_subjects: int, n_slices: int) -> tuple[list[str], dict]:
@@ -144,38 +195,72 @@ def phantom_section(model: QMapModel, out: Path, n_subjects: int, n_slices: int)
                   "| tissue | n | T1 bias % | T1 95 % LoA % | T2 bias % | T2 95 % LoA % |", "|---|---|---|---|---|---|"]
         for tissue, s in stats.items():
             t1, t2 = s["t1"], s["t2"]
-            lines.append(f"| {tissue} | {t1['n']} | {t1['bias_pct']:+.1f} | {t1['loa_low_pct']:+.1f} .. {t1['loa_high_pct']:+.1f} "
-                         f"| {t2['bias_pct']:+.1f} | {t2['loa_low_pct']:+.1f} .. {t2['loa_high_pct']:+.1f} |")
-        lines.append("")
+            lines.append(f"| {tissue} | {t1['n']} | {t1['bias_pct']:+.1f} | {_loa_text(t1)} "
+                         f"| {t2['bias_pct']:+.1f} | {_loa_text(t2)} |")
+        lines += ["", f"Limits of agreement are given from {MIN_BA_POINTS} points (slices) per tissue on; "
+                      "use more subjects/slices (`--subjects`, `--slices`) for them.", ""]
     return lines, data
 
 
 # ----------------------------------------------------------------------------- real data
 
 
-def _real_example(path: Path, pixels: np.ndarray, maps: QMaps, te: float, tr: float, label: str) -> None:
+def real_example_figure(pixels: np.ndarray, maps: QMaps, te: float, tr: float, label: str) -> Any:
+    """Middle slice: input, PD/T1/T2 maps, three rendered contrasts, residual; each with a colour bar."""
     plt = _plt()
     z = pixels.shape[0] // 2
-    shown = [("input", pixels[z], "gray", None), ("PD", maps.pd[z], "magma", None),
-             ("T1 ms", maps.t1[z], "magma", 4000), ("T2 ms", maps.t2[z], "magma", 300)]
+    shown = [("input", pixels[z], "gray", None, "stored value"), ("PD", maps.pd[z], "magma", None, "PD (input units)"),
+             ("T1", maps.t1[z], "magma", 4000, "ms"), ("T2", maps.t2[z], "magma", 300, "ms")]
     for n, (cte, ctr) in zip(SEED_CONTRAST_NAMES, SEED_CONTRASTS):
         if n in ("T2w_75", "T1w_400", "PDw"):
-            shown.append((f"rendered {n}", signal(maps.pd[z], cte, ctr, maps.t1[z], maps.t2[z]), "gray", None))
+            shown.append((f"rendered {n}", signal(maps.pd[z], cte, ctr, maps.t1[z], maps.t2[z]), "gray", None,
+                          "signal (input units)"))
     own = signal(maps.pd[z], te, tr, maps.t1[z], maps.t2[z])
-    shown.append(("own TE/TR - input", own - pixels[z], "coolwarm", None))
-    fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown), 3))
-    for ax, (title, img, cmap, vmax) in zip(axes, shown):
+    shown.append(("own TE/TR - input", own - pixels[z], "coolwarm", None, "difference (input units)"))
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.0 * len(shown), 3.2))
+    for ax, (title, img, cmap, vmax, unit) in zip(axes, shown):
         if cmap == "coolwarm":
             lim = float(np.percentile(np.abs(pixels[z]), 99)) * 0.1 or 1.0
-            ax.imshow(img, cmap=cmap, vmin=-lim, vmax=lim)
+            _imshow(ax, img, title, unit, cmap=cmap, vmin=-lim, vmax=lim)
         else:
-            ax.imshow(img, cmap=cmap, vmin=0, vmax=vmax if vmax else (float(np.percentile(img, 99.5)) or 1.0))
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
+            _imshow(ax, img, title, unit, cmap=cmap, vmin=0,
+                    vmax=vmax if vmax else (float(np.percentile(img, 99.5)) or 1.0))
     fig.suptitle(label, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def _real_example(path: Path, pixels: np.ndarray, maps: QMaps, te: float, tr: float, label: str) -> None:
+    fig = real_example_figure(pixels, maps, te, tr, label)
     fig.savefig(path, dpi=70)
-    plt.close(fig)
+    _plt().close(fig)
+
+
+def identification_figure(rows: list[dict[str, Any]]) -> Any:
+    """Identified vs header TE and TR (log axes, 1-2-5 labels) and the self-consistency NRMSE per series."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, k, unit in ((axes[0], "te", "TE"), (axes[1], "tr", "TR")):
+        hdr = np.concatenate([[r[k]] * len(r[f"{k}_id_slices"]) for r in rows])
+        idn = np.concatenate([r[f"{k}_id_slices"] for r in rows])
+        ax.scatter(hdr, idn, s=10, alpha=0.6, label="slices")
+        ax.scatter([r[k] for r in rows], [r[f"{k}_id"] for r in rows], s=40, marker="x", color="k", label="series median")
+        lo_, hi_ = min(hdr.min(), idn.min()) * 0.8, max(hdr.max(), idn.max()) * 1.25
+        ax.plot([lo_, hi_], [lo_, hi_], color="grey", linewidth=0.8)
+        ax.set_xlim(lo_, hi_)
+        ax.set_ylim(lo_, hi_)
+        log_axis(ax, "x")
+        log_axis(ax, "y")
+        ax.set_xlabel(f"header {unit} (ms)")
+        ax.set_ylabel(f"identified {unit} (ms)")
+        ax.legend(fontsize=7)
+    axes[2].bar(range(len(rows)), [100 * r["self_nrmse"] for r in rows])
+    axes[2].set_xticks(range(len(rows)), [f"…{r['series_uid'][-6:]}\n{r['te']:g}/{r['tr']:g}" for r in rows], fontsize=6,
+                       rotation=90 if len(rows) > 8 else 0)
+    axes[2].set_ylabel("self-consistency NRMSE (%)")
+    axes[2].set_title("render at own TE/TR vs input")
+    fig.tight_layout()
+    return fig
 
 
 def real_section(model: QMapModel, folder: Path, out: Path) -> tuple[list[str], dict]:
@@ -213,27 +298,9 @@ def real_section(model: QMapModel, folder: Path, out: Path) -> tuple[list[str], 
     if not rows:
         lines.append("No series could be evaluated.")
         return lines, {"series": []}
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for ax, k, unit in ((axes[0], "te", "TE"), (axes[1], "tr", "TR")):
-        hdr = np.concatenate([[r[k]] * len(r[f"{k}_id_slices"]) for r in rows])
-        idn = np.concatenate([r[f"{k}_id_slices"] for r in rows])
-        ax.scatter(hdr, idn, s=10, alpha=0.6, label="slices")
-        ax.scatter([r[k] for r in rows], [r[f"{k}_id"] for r in rows], s=40, marker="x", color="k", label="series median")
-        lo_, hi_ = min(hdr.min(), idn.min()) * 0.8, max(hdr.max(), idn.max()) * 1.25
-        ax.plot([lo_, hi_], [lo_, hi_], color="grey", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"header {unit} (ms)")
-        ax.set_ylabel(f"identified {unit} (ms)")
-        ax.legend(fontsize=7)
-    axes[2].bar(range(len(rows)), [100 * r["self_nrmse"] for r in rows])
-    axes[2].set_xticks(range(len(rows)), [f"…{r['series_uid'][-6:]}\n{r['te']:g}/{r['tr']:g}" for r in rows], fontsize=6)
-    axes[2].set_ylabel("self-consistency NRMSE (%)")
-    axes[2].set_title("render at own TE/TR vs input")
-    fig.tight_layout()
+    fig = identification_figure(rows)
     fig.savefig(out / "real_identification_selfconsistency.png", dpi=70)
-    plt.close(fig)
+    _plt().close(fig)
     lines += ["![identified vs header TE/TR, self-consistency per series](real_identification_selfconsistency.png)", "",
               "| series | patient | TE / TR ms (header) | identified TE / TR ms | self NRMSE % | in trained range |",
               "|---|---|---|---|---|---|"]

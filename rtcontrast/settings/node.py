@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rtcontrast.settings.diagnose import suggest_key, yaml_error
+
 DEFAULT_NODE_CONFIG = Path("config/node.yaml")
 
 Loc = tuple[str | int, ...]
@@ -94,10 +96,7 @@ def read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{name}:{line}: YAML syntax error: {problem}"]) from exc
+        raise ConfigError([yaml_error(name, exc)]) from exc
     lines: dict[Loc, int] = {}
     dupes: list[tuple[Loc, int]] = []
     if node is not None:
@@ -134,6 +133,8 @@ def load_yaml_model(
             msg = err["msg"]
             if err["type"] == "missing":
                 msg = "Field required"
+            elif err["type"] == "extra_forbidden":
+                msg = "unknown key" + suggest_key(model, loc)
             problems.append((loc, msg))
     if extra_checks is not None:
         problems.extend(extra_checks(data))
@@ -373,4 +374,30 @@ def load_node_config(path: Path | str | None = None) -> NodeConfig:
     """
     if path is None:
         return NodeConfig()
-    return load_yaml_model(path, NodeConfig)
+    return load_yaml_model(path, NodeConfig, node_cross_checks)
+
+
+def _port(value: Any, default: int) -> int | None:
+    if value is None:
+        return default
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def node_cross_checks(raw: Any) -> list[tuple[Loc, str]]:
+    """Settings that are each valid but cannot work together (checked on the raw file,
+    so they are reported with every other error): two listeners on one port."""
+    if not isinstance(raw, dict):
+        return []
+    out: list[tuple[Loc, str]] = []
+    port = _port(raw.get("port"), 11112)
+    metrics = raw.get("metrics") if isinstance(raw.get("metrics"), dict) else {}
+    tls = raw.get("tls") if isinstance(raw.get("tls"), dict) else {}
+    mport = _port(metrics.get("port"), 9110)
+    if metrics.get("enabled", True) is not False and mport is not None:
+        if mport == port:
+            out.append((("metrics", "port"), f"metrics.port and port are both {port}: the metrics endpoint "
+                                             "and the DICOM listener need different ports"))
+        if tls.get("enabled") is True and mport == _port(tls.get("port"), 2762):
+            out.append((("metrics", "port"), f"metrics.port and tls.port are both {mport}: "
+                                             "they need different ports"))
+    return out

@@ -34,6 +34,9 @@ DEFAULT_PROTOCOL = Path("config/protocol.yaml")
 SCANNING_SEQUENCES = ("SE", "IR", "GR", "EP", "RM")
 SEQUENCE_VARIANTS = ("SK", "MTC", "SS", "TRSS", "SP", "MP", "OSP", "NONE")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: A label that already names the echo / repetition time ("TE75", "TE 75", "TE=75").
+_TE_RE = re.compile(r"\bTE\s*=?\s*\d", re.IGNORECASE)
+_TR_RE = re.compile(r"\bTR\s*=?\s*\d", re.IGNORECASE)
 
 
 # -- models -------------------------------------------------------------------------
@@ -160,8 +163,16 @@ class Recipe(StrictModel):
 
     @property
     def series_description(self) -> str:
-        """The SeriesDescription: ``description`` or ``SYNTH <label> TE<te> TR<tr>`` (<= 64 chars)."""
-        return self.description or f"SYNTH {self.label} TE{self.te_ms:g} TR{self.tr_ms:g}"[:64]
+        """The SeriesDescription: ``description``, else ``SYNTH <label> TE<te> TR<tr>`` (<= 64 chars).
+
+        TE/TR are appended only when the label does not already name them (every shipped
+        label does, e.g. "T2w TE75 TR4500"): the planner must not read ``TE75 TR4500 TE75 TR4500``.
+        """
+        if self.description:
+            return self.description
+        if _TE_RE.search(self.label) and _TR_RE.search(self.label):
+            return f"SYNTH {self.label}"[:64]
+        return f"SYNTH {self.label} TE{self.te_ms:g} TR{self.tr_ms:g}"[:64]
 
 
 class MapSeriesNumbers(StrictModel):
@@ -320,7 +331,8 @@ def _items(value: Any) -> Iterator[tuple[int, Any]]:
 
 
 def protocol_cross_checks(raw: Any) -> list[tuple[Loc, str]]:
-    """Unknown destinations, duplicate keys/series numbers, numbers outside the range."""
+    """Unknown destinations, duplicate keys/series numbers, numbers outside the range,
+    TR <= TE in a recipe, a label whose TE/TR contradicts the recipe's."""
     if not isinstance(raw, dict):
         return []
     out: list[tuple[Loc, str]] = []
@@ -367,6 +379,19 @@ def protocol_cross_checks(raw: Any) -> list[tuple[Loc, str]]:
             else:
                 keys[key] = ("recipes", i, "key")
         check_number(("recipes", i, "series_number"), r.get("series_number"))
+        te, tr = r.get("te_ms"), r.get("tr_ms")
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (te, tr))
+        if numeric and 0 < tr <= te:
+            out.append((("recipes", i, "tr_ms"),
+                        f"TR {tr:g} ms is not longer than TE {te:g} ms: a spin echo needs TR > TE"))
+        label = r.get("label")
+        if numeric and isinstance(label, str):
+            for name, value, rx in (("TE", te, _TE_RE), ("TR", tr, _TR_RE)):
+                m = re.search(rx.pattern + r"[\d.]*", label, re.IGNORECASE)
+                said = re.sub(r"^\D+", "", m.group(0)) if m else ""
+                if said and float(said) != float(value):
+                    out.append((("recipes", i, "label"), f"label says {name} {said} but {name.lower()}_ms is "
+                                                          f"{value:g}: the SeriesDescription would mislead"))
         check_dest_list(("recipes", i, "destinations"), r.get("destinations"))
 
     maps = raw.get("maps")

@@ -476,7 +476,7 @@ class Outbox:
                 attempts = item.attempts + 1
                 if attempts >= policy.max_attempts:
                     state, nxt = DEAD_LETTER, now
-                    log.error(
+                    log.debug(  # the Sender logs one ERROR line per series (sender.log_delivery)
                         "outbox: %s -> %s dead-lettered after %d attempts: %s",
                         item.sop_instance_uid, item.destination, attempts, res.error,
                     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -20,6 +21,7 @@ from pydicom.uid import (
     UID,
 )
 from pynetdicom import AE, evt
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from rtcontrast.node.dispatch.destinations import (
     Destination,
@@ -36,8 +38,6 @@ log = logging.getLogger(__name__)
 # -- sending -----------------------------------------------------------------------
 def _set_nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler: turn Nagle off (DCMTK peers otherwise stall ~40 ms per PDU)."""
-    import socket
-
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -131,8 +131,9 @@ def _send_chunk(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Out
             ctx = client_ssl_context(dest)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             err = f"TLS set-up for {where} failed (ca/cert/key files): {exc}"
-            log.error("outbox: %s", err)
+            log.debug("outbox: %s", err)
             return [Outcome(False, None, err) for _ in items]
+    t_assoc = time.monotonic()
     try:
         assoc = ae.associate(
             dest.host,
@@ -143,7 +144,7 @@ def _send_chunk(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Out
         )
     except (OSError, ValueError) as exc:
         err = f"association to {where} failed: {exc}"
-        log.warning("outbox: %s", err)
+        log.debug("outbox: %s", err)
         return [Outcome(False, None, err) for _ in items]
     if not assoc.is_established:
         handshake_error = getattr(ctx, "handshake_error", None)
@@ -152,10 +153,11 @@ def _send_chunk(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Out
         elif assoc.is_rejected:
             err = f"association rejected by {where}"
         elif assoc.is_aborted:
-            err = f"association aborted by {where}"
+            # pynetdicom reports a refused or timed-out TCP connect as an abort too: ask the network
+            err = f"association to {where} failed: {_connect_problem(dest, _no_answer(dest, t_assoc))}"
         else:
-            err = f"association to {where} failed (peer unreachable or timed out)"
-        log.warning("outbox: %s", err)
+            err = f"association to {where} failed: {_connect_problem(dest, _no_answer(dest, t_assoc))}"
+        log.debug("outbox: %s", err)
         return [Outcome(False, None, err) for _ in items]
 
     outcomes: list[Outcome] = []
@@ -164,29 +166,65 @@ def _send_chunk(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Out
             if not assoc.is_established:
                 outcomes.append(Outcome(False, None, f"association to {where} ended before this instance was sent"))
                 continue
-            outcomes.append(_store_one(assoc, it, where))
+            outcomes.append(_store_one(assoc, it, where, dest.dimse_timeout_s))
     finally:
         if assoc.is_established:
             assoc.release()
     return outcomes
 
 
-def _store_one(assoc: object, it: OutboxItem, where: str) -> Outcome:
+def _connect_problem(dest: DicomDestination, accepted: str) -> str:
+    """Why no association came about, in the words an admin acts on.
+
+    pynetdicom logs the socket error and reports only "aborted"; a second TCP connect
+    (bounded by the destination's connect timeout, and only after a failure) tells a
+    refused port from a timeout, an unknown host or no route.  ``accepted``: what to say
+    when TCP connects fine (the peer itself ended the association).
+    """
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=dest.connect_timeout_s):
+            return accepted
+    except ConnectionRefusedError:
+        return "connection refused (nothing listens on that port, or a firewall rejects it)"
+    except TimeoutError:
+        return f"connection timed out after {dest.connect_timeout_s:g} s (host down or port filtered)"
+    except socket.gaierror as exc:
+        return f"host name not found ({exc.strerror or exc})"
+    except OSError as exc:
+        return f"cannot connect ({exc.strerror or exc})"
+
+
+def _no_answer(dest: DicomDestination, t_start: float) -> str:
+    """What to say when TCP connects but no association came about: a silent peer or an abort."""
+    if time.monotonic() - t_start >= 0.9 * dest.acse_timeout_s:
+        return f"no answer to the association request within acse_timeout_s {dest.acse_timeout_s:g} s"
+    return "the peer aborted the association"
+
+
+def _status_text(code: int) -> str:
+    """``0xA700 (Refused: Out of resources)``: the status and its meaning for C-STORE."""
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (None, ""))[1]
+    return f"0x{code:04X}" + (f" ({meaning})" if meaning else "")
+
+
+def _store_one(assoc: object, it: OutboxItem, where: str, dimse_timeout_s: float = 60.0) -> Outcome:
+    """One C-STORE; its outcome carries the true error.  Logged per series by the Sender, not here."""
     if not it.path.exists():
-        err = f"outbox file {it.path} is missing"
-        log.error("outbox: %s -> %s: %s", it.sop_instance_uid, where, err)
-        return Outcome(False, None, err)
+        return Outcome(False, None, f"outbox file {it.path} is missing")
+    t0 = time.monotonic()
     try:
         status = assoc.send_c_store(it.path)  # type: ignore[attr-defined]
     except (ValueError, AttributeError, OSError) as exc:
         # No accepted presentation context, unreadable file, ...: this item fails.
-        err = f"C-STORE not sent: {exc}"
-        log.warning("outbox: %s -> %s: %s", it.sop_instance_uid, where, err)
-        return Outcome(False, None, err)
+        return Outcome(False, None, f"C-STORE not sent: {exc}")
     code = getattr(status, "Status", None)
     if code is None:
-        err = "no C-STORE response (timeout, abort or invalid response)"
-        log.warning("outbox: %s -> %s: %s", it.sop_instance_uid, where, err)
+        if time.monotonic() - t0 >= 0.9 * dimse_timeout_s:
+            err = f"no C-STORE response from {where} within dimse_timeout_s {dimse_timeout_s:g} s (timeout)"
+        elif getattr(assoc, "is_aborted", False):
+            err = f"association aborted by {where} during C-STORE"
+        else:
+            err = f"no valid C-STORE response from {where}"
         return Outcome(False, None, err)
     code = int(code)
     comment = str(status.get("ErrorComment", "")) if hasattr(status, "get") else ""
@@ -194,11 +232,8 @@ def _store_one(assoc: object, it: OutboxItem, where: str) -> Outcome:
         return Outcome(True, code, None)
     if code in WARNING_STATUSES:
         msg = f"warning 0x{code:04X} ({WARNING_STATUSES[code]}){': ' + comment if comment else ''}"
-        log.warning("outbox: %s -> %s stored with %s", it.sop_instance_uid, where, msg)
         return Outcome(True, code, msg)
-    err = f"C-STORE failed with status 0x{code:04X}{': ' + comment if comment else ''}"
-    log.warning("outbox: %s -> %s: %s", it.sop_instance_uid, where, err)
-    return Outcome(False, code, err)
+    return Outcome(False, code, f"C-STORE status {_status_text(code)} from {where}{': ' + comment if comment else ''}")
 
 
 def send_folder(dest: FolderDestination, items: Sequence[OutboxItem]) -> list[Outcome]:
@@ -214,9 +249,47 @@ def send_folder(dest: FolderDestination, items: Sequence[OutboxItem]) -> list[Ou
             outcomes.append(Outcome(True, None, None))
         except OSError as exc:
             err = f"copy to {dest.name} ({dest.path}) failed: {exc}"
-            log.warning("outbox: %s: %s", it.sop_instance_uid, err)
             outcomes.append(Outcome(False, None, err))
     return outcomes
+
+
+def log_delivery(destination: str, items: Sequence[OutboxItem], outcomes: Sequence[Outcome],
+                 max_attempts: int) -> None:
+    """One log line per derived series and attempt (not one per instance).
+
+    INFO when all went out; WARNING when some failed and will be retried; ERROR when
+    some became dead letters.  The line names the job, the series UID, the destination,
+    the counts and each distinct error with how many instances it hit; JSON logs carry
+    job, series_uid, destination and stage as fields.
+    """
+    groups: dict[tuple[str, str], list[tuple[OutboxItem, Outcome]]] = {}
+    for it, out in zip(items, outcomes):
+        groups.setdefault((str(it.job_id), it.series_instance_uid), []).append((it, out))
+    for (job, series), pairs in groups.items():
+        ok = sum(1 for _, o in pairs if o.delivered)
+        failed = [(it, o) for it, o in pairs if not o.delivered]
+        dead = sum(1 for it, _ in failed if it.attempts + 1 >= max_attempts)
+        attempt = max(it.attempts for it, _ in pairs) + 1
+        warned = [o.error for _, o in pairs if o.delivered and o.error]
+        errors: dict[str, int] = {}
+        for _, o in failed:
+            errors[o.error or "unknown error"] = errors.get(o.error or "unknown error", 0) + 1
+        for w in warned:
+            errors[w] = errors.get(w, 0) + 1
+        why = "; ".join(f"{e}" + (f" ({n} instances)" if n > 1 and len(errors) > 1 else "") for e, n in errors.items())
+        head = f"outbox: job {job} series {series} -> {destination}"
+        extra = {"job": int(job) if job.isdigit() else job, "series_uid": series, "destination": destination, "stage": "deliver",
+                 "delivered": ok, "failed": len(failed), "dead_letters": dead, "attempt": attempt}
+        if dead:
+            log.error("%s: %d delivered, %d dead-lettered after %d attempts%s: %s", head, ok, dead, max_attempts,
+                      f", {len(failed) - dead} to retry" if len(failed) > dead else "", why, extra=extra)
+        elif failed:
+            log.warning("%s: %d delivered, %d failed (attempt %d of %d, will retry): %s", head, ok, len(failed),
+                        attempt, max_attempts, why, extra=extra)
+        elif warned:
+            log.warning("%s: %d delivered, with warnings: %s", head, ok, why, extra=extra)
+        else:
+            log.info("%s: %d delivered", head, ok, extra=extra)
 
 
 @dataclass
@@ -246,16 +319,14 @@ class Sender:
                 dest = self.destinations.get(name)
                 if dest is None:
                     err = f"destination {name!r} is not configured"
-                    log.error("outbox: %d item(s) for %s", len(items), err)
                     outcomes = [Outcome(False, None, err) for _ in items]
                 elif isinstance(dest, FolderDestination):
                     outcomes = send_folder(dest, items)
                 else:
                     outcomes = send_dicom(dest, items)
                 self.outbox.record(list(zip(items, outcomes)), self.policy, now, self.rng, self.delete_delivered)
-                ok = sum(1 for o in outcomes if o.delivered)
-                delivered += ok
-                log.info("outbox: %s: %d delivered, %d failed", name, ok, len(items) - ok)
+                delivered += sum(1 for o in outcomes if o.delivered)
+                log_delivery(name, items, outcomes, self.policy.max_attempts)
         return delivered
 
     # -- background mode -----------------------------------------------------------

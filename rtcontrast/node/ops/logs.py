@@ -19,9 +19,10 @@ import logging
 import re
 import sys
 import time
-from typing import IO
+from collections.abc import MutableMapping
+from typing import IO, Any
 
-__all__ = ["setup_logging", "JsonFormatter", "PlainFormatter", "PHIFilter"]
+__all__ = ["setup_logging", "JsonFormatter", "PlainFormatter", "PHIFilter", "ContextAdapter", "with_context"]
 
 _PHI_RE = re.compile(
     r"(Patient'?s? ?Name|PatientID|Patient ID|PatientBirthDate|Patient'?s? Birth Date|\(0010, ?00(10|20|30)\))",
@@ -49,6 +50,32 @@ class PHIFilter(logging.Filter):
         return True
 
 
+# Fields a log shipper filters on: job, series_uid, stage, destination.  Set with ``extra=`` or
+# :func:`with_context`; for lines that only name a job or series in their text ("job 12 series
+# 1.2.3 ..."), :class:`JsonFormatter` reads them from it.
+_TEXT_FIELDS = (
+    ("job", re.compile(r"\bjob (\d+)\b")),
+    ("series_uid", re.compile(r"\bseries ((?:\d+\.)+\d+)\b")),
+)
+
+
+class ContextAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger that adds fixed fields (job, series_uid, stage, destination) to every record.
+
+    Why: JSON logs must carry these as keys a collector can filter on, not only inside the
+    message text; a call's own ``extra=`` adds to (and overrides) the adapter's fields.
+    """
+
+    def process(self, msg: object, kwargs: MutableMapping[str, Any]) -> tuple[object, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+def with_context(logger: logging.Logger, **fields: object) -> ContextAdapter:
+    """``with_context(log, job=12, series_uid=uid, stage="infer").info("...")``."""
+    return ContextAdapter(logger, {k: v for k, v in fields.items() if v is not None})
+
+
 class PlainFormatter(logging.Formatter):
     """``2024-01-02T10:15:00.123Z INFO rtcontrast.node.service [worker] message``."""
 
@@ -63,7 +90,12 @@ class PlainFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, thread, msg (+ exc, + extra fields)."""
+    """One JSON object per line: ts, level, logger, thread, msg (+ exc, + extra fields).
+
+    ``job``, ``series_uid``, ``stage``, ``destination`` come from ``extra=`` /
+    :class:`ContextAdapter`; a line that names a job or series only in its text gets
+    them from there, so every line about a job can be filtered by it.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         t = time.gmtime(record.created)
@@ -77,6 +109,9 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STD_ATTRS and not key.startswith("_"):
                 obj[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+        for key, rx in _TEXT_FIELDS:
+            if key not in obj and (m := rx.search(str(obj["msg"]))):
+                obj[key] = int(m.group(1)) if key == "job" else m.group(1)
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         return json.dumps(obj, ensure_ascii=False)

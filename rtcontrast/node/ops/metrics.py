@@ -12,30 +12,41 @@ Two kinds of numbers:
   pending jobs, outbox items per destination and state, dead letters, free disk), so
   they are right after a restart and never drift from what ``node.py status`` shows.
 
-Model (name, version, sha256, execution provider) and protocol version are info
-metrics (``rtcontrast_model_info{...} 1``).  Nothing here carries patient data: labels
-are destinations, states, stage names and versions only.
+Model (name, version, sha256, execution provider), protocol version and the build
+(``rtcontrast_build_info{version, commit, python, onnxruntime, pydicom, pynetdicom}``) are
+info metrics (``..._info{...} 1``), so a dashboard shows what runs where.  Nothing here
+carries patient data: labels are destinations, states, stage names and versions only.
+
+The same endpoint answers ``GET /healthz``: 200 ``ok`` while the node is healthy (every
+thread alive, the scheduler looping: what feeds the systemd watchdog), else 503 with the
+reason, for a load balancer or an uptime check that does not parse metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
+import socket
 import sqlite3
+import subprocess
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
 from typing import Any
+
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
     Info,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -161,6 +172,9 @@ class NodeMetrics:
         )
         for res in ("ok", "rejected"):
             self.protocol_reloads.labels(res)
+        self.build_info = Info("rtcontrast_build", "The rtcontrast build and its main libraries", registry=r)
+        self.build_info.info(build_info())
+        self._health: Callable[[], bool] = lambda: True
         self.model_info = Info("rtcontrast_model", "The qmap model in use", registry=r)
         self.protocol_info = Info("rtcontrast_protocol", "The protocol in force", registry=r)
         self._server: Any = None
@@ -189,6 +203,18 @@ class NodeMetrics:
         if state in FINAL_STATES:
             self.jobs_finished.labels(state).inc()
 
+    def set_health_check(self, check: Callable[[], bool]) -> None:
+        """What ``/healthz`` asks (the node's :meth:`~rtcontrast.node.service.Node.healthy`)."""
+        self._health = check
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, text) as ``/healthz`` reports it; a failing check counts as unhealthy."""
+        try:
+            ok = bool(self._health())
+        except Exception as exc:  # the check itself broke: report it, never crash the endpoint
+            return False, f"unhealthy: health check failed: {type(exc).__name__}: {exc}"
+        return (True, "ok") if ok else (False, "unhealthy: a node thread stopped or the scheduler stalled")
+
     def add_snapshot_source(self, source: Callable[[], QueueSnapshot]) -> None:
         """Register the scrape-time gauges (queue depths, dead letters, disk); replaces an earlier source."""
         if self._snapshot is not None:
@@ -199,9 +225,24 @@ class NodeMetrics:
     # -- endpoint ------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` in a daemon thread; the bound port."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                ok, text = self.health()
+                start_response("200 OK" if ok else "503 Service Unavailable",
+                               [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")])
+                return [(text + "\n").encode()]
+            return metrics_app(environ, start_response)
+
+        class _Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self._server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         bound = int(self._server.server_port)
-        log.info("metrics on http://%s:%d/metrics", host, bound)
+        log.info("metrics on http://%s:%d/metrics (health: /healthz)", host, bound)
         return bound
 
     def stop(self) -> None:
@@ -213,6 +254,46 @@ class NodeMetrics:
         if self._thread is not None:
             self._thread.join(5.0)
             self._thread = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape (every 15 s) in the journal."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def _git_commit() -> str:
+    """The checkout's commit (short), or the release name an install recorded, else "unknown"."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, timeout=5)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    release = root.parent.name if root.name == "app" else ""  # /opt/rtcontrast/releases/<version>/app
+    return release.rsplit("-", 1)[-1] if "-" in release else "unknown"
+
+
+def build_info() -> dict[str, str]:
+    """Labels of ``rtcontrast_build_info``: our version and commit, the interpreter and main libraries."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from rtcontrast import __version__
+
+    def installed(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return ""
+
+    out = {"version": __version__, "commit": _git_commit(), "python": platform.python_version()}
+    for key, dists in (("onnxruntime", ("onnxruntime-gpu", "onnxruntime")), ("pydicom", ("pydicom",)),
+                       ("pynetdicom", ("pynetdicom",))):
+        out[key] = next((v for d in dists if (v := installed(d))), "")
+    return out
 
 
 class MeteredOutbox(Outbox):
