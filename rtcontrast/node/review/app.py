@@ -122,7 +122,8 @@ def create_app(config: NodeConfig) -> Starlette:
         except ValueError as exc:
             return detail(request, error=str(exc), status=409 if "not held" in str(exc) else 400,
                           note=form.get("note", ""))
-        return RedirectResponse(f"/jobs/{job_id}?done={action}d", status_code=303)
+        done = "released" if action == "release" else "discarded"
+        return RedirectResponse(f"/jobs/{job_id}?done={done}", status_code=303)
 
     def login_page(request: Request) -> Response:
         return render(request, "login.html", error=None)

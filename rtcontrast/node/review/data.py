@@ -149,7 +149,7 @@ def _figures(qa: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str,
     for key, name, unit in (("t1_ms", "T1", "ms"), ("t2_ms", "T2", "ms"), ("pd", "PD", "of series scale")):
         p = qa.get(key) or {}
         if p:
-            maps.append((f"{name} ({unit})", f"{p.get('p5', 0):g}", f"{p.get('p50', 0):g}", f"{p.get('p95', 0):g}"))
+            maps.append((f"{name} ({unit})", *(f"{p.get(k, 0):.4g}" for k in ("p5", "p50", "p95"))))
     return figs, maps
 
 
