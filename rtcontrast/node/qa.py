@@ -69,14 +69,12 @@ def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> d
 
 
 def percent(frac: float) -> str:
-    """A fraction as a percentage a reader takes in at a glance: 9.13 -> ``913``, 0.0052 -> ``0.52``."""
+    """A fraction as a percentage a reader takes in at a glance: 9.13 -> ``913``, 0.0052 -> ``0.52``, 0.6 -> ``60``."""
     v = abs(frac) * 100.0
     if v >= 10:
         return f"{v:.0f}"
     if v >= 1:
         return f"{v:.1f}"
-    if v >= 0.01:
-        return f"{v:.2f}"
     return f"{v:.2g}"
 
 

@@ -134,17 +134,19 @@ def list_jobs(config: NodeConfig) -> tuple[list[JobRow], list[JobRow]]:
 
 
 def _figures(qa: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, str, str, str]]]:
-    if "self_nrmse" not in qa:
-        return [], []
-    figs = [
-        ("self NRMSE (maps re-rendering the input)", f"{percent(qa['self_nrmse'])} %"),
-        ("TE: header / identified from the image",
-         f"{qa['te_header_ms']:g} ms / {qa['te_pred_ms']:.1f} ms ({percent(qa['te_error_frac'])} % off)"),
-        ("TR: header / identified from the image",
-         f"{qa['tr_header_ms']:g} ms / {qa['tr_pred_ms']:.0f} ms ({percent(qa['tr_error_frac'])} % off)"),
-        ("slices, matrix", f"{qa.get('slices', '?')}, {' x '.join(str(m) for m in qa.get('matrix', []))}"),
-        ("body voxels", str(qa.get("body_voxels", "?"))),
-    ]
+    """QA numbers as (name, value) rows and map percentiles; whatever the job's QA holds (older jobs hold less)."""
+    figs: list[tuple[str, str]] = []
+    if "self_nrmse" in qa:
+        figs.append(("self NRMSE (maps re-rendering the input)", f"{percent(qa['self_nrmse'])} %"))
+    for what, digits in (("te", 1), ("tr", 0)):
+        keys = (f"{what}_header_ms", f"{what}_pred_ms", f"{what}_error_frac")
+        if all(k in qa for k in keys):
+            figs.append((f"{what.upper()}: header / identified from the image",
+                         f"{qa[keys[0]]:g} ms / {qa[keys[1]]:.{digits}f} ms ({percent(qa[keys[2]])} % off)"))
+    if "slices" in qa:
+        figs.append(("slices, matrix", f"{qa['slices']}, {' x '.join(str(m) for m in qa.get('matrix', []))}"))
+    if "body_voxels" in qa:
+        figs.append(("body voxels", str(qa["body_voxels"])))
     maps = []
     for key, name, unit in (("t1_ms", "T1", "ms"), ("t2_ms", "T2", "ms"), ("pd", "PD", "of series scale")):
         p = qa.get(key) or {}
