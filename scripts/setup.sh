@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up rtcontrast on a fresh machine: a virtual environment in .venv with the node's
 # runtime (and, with --test, training + test dependencies and the DICOM peers the tests use:
-# dcmtk, Orthanc, dicom3tools from Debian).  Idempotent: re-running is cheap.
+# dcmtk, Orthanc, dicom3tools, and chromium + chromium-driver for the review page, from Debian).  Idempotent: re-running is cheap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -18,6 +18,9 @@ if [ "$want_test" = 1 ]; then
   [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
   command -v dciodvfy >/dev/null || missing+=(dicom3tools)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
+  # the review page's browser test (tests/test_review_browser.py) drives Debian's headless chromium
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     echo "installing Debian packages: ${missing[*]}"

@@ -14,7 +14,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 
 import uvicorn
 
@@ -24,12 +23,6 @@ from rtcontrast.settings.node import NodeConfig
 __all__ = ["ReviewServer"]
 
 log = logging.getLogger(__name__)
-
-
-def _tls12(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-    ctx = default()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
 
 
 class ReviewServer:
@@ -66,8 +59,14 @@ class ReviewServer:
             proxy_headers=False, timeout_graceful_shutdown=3,
             ssl_certfile=str(r.cert_file) if r.cert_file else None,
             ssl_keyfile=str(r.key_file) if r.key_file else None,
-            ssl_context_factory=_tls12 if r.tls else None,
         )
+        try:
+            cfg.load()  # builds the SSL context now, so TLS 1.2 can be made the floor before serving
+        except BaseException:
+            sock.close()
+            raise
+        if cfg.ssl is not None:
+            cfg.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
         self._server = uvicorn.Server(cfg)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="review", daemon=True)
         self._thread.start()
