@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,10 @@ def test_review_release_and_discard_in_a_browser(tmp_path: Path, make_node: Call
     # nothing of the patient in the node's logs
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "PHANTOM" not in text and "RTC-PHANTOM" not in text
+
+    # the page stops with the node
+    port = node.review.port
+    node.stop(timeout_s=10)
+    assert node.review is None
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
