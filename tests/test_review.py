@@ -403,3 +403,18 @@ def test_https_page_with_tls12_and_secure_cookies(tmp_path: Path, review: Any) -
         Client(server.url, untrusted).request("/login")
     with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
         Client(server.url.replace("https://", "http://")).request("/login")
+
+
+def test_a_taken_review_port_does_not_stop_the_node(make_node: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="rtcontrast.node.service"):
+            node = make_node(_protocol().model_dump(mode="json"), metrics={"enabled": False},
+                             review={"enabled": True, "port": port})
+        assert node.review is None and node.healthy()
+        assert any(f"review page 127.0.0.1:{port} not served" in r.getMessage() for r in caplog.records)

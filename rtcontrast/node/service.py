@@ -51,7 +51,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.node.dispatch.destinations import Destination, node_destinations
@@ -68,6 +68,9 @@ from rtcontrast.node.store import db
 from rtcontrast.node.store.jobs import JobStore
 from rtcontrast.settings.node import ConfigError, NodeConfig
 from rtcontrast.settings.protocol import ProtocolConfig, load_protocol
+
+if TYPE_CHECKING:
+    from rtcontrast.node.review.server import ReviewServer
 
 __all__ = ["Node"]
 
@@ -131,7 +134,7 @@ class Node:
         self._started = False
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
-        self.review: Any = None  # the review page (rtcontrast.node.review.server.ReviewServer) when enabled
+        self.review: ReviewServer | None = None  # the review page, when enabled
 
     def _destinations_of(self, protocol: ProtocolConfig) -> dict[str, Destination]:
         return node_destinations(protocol, self.config.ae_title, self.config.export_path)
@@ -226,6 +229,9 @@ class Node:
         if not self._started:
             return
         log.info("stopping")
+        if self.review is not None:  # no decisions while the node goes down
+            self.review.stop()
+            self.review = None
         if self.scp is not None:
             self.scp.stop()
         self._stop.set()
@@ -241,9 +247,6 @@ class Node:
             self.sender.stop(max(0.1, deadline - time.monotonic()))
         self.metrics.stop()
         self.metrics_port = None
-        if self.review is not None:
-            self.review.stop()
-            self.review = None
         if not any(t.is_alive() for t in threading.enumerate() if t.name == "worker"):
             self.jobs_conn.close()
             self.outbox_conn.close()
