@@ -358,7 +358,26 @@ def test_logins_lockout_csrf_and_cross_site_posts(tmp_path: Path, store: tuple[J
     assert status == 409 and "not held" in html
     assert c.request("/jobs/4242")[0] == 404
 
+    # logging out ends the login on the server: a copy of the old cookie opens nothing
+    (cookie,) = [ck for ck in c.jar if ck.name == "rtcontrast_review"]
+    token = c.csrf("/")
+    assert c.request("/logout", {"csrf": token})[0] == 303
+    assert c.request("/")[0] == 303
+    assert Client(server.url).request("/", headers={"Cookie": f"{cookie.name}={cookie.value}"})[0] == 303
+
+    # a reviewer removed from the users file cannot decide any more, even while logged in
+    job2, _ = _held_job(jobs, var, "1.2.3.10")
+    token = c.csrf("/login")
+    assert c.request("/login", {"csrf": token, "username": "Dr A", "password": PASSWORD})[0] == 303
+    token = c.csrf(f"/jobs/{job2}")
+    users.write_text("")
+    status, headers, _ = c.request(f"/jobs/{job2}/release", {"csrf": token, "note": "x"})
+    assert status == 303 and headers["location"] == "/login"
+    assert jobs.job(job2).state == "held"  # type: ignore[union-attr]
+    assert c.request("/")[0] == 303
+
     # a fresh client: five wrong passwords lock its address out, even for the right one
+    users.write_text(f"Dr A: '{hash_password(PASSWORD)}'\n")
     other = Client(server.url)
     token = other.csrf("/login")
     for _ in range(5):

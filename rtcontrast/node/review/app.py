@@ -22,6 +22,7 @@ from typing import Any
 
 import jinja2
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
@@ -50,19 +51,42 @@ def create_app(config: NodeConfig) -> Starlette:
     settings = config.review
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(_HERE / "templates"), autoescape=True)
     throttle = LoginThrottle()
-    decide_lock = threading.Lock()  # one decision at a time: no release racing a discard in this process
+    # Logins live on the server too: the signed cookie names a login id, valid only while it is
+    # here, so logging out (or removing the reviewer from the users file) ends it at once, even
+    # for a copy of the cookie.
+    active: dict[str, str] = {}
+    active_lock = threading.Lock()
+    decide_lock = threading.Lock()
     logins = settings.users_file is not None
 
     def render(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
         html = env.get_template(name).render(
-            user=request.session.get("user"), logins=logins, csrf=csrf_token(request.session),
+            user=current_user(request), logins=logins, csrf=csrf_token(request.session),
             version=__version__, ae_title=config.ae_title, **ctx)
         return HTMLResponse(html, status_code=status)
 
+    def current_user(request: Request) -> str | None:
+        with active_lock:
+            return active.get(str(request.session.get("login", "")))
+
     def need_login(request: Request) -> Response | None:
-        if logins and not request.session.get("user"):
+        if logins and current_user(request) is None:
+            request.session.pop("login", None)
             return RedirectResponse("/login", status_code=303)
         return None
+
+    def still_reviewer(request: Request, user: str) -> bool:
+        """The reviewer is still in the users file (read now); if not, their login ends."""
+        assert settings.users_file is not None
+        try:
+            ok = user in load_users(settings.users_file)
+        except UsersFileError as exc:
+            log.error("review page: %s", exc)
+            ok = False
+        if not ok:
+            with active_lock:
+                active.pop(str(request.session.get("login", "")), None)
+        return ok
 
     async def form_checked(request: Request) -> tuple[dict[str, str], Response | None]:
         """The POSTed form, or a 403 page when it is cross-site or its CSRF token is wrong."""
@@ -99,6 +123,13 @@ def create_app(config: NodeConfig) -> Starlette:
             return Response("no preview", status_code=404, media_type="text/plain")
         return FileResponse(path, media_type="image/png")
 
+    def decide_now(action: str, job_id: int, note: str | None, user: str) -> None:
+        with decide_lock:  # one decision at a time: no release racing a discard in this process
+            if action == "release":
+                release_job(config, job_id, note, user, via="review page")
+            else:
+                discard_job(config, job_id, note, user, via="review page")
+
     async def decide(request: Request) -> Response:
         if request.path_params["action"] not in ("release", "discard"):
             return Response("not found", status_code=404, media_type="text/plain")
@@ -110,15 +141,13 @@ def create_app(config: NodeConfig) -> Starlette:
         action = request.path_params["action"]
         job_id = int(request.path_params["job_id"])
         try:
-            user = request.session["user"] if logins else check_reviewer(form.get("reviewer"))
+            user = current_user(request) if logins else check_reviewer(form.get("reviewer"))
+            if user is None or (logins and not still_reviewer(request, user)):
+                return RedirectResponse("/login", status_code=303)
             note = check_note(form.get("note"))
             if action == "discard" and form.get("confirm") != "yes":
                 raise ValueError("tick the box to confirm that the received images are deleted")
-            with decide_lock:
-                if action == "release":
-                    release_job(config, job_id, note, user, via="review page")
-                else:
-                    discard_job(config, job_id, note, user, via="review page")
+            await run_in_threadpool(decide_now, action, job_id, note, user)
         except ValueError as exc:
             return detail(request, error=str(exc), status=409 if "not held" in str(exc) else 400,
                           note=form.get("note", ""))
@@ -145,13 +174,16 @@ def create_app(config: NodeConfig) -> Starlette:
             log.error("review page: %s", exc)
             return render(request, "login.html", 500, error="The users file is broken: ask the administrator.")
         name = " ".join(form.get("username", "").split())
-        if not verify_password(users, name, form.get("password", "")):
+        if not await run_in_threadpool(verify_password, users, name, form.get("password", "")):  # bcrypt: slow
             throttle.failed(client)
             log.warning("review page: failed login from %s", client)
             return render(request, "login.html", 401, error="Wrong name or password.")
         throttle.succeeded(client)
         request.session.clear()  # a fresh session (and CSRF token) at login
-        request.session["user"] = name
+        login_id = secrets.token_urlsafe(24)
+        with active_lock:
+            active[login_id] = name
+        request.session["login"] = login_id
         log.info("review page: %s logged in from %s", name, client)
         return RedirectResponse("/", status_code=303)
 
@@ -159,6 +191,8 @@ def create_app(config: NodeConfig) -> Starlette:
         _, refused = await form_checked(request)
         if refused is not None:
             return refused
+        with active_lock:
+            active.pop(str(request.session.get("login", "")), None)
         request.session.clear()
         return RedirectResponse("/login" if logins else "/", status_code=303)
 
