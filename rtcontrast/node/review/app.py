@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,9 @@ def create_app(config: NodeConfig) -> Starlette:
     # Logins live on the server too: the signed cookie names a login id, valid only while it is
     # here, so logging out (or removing the reviewer from the users file) ends it at once, even
     # for a copy of the cookie.
-    active: dict[str, str] = {}
+    active: dict[str, tuple[str, float]] = {}  # login id -> (reviewer, monotonic time of login)
     active_lock = threading.Lock()
+    max_age_s = settings.session_hours * 3600.0
     decide_lock = threading.Lock()
     logins = settings.users_file is not None
 
@@ -66,8 +68,12 @@ def create_app(config: NodeConfig) -> Starlette:
         return HTMLResponse(html, status_code=status)
 
     def current_user(request: Request) -> str | None:
+        now = time.monotonic()
         with active_lock:
-            return active.get(str(request.session.get("login", "")))
+            for lid in [k for k, (_, t) in active.items() if now - t > max_age_s]:
+                del active[lid]  # expired logins go (the dict stays small)
+            entry = active.get(str(request.session.get("login", "")))
+        return entry[0] if entry else None
 
     def need_login(request: Request) -> Response | None:
         if logins and current_user(request) is None:
@@ -182,7 +188,7 @@ def create_app(config: NodeConfig) -> Starlette:
         request.session.clear()  # a fresh session (and CSRF token) at login
         login_id = secrets.token_urlsafe(24)
         with active_lock:
-            active[login_id] = name
+            active[login_id] = (name, time.monotonic())
         request.session["login"] = login_id
         log.info("review page: %s logged in from %s", name, client)
         return RedirectResponse("/", status_code=303)
