@@ -18,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,12 @@ from pydicom.dataset import Dataset
 import node as node_cli
 from rtcontrast.node.ops.holds import check_note, check_reviewer
 from rtcontrast.node.ops.retention import purge
-from rtcontrast.node.qa import ReviewDecision, flag_datasets, qa_violations, review_decision
+from rtcontrast.node.qa import (
+    ReviewDecision,
+    flag_datasets,
+    qa_violations,
+    review_decision,
+)
 from rtcontrast.node.receive.scp import StoredInstance
 from rtcontrast.node.review.server import ReviewServer
 from rtcontrast.node.review.users import hash_password, load_users, verify_password
@@ -154,7 +159,7 @@ def _record(jobs: JobStore, spool: Path, study: str, series: str, n: int) -> lis
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x" * 100)
         jobs.record_instance(StoredInstance(p, study, series, sop, "1.2.840.10008.5.1.4.1.1.4", "SCANNER",
-                                            "127.0.0.1", datetime.now(timezone.utc)))
+                                            "127.0.0.1", datetime.now(UTC)))
         paths.append(p)
     return paths
 
@@ -237,8 +242,8 @@ def test_release_from_the_cli_records_the_reviewer(store: tuple[JobStore, Path, 
 def test_retention_discards_holds_nobody_reviewed(store: tuple[JobStore, Path, str]) -> None:
     jobs, var, _ = store
     job_id, paths = _held_job(jobs, var, "1.2.3.7")
-    kw: dict[str, Any] = dict(spool_root=var / "spool", outbox_root=var / "outbox", jobs_root=var / "jobs",
-                              export_dirs={}, retention_days=30)
+    kw: dict[str, Any] = {"spool_root": var / "spool", "outbox_root": var / "outbox", "jobs_root": var / "jobs",
+                          "export_dirs": {}, "retention_days": 30}
     db_file = var / "rtcontrast.db"
     soon = purge(db_file, held_retention_days=30, now=time.time() + 10 * 86400, **kw)
     assert soon.held_discarded == [] and "discarded none" in soon.render()

@@ -20,20 +20,20 @@ import logging
 import re
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from rtcontrast.node.store.jobs import Job, JobStore
 
 __all__ = [
-    "DiscardResult",
-    "release_held",
-    "discard_held",
-    "held_jobs",
-    "expired_holds",
-    "check_reviewer",
-    "check_note",
     "DISCARD_REASON",
+    "DiscardResult",
+    "check_note",
+    "check_reviewer",
+    "discard_held",
+    "expired_holds",
+    "held_jobs",
+    "release_held",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,12 @@ def held_jobs(conn: sqlite3.Connection) -> list[int]:
 
 def _parse(ts: str) -> datetime:
     t = datetime.fromisoformat(ts)
-    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def expired_holds(jobs: JobStore, days: float, now: datetime | None = None) -> list[Job]:
     """Held jobs held longer than ``days`` (since they became held: their last update)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     cutoff = now - timedelta(days=days)
     ids = held_jobs(jobs.conn)
     out = []

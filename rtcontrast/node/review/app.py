@@ -34,7 +34,13 @@ from rtcontrast import __version__
 from rtcontrast.node.admin import discard_job, release_job
 from rtcontrast.node.ops.holds import check_note, check_reviewer
 from rtcontrast.node.review.data import job_page, list_jobs, preview_path
-from rtcontrast.node.review.security import LoginThrottle, SecurityHeaders, csrf_token, csrf_valid, same_origin
+from rtcontrast.node.review.security import (
+    LoginThrottle,
+    SecurityHeaders,
+    csrf_token,
+    csrf_valid,
+    same_origin,
+)
 from rtcontrast.node.review.users import UsersFileError, load_users, verify_password
 from rtcontrast.settings.node import NodeConfig
 

@@ -25,7 +25,7 @@ from rtcontrast.node.store import db
 from rtcontrast.node.store.jobs import Job, JobStore
 from rtcontrast.settings.node import NodeConfig
 
-__all__ = ["JobRow", "JobPage", "list_jobs", "job_page", "preview_path"]
+__all__ = ["JobPage", "JobRow", "job_page", "list_jobs", "preview_path"]
 
 _HEADER_TAGS = ["PatientName", "PatientID", "StudyDate", "SeriesDescription", "SeriesNumber", "Modality",
                 "EchoTime", "RepetitionTime"]

@@ -31,7 +31,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["csrf_token", "csrf_valid", "same_origin", "LoginThrottle", "SecurityHeaders"]
+__all__ = ["LoginThrottle", "SecurityHeaders", "csrf_token", "csrf_valid", "same_origin"]
 
 _CSRF_KEY = "csrf"
 

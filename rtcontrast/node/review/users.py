@@ -24,7 +24,7 @@ import yaml
 
 from rtcontrast.node.ops.holds import check_reviewer
 
-__all__ = ["load_users", "hash_password", "verify_password", "UsersFileError", "main"]
+__all__ = ["UsersFileError", "hash_password", "load_users", "main", "verify_password"]
 
 #: bcrypt compares at most 72 bytes; a longer password would be silently truncated.
 MAX_PASSWORD_BYTES = 72
