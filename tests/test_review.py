@@ -62,7 +62,7 @@ def test_violations_read_in_percent_with_units() -> None:
     got = qa_violations(qa, _protocol(max_self_nrmse=0.004, max_te_error_frac=0.6, max_tr_error_frac=0.5))
     assert got == [
         "self NRMSE 0.52 % (the maps re-render the input this far off); limit 0.4 %",
-        "TE identified 913 % off (header 75 ms, image says 760.0 ms); limit 60 %",
+        "TE identified 913 % off (header 75 ms, image says 760 ms); limit 60 %",
         "TR identified 80 % off (header 4500 ms, image says 900 ms); limit 50 %",
     ]
     assert qa_violations(qa, _protocol(max_self_nrmse=0.01, max_te_error_frac=10, max_tr_error_frac=1)) == []

@@ -89,15 +89,20 @@ def qa_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
     if qa["self_nrmse"] > t.max_self_nrmse:
         out.append(f"self NRMSE {percent(qa['self_nrmse'])} % (the maps re-render the input this far off); "
                    f"limit {percent(t.max_self_nrmse)} %")
-    for what, digits in (("te", 1), ("tr", 0)):
+    for what in ("te", "tr"):
         limit = getattr(t, f"max_{what}_error_frac")
         if qa[f"{what}_error_frac"] > limit:
             out.append(
                 f"{what.upper()} identified {percent(qa[f'{what}_error_frac'])} % off "
-                f"(header {qa[f'{what}_header_ms']:g} ms, image says {qa[f'{what}_pred_ms']:.{digits}f} ms); "
+                f"(header {qa[f'{what}_header_ms']:g} ms, image says {ms(qa[f'{what}_pred_ms'])} ms); "
                 f"limit {percent(limit)} %"
             )
     return out
+
+
+def ms(value: float) -> str:
+    """A time identified from the image, to the precision it has: ``760``, ``61.8``."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
 
 
 #: SeriesDescription suffix of a series sent under an unreviewed QA warning (``qa.action: warn``).

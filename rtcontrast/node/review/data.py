@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from rtcontrast.node.dispatch.outbox import Outbox  # noqa: F401  (registers the outbox schema)
 from rtcontrast.node.ops.audit import JobTrail, audit_trail
 from rtcontrast.node.ops.holds import held_jobs
-from rtcontrast.node.qa import percent
+from rtcontrast.node.qa import ms, percent
 from rtcontrast.node.store import db
 from rtcontrast.node.store.jobs import Job, JobStore
 from rtcontrast.settings.node import NodeConfig
@@ -138,11 +138,11 @@ def _figures(qa: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str,
     figs: list[tuple[str, str]] = []
     if "self_nrmse" in qa:
         figs.append(("self NRMSE (maps re-rendering the input)", f"{percent(qa['self_nrmse'])} %"))
-    for what, digits in (("te", 1), ("tr", 0)):
+    for what in ("te", "tr"):
         keys = (f"{what}_header_ms", f"{what}_pred_ms", f"{what}_error_frac")
         if all(k in qa for k in keys):
             figs.append((f"{what.upper()}: header / identified from the image",
-                         f"{qa[keys[0]]:g} ms / {qa[keys[1]]:.{digits}f} ms ({percent(qa[keys[2]])} % off)"))
+                         f"{qa[keys[0]]:g} ms / {ms(qa[keys[1]])} ms ({percent(qa[keys[2]])} % off)"))
     if "slices" in qa:
         figs.append(("slices, matrix", f"{qa['slices']}, {' x '.join(str(m) for m in qa.get('matrix', []))}"))
     if "body_voxels" in qa:
