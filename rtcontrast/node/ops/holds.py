@@ -163,10 +163,11 @@ def discard_held(jobs: JobStore, job_id: int, *, user: str, note: str | None, vi
             continue
         except OSError as exc:
             log.warning("job %d: cannot remove %s: %s (retention removes it later)", job_id, p.name, exc)
-        try:
-            p.parent.rmdir()  # the series folder, once empty
-        except OSError:
-            pass
+        for folder in (p.parent, p.parent.parent):  # the series, then the study folder, once empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     try:
         dn, dsize = _remove_tree_files(jobs_root / str(job_id))
     except OSError as exc:
