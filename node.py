@@ -7,7 +7,8 @@
     python node.py resend [--config F] [--destination D] [--job J]
     python node.py models [--config F] [--protocol F]
     python node.py audit [--config F] [--study UID | --series UID | --job N] [--json]
-    python node.py release --job N [--config F] [--note TEXT]
+    python node.py release --job N [--config F] [--note TEXT] [--user NAME]
+    python node.py discard --job N --note TEXT [--config F] [--user NAME]
     python node.py purge [--config F] [--protocol F] [--dry-run]
 
 ``run`` without files uses the embedded defaults (AE RTCONTRAST, port 11112, ./var, the

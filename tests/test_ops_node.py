@@ -152,12 +152,14 @@ def test_hold_preview_status_release_audit(tmp_path: Path, model: QMapModel, sta
     with pytest.raises(ValueError, match="no job 999"):
         release_job(node.config, 999)
     cfg = str(tmp_path / "node.yaml")
-    assert node_cli.main(["release", "--config", cfg, "--job", str(job.id), "--note", "checked by physicist"]) == 0
+    assert node_cli.main(["release", "--config", cfg, "--job", str(job.id), "--note", "checked by physicist",
+                          "--user", "AB"]) == 0
     wait_for(lambda: (j := node.jobs.job(job.id)) is not None and j.state == "delivered", 90, "released job delivered")
     files = list(export.rglob("*.dcm"))
     assert len(files) == 6
     ds = pydicom.dcmread(files[0])
-    assert ds.ImageComments.startswith("QA WARNING: self NRMSE") and ds.SeriesDescription.endswith(" QA!")
+    assert ds.ImageComments.startswith("QA hold released by AB 20") and ds.SeriesDescription.endswith(" QA-REV")
+    assert ": checked by physicist. QA: self NRMSE" in ds.ImageComments
     events = [e.event for e in node.jobs.audit_events(job.id)]
     assert events.index("held") < events.index("released") < events.index("hold_overridden")
     assert node_cli.main(["release", "--config", cfg, "--job", str(job.id)]) == 1  # delivered: not held

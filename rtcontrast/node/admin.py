@@ -14,6 +14,7 @@ from pathlib import Path
 from rtcontrast.core.contract import ContractError
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.node.dispatch.outbox import Outbox
+from rtcontrast.node.ops.holds import DiscardResult, discard_held, release_held
 from rtcontrast.node.registry import resolve_model, resolve_model_path
 from rtcontrast.node.store import db
 from rtcontrast.node.store.jobs import JobStore
@@ -31,28 +32,49 @@ def resend_dead_letters(config: NodeConfig, destination: str | None = None, job_
         conn.close()
 
 
-def release_job(config: NodeConfig, job_id: int, note: str | None = None) -> str:
-    """Release a held job: back to ``received`` with a ``released`` audit event.
+def release_job(config: NodeConfig, job_id: int, note: str | None = None, user: str | None = None,
+                via: str = "cli") -> str:
+    """Release a held job (:func:`rtcontrast.node.ops.holds.release_held`); its series UID.
 
     A running node's scheduler picks it up within a second and re-runs it with the QA
-    hold overridden (the images are sent flagged as a QA warning); a stopped node does at
-    its next start.  The job runs with the protocol in force then.  Raises ValueError
-    when the job does not exist or is not held.
+    hold overridden: the images are sent flagged with the reviewer's decision (``QA hold
+    released by <user> <date>: <note>``); a stopped node does at its next start.  The job
+    runs with the protocol in force then.  ``user`` None: the login name of the shell
+    (``$SUDO_USER``, ``$USER``).  Raises ValueError when the job does not exist or is not held.
     """
     conn = db.connect(config.db_file)
     try:
-        jobs = JobStore(conn)
-        job = jobs.job(job_id)
-        if job is None:
-            raise ValueError(f"no job {job_id}")
-        if job.state != "held":
-            raise ValueError(f"job {job_id} is {job.state}, not held: only held jobs are released")
-        jobs.audit(job_id, "released", {"previous_reason": job.reason, **({"note": note} if note else {})})
-        jobs.set_state(job_id, "received", "released by an admin (QA hold overridden)")
-        return job.series_uid
+        return release_held(JobStore(conn), job_id, user=user or _shell_user(), note=note, via=via).series_uid
     finally:
         conn.close()
 
+
+def discard_job(config: NodeConfig, job_id: int, note: str | None, user: str | None = None,
+                via: str = "cli") -> DiscardResult:
+    """Discard a held job (:func:`rtcontrast.node.ops.holds.discard_held`): never sent, files removed.
+
+    ``note`` is required (why).  Raises ValueError when the job does not exist or is not
+    held, or the note or name is missing or bad.
+    """
+    conn = db.connect(config.db_file)
+    try:
+        return discard_held(JobStore(conn), job_id, user=user or _shell_user(), note=note, via=via,
+                            jobs_root=config.var_dir / "jobs")
+    finally:
+        conn.close()
+
+
+def _shell_user() -> str:
+    """Who runs the command: the sudo caller first (``sudo -u rtcontrast ...`` runs as the service user)."""
+    import getpass
+
+    name = os.environ.get("SUDO_USER") or os.environ.get("USER") or ""
+    if not name:
+        try:
+            name = getpass.getuser()
+        except (KeyError, OSError):
+            name = ""
+    return name or "unknown"
 
 
 _SHIPPED_NODE = Path("config/node.yaml")

@@ -22,6 +22,7 @@ from rtcontrast.node.admin import (
     _SHIPPED_PROTOCOL,
     _load,
     check_config,
+    discard_job,
     release_job,
     resend_dead_letters,
 )
@@ -120,18 +121,33 @@ def cmd_resend(config_path: Path | None, destination: str | None, job_id: int | 
     return 0
 
 
-def cmd_release(config_path: Path | None, job_id: int, note: str | None = None) -> int:
+def cmd_release(config_path: Path | None, job_id: int, note: str | None = None, user: str | None = None) -> int:
     """``node.py release --job N``: send a held job (re-run with the QA hold overridden)."""
     config = _admin_config(config_path)
     if isinstance(config, int):
         return config
     try:
-        series = release_job(config, job_id, note)
+        series = release_job(config, job_id, note, user)
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return 1
     print(f"job {job_id} (series {series}) released: the running node re-runs it within seconds "
-          "(or at its next start) and sends it flagged as a QA warning")
+          "(or at its next start) and sends it marked as released after QA review")
+    return 0
+
+
+def cmd_discard(config_path: Path | None, job_id: int, note: str | None, user: str | None = None) -> int:
+    """``node.py discard --job N --note WHY``: a held job is never sent; its received files and preview go."""
+    config = _admin_config(config_path)
+    if isinstance(config, int):
+        return config
+    try:
+        result = discard_job(config, job_id, note, user)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"job {job_id} (series {result.job.series_uid}) discarded: never sent; {result.files} file(s) "
+          f"({result.bytes / 1024**2:.1f} MiB) removed; the audit keeps the decision")
     return 0
 
 
@@ -150,7 +166,7 @@ def cmd_purge(config_path: Path | None, protocol_path: Path | None, dry_run: boo
     report = purge(
         config.db_file, spool_root=config.spool_path, outbox_root=config.outbox_path,
         jobs_root=config.var_dir / "jobs", export_dirs=export_dirs(dests),
-        retention_days=config.retention_days, dry_run=dry_run,
+        retention_days=config.retention_days, held_retention_days=config.held_retention_days, dry_run=dry_run,
     )
     print(report.render())
     return 0
@@ -283,9 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     release = sub.add_parser("release", help="send a job held by QA (re-run with the hold overridden)")
     release.add_argument("--config", type=Path, help="node config (default: embedded defaults)")
     release.add_argument("--job", type=int, required=True, help="the held job's id (node.py status)")
-    release.add_argument("--note", help="why (recorded in the audit trail; no patient data)")
+    release.add_argument("--note", help="why (recorded in the audit trail and the DICOM; no patient data)")
+    release.add_argument("--user", help="the reviewer (default: the login name, $SUDO_USER under sudo)")
 
-    purge = sub.add_parser("purge", help="remove spool/export/job files older than retention_days")
+    discard = sub.add_parser("discard", help="discard a job held by QA: never sent, its files removed")
+    discard.add_argument("--config", type=Path, help="node config (default: embedded defaults)")
+    discard.add_argument("--job", type=int, required=True, help="the held job's id (node.py status)")
+    discard.add_argument("--note", required=True, help="why (recorded in the audit trail; no patient data)")
+    discard.add_argument("--user", help="the reviewer (default: the login name, $SUDO_USER under sudo)")
+
+    purge = sub.add_parser("purge", help="remove spool/export/job files older than retention_days; "
+                                         "discard holds older than held_retention_days")
     purge.add_argument("--config", type=Path, help="node config (default: embedded defaults)")
     purge.add_argument("--protocol", type=Path, help="protocol (its folder destinations are purged too)")
     purge.add_argument("--dry-run", action="store_true", help="only say what would be removed")
@@ -307,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "audit":
         return cmd_audit(a.config, a.study, a.series, a.job, a.limit, a.json)
     if a.command == "release":
-        return cmd_release(a.config, a.job, a.note)
+        return cmd_release(a.config, a.job, a.note, a.user)
+    if a.command == "discard":
+        return cmd_discard(a.config, a.job, a.note, a.user)
     if a.command == "purge":
         return cmd_purge(a.config, a.protocol, a.dry_run)
     return cmd_resend(a.config, a.destination, a.job)

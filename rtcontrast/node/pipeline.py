@@ -66,7 +66,7 @@ from rtcontrast.node.dispatch.outbox import Outbox
 from rtcontrast.node.store.jobs import JobStore
 from rtcontrast.settings.protocol import ProtocolConfig
 from rtcontrast.dicom.eligibility import check_eligibility, header_te_tr
-from rtcontrast.node.qa import compute_qa, flag_datasets, qa_violations
+from rtcontrast.node.qa import compute_qa, flag_datasets, qa_violations, review_decision
 
 __all__ = ["PipelineContext", "JobResult", "run_job", "node_identity", "model_identity", "STAGES"]
 
@@ -507,7 +507,8 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
                                "QA passed" if not violations else None)  # warn: flag_datasets writes it
         if violations and (protocol.qa.action == "warn" or (hold and ctx.hold_override)):
             flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
-            flag_datasets(list(flagged.values()), "; ".join(violations))
+            flag_datasets(list(flagged.values()), "; ".join(violations),
+                          review=review_decision(jobs, job_id) if hold and ctx.hold_override else None)
         timings["derive"] = time.perf_counter() - t0
 
         # -- enqueue

@@ -1,11 +1,12 @@
 """Per-job quality checks: figures from the maps and the input, protocol thresholds, and the flag
-written into derived objects sent under a warning.
+written into derived objects sent under a warning or released from a hold by a reviewer.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -15,6 +16,9 @@ from rtcontrast.core.render import (
     self_nrmse,
 )
 from rtcontrast.settings.protocol import ProtocolConfig
+
+if TYPE_CHECKING:
+    from rtcontrast.node.store.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +68,94 @@ def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> d
     }
 
 
+def percent(frac: float) -> str:
+    """A fraction as a percentage a reader takes in at a glance: 9.13 -> ``913``, 0.0052 -> ``0.52``, 0.6 -> ``60``."""
+    v = abs(frac) * 100.0
+    if v >= 10:
+        return f"{v:.0f}"
+    if v >= 1:
+        return f"{v:.1f}"
+    return f"{v:.2g}"
+
+
 def qa_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
-    """Which protocol QA thresholds the job exceeds, each as a short sentence."""
+    """Which protocol QA thresholds the job exceeds, each as a sentence a physicist reads as is.
+
+    Why percent and units: the raw fraction ("error 9.13 > 0.6") was read as 9 % when 913 %
+    was meant; the numbers behind each sentence stay in ``job.qa``.
+    """
     t = protocol.qa
     out = []
     if qa["self_nrmse"] > t.max_self_nrmse:
-        out.append(f"self NRMSE {qa['self_nrmse']:.3f} > {t.max_self_nrmse:g}")
-    if qa["te_error_frac"] > t.max_te_error_frac:
-        out.append(
-            f"TE from image {qa['te_pred_ms']:.1f} ms vs header {qa['te_header_ms']:g} ms "
-            f"(error {qa['te_error_frac']:.2f} > {t.max_te_error_frac:g})"
-        )
-    if qa["tr_error_frac"] > t.max_tr_error_frac:
-        out.append(
-            f"TR from image {qa['tr_pred_ms']:.0f} ms vs header {qa['tr_header_ms']:g} ms "
-            f"(error {qa['tr_error_frac']:.2f} > {t.max_tr_error_frac:g})"
-        )
+        out.append(f"self NRMSE {percent(qa['self_nrmse'])} % (the maps re-render the input this far off); "
+                   f"limit {percent(t.max_self_nrmse)} %")
+    for what in ("te", "tr"):
+        limit = getattr(t, f"max_{what}_error_frac")
+        if qa[f"{what}_error_frac"] > limit:
+            out.append(
+                f"{what.upper()} identified {percent(qa[f'{what}_error_frac'])} % off "
+                f"(header {qa[f'{what}_header_ms']:g} ms, image says {ms(qa[f'{what}_pred_ms'])} ms); "
+                f"limit {percent(limit)} %"
+            )
     return out
 
 
-def flag_datasets(datasets: list[Dataset], warning: str) -> None:
-    """QA action 'warn': a warning in ImageComments and a ' QA!' SeriesDescription suffix."""
+def ms(value: float) -> str:
+    """A time identified from the image, to the precision it has: ``760``, ``61.8``."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+#: SeriesDescription suffix of a series sent under an unreviewed QA warning (``qa.action: warn``).
+WARN_SUFFIX = " QA!"
+#: SeriesDescription suffix of a series a reviewer released from a QA hold.
+REVIEWED_SUFFIX = " QA-REV"
+
+
+@dataclass(frozen=True)
+class ReviewDecision:
+    """Who released a held job, when (ISO 8601, UTC) and why: written into the derived series."""
+
+    user: str
+    at: str
+    note: str | None = None
+
+    def comment(self) -> str:
+        """``QA hold released by <user> <date>: <note>`` (ImageComments)."""
+        when = self.at[:16].replace("T", " ") + " UTC"
+        return f"QA hold released by {self.user} {when}" + (f": {self.note}" if self.note else "")
+
+
+def review_decision(jobs: JobStore, job_id: int) -> ReviewDecision | None:
+    """The latest ``released`` audit event of a job after its latest ``held``, as a decision (None: none)."""
+    last = None
+    for e in jobs.audit_events(job_id):
+        if e.event == "held":
+            last = None
+        elif e.event == "released":
+            last = e
+    if last is None:
+        return None
+    d = last.detail or {}
+    return ReviewDecision(user=str(d.get("user") or "an admin"), at=last.ts, note=d.get("note"))
+
+
+def flag_datasets(datasets: list[Dataset], warning: str, review: ReviewDecision | None = None) -> None:
+    """Mark derived objects sent despite a QA finding, in SeriesDescription and ImageComments.
+
+    ``review`` None (``qa.action: warn``, nobody looked): ``QA WARNING: ...`` and a ``' QA!'``
+    suffix.  With a reviewer's decision (a hold released): ``QA hold released by <user> <date>:
+    <note>. QA: ...`` and the distinct suffix ``' QA-REV'``, so a planner sees that a
+    physicist looked, and who.  The writer's provenance text (source series, model) stays
+    in ImageComments after the flag.
+    """
+    suffix = WARN_SUFFIX if review is None else REVIEWED_SUFFIX
+    comment = f"QA WARNING: {warning}" if review is None else f"{review.comment()}. QA: {warning}"
     for ds in datasets:
         desc = str(ds.get("SeriesDescription", "") or "")
-        suffix = " QA!"
-        ds.SeriesDescription = (desc[: 64 - len(suffix)] + suffix) if not desc.endswith(suffix) else desc
-        ds.ImageComments = f"QA WARNING: {warning}"[:10240]
+        for old in (WARN_SUFFIX, REVIEWED_SUFFIX):
+            if desc.endswith(old):
+                desc = desc[: -len(old)]
+        ds.SeriesDescription = desc[: 64 - len(suffix)] + suffix
+        provenance = str(ds.get("ImageComments", "") or "")
+        # The flag first (what a planner must see), then the provenance the writer put there.
+        ds.ImageComments = (f"{comment} | {provenance}" if provenance else comment)[:10240]

@@ -28,9 +28,11 @@ SIGHUP reloads the protocol file (:meth:`Node.reload`: a valid file replaces the
 for the next job, an invalid one is refused with every error logged and the old one stays;
 a running job finishes with the protocol it started with).  Metrics are served on
 ``metrics.host:port`` (:mod:`rtcontrast.node.ops.metrics`); each job's QA preview goes to
-``<var_dir>/jobs/<id>/preview.png``; retention (:mod:`rtcontrast.node.ops.retention`) runs hourly.
-A job that an admin releases (``node.py release``: held -> received) is picked up by the
-scheduler and re-run with the QA hold overridden.
+``<var_dir>/jobs/<id>/preview.png``; retention (:mod:`rtcontrast.node.ops.retention`) runs hourly
+(and discards holds nobody reviewed within ``held_retention_days``).  The review page
+(:mod:`rtcontrast.node.review`, ``review.enabled``) is started and stopped with the node.
+A job that a reviewer releases (review page or ``node.py release``: held -> received) is
+picked up by the scheduler and re-run with the QA hold overridden.
 
 Paths: relative paths are relative to the working directory.  The model path falls back
 to the installation's ``models/`` when the working directory has none (so ``python
@@ -49,7 +51,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.node.dispatch.destinations import Destination, node_destinations
@@ -66,6 +68,9 @@ from rtcontrast.node.store import db
 from rtcontrast.node.store.jobs import JobStore
 from rtcontrast.settings.node import ConfigError, NodeConfig
 from rtcontrast.settings.protocol import ProtocolConfig, load_protocol
+
+if TYPE_CHECKING:
+    from rtcontrast.node.review.server import ReviewServer
 
 __all__ = ["Node"]
 
@@ -130,6 +135,7 @@ class Node:
         self._started = False
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
+        self.review: ReviewServer | None = None  # the review page, when enabled
 
     def _destinations_of(self, protocol: ProtocolConfig) -> dict[str, Destination]:
         return node_destinations(protocol, self.config.ae_title, self.config.export_path)
@@ -199,17 +205,34 @@ class Node:
                 self.metrics_port = self.metrics.serve(c.metrics.host, c.metrics.port)
             except OSError as exc:  # the node's job is DICOM; a taken metrics port must not stop it
                 log.error("metrics endpoint %s:%d not served: %s", c.metrics.host, c.metrics.port, exc)
+        if c.review.enabled and self.review is None:
+            self._start_review()
         log.info(
             "listening on %s:%d as %s (protocol %s: %d recipe(s), destinations %s)",
             c.bind_host, self.scp.port, c.ae_title, self.protocol.audit_version, len(self.protocol.recipes),
             ", ".join(sorted(self.destinations)) or "none",
         )
 
+    def _start_review(self) -> None:
+        """Serve the review page (imported here: the web stack loads only when it is enabled)."""
+        from rtcontrast.node.review.server import ReviewServer
+
+        review = ReviewServer(self.config)
+        try:
+            review.start()
+        except OSError as exc:  # like metrics: a taken port must not stop the DICOM node
+            log.error("review page %s:%d not served: %s", self.config.review.host, self.config.review.port, exc)
+            return
+        self.review = review
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop listening, let the worker finish its job (bounded), stop the sender, close."""
         if not self._started:
             return
         log.info("stopping")
+        if self.review is not None:  # no decisions while the node goes down
+            self.review.stop()
+            self.review = None
         if self.scp is not None:
             self.scp.stop()
         self._stop.set()
@@ -399,7 +422,8 @@ class Node:
         return purge(
             self.config.db_file, spool_root=self.config.spool_path, outbox_root=self.config.outbox_path,
             jobs_root=self.config.var_dir / "jobs", export_dirs=export_dirs(self.destinations),
-            retention_days=self.config.retention_days, dry_run=dry_run,
+            retention_days=self.config.retention_days, held_retention_days=self.config.held_retention_days,
+            dry_run=dry_run,
         )
 
     def _scheduler_loop(self) -> None:

@@ -238,6 +238,60 @@ class Metrics(StrictModel):
     port: int = Field(9110, ge=1, le=65535)
 
 
+def is_loopback(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1) or ``localhost``: reachable from this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Review(StrictModel):
+    """The review page for held series (:mod:`rtcontrast.node.review`), served by the node.
+
+    Why these rules: the page shows patient images and releases series to the TPS.  On a
+    loopback address only users of this machine reach it (an SSH tunnel for the physicist);
+    anywhere else it must be HTTPS (``cert_file`` + ``key_file``) with logins (``users_file``,
+    bcrypt hashes), or the node refuses the configuration.
+    """
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", min_length=1, description="listen address; beyond loopback: TLS + users_file")
+    port: int = Field(9120, ge=0, le=65535, description="0: any free port (tests)")
+    cert_file: Path | None = Field(None, description="HTTPS certificate (PEM, chain allowed)")
+    key_file: Path | None = Field(None, description="its private key (PEM, unencrypted)")
+    users_file: Path | None = Field(None, description="reviewers: 'name: bcrypt-hash' lines; null: no login (loopback only)")
+    session_hours: float = Field(8.0, gt=0, le=24 * 7, description="a login lasts this long")
+    recent_jobs: int = Field(50, ge=1, le=1000, description="jobs listed besides the held ones")
+
+    @model_validator(mode="after")
+    def _safe(self) -> Review:
+        problems: list[str] = []
+        if (self.cert_file is None) != (self.key_file is None):
+            problems.append("cert_file and key_file go together (HTTPS needs both)")
+        elif self.cert_file is not None:
+            for name in ("cert_file", "key_file"):
+                if not Path(getattr(self, name)).is_file():
+                    problems.append(f"{name} {str(getattr(self, name))!r} is not a readable file")
+            if not problems:
+                problems.extend(check_tls_files(self.cert_file, self.key_file, None))
+        if self.users_file is not None and not Path(self.users_file).is_file():
+            problems.append(f"users_file {str(self.users_file)!r} is not a readable file")
+        if self.enabled and not is_loopback(self.host) and (self.cert_file is None or self.users_file is None):
+            problems.append(f"host {self.host!r} is not a loopback address: the review page needs cert_file, "
+                            "key_file (HTTPS) and users_file (logins) there")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Served over HTTPS."""
+        return self.cert_file is not None
+
+
 class Identity(StrictModel):
     """This node as equipment in the derived objects (General Equipment)."""
 
@@ -290,6 +344,9 @@ class NodeConfig(StrictModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics: Metrics = Field(default_factory=Metrics)
     retention_days: float = Field(30.0, gt=0)
+    held_retention_days: float | None = Field(
+        30.0, gt=0, description="held jobs nobody reviewed are discarded after this many days (null: never)")
+    review: Review = Field(default_factory=Review)
     uid_root: str | None = None
     identity: Identity = Field(default_factory=Identity)
     delivery: Delivery = Field(default_factory=Delivery)

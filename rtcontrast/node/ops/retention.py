@@ -12,6 +12,12 @@ file goes only when *all* of these hold:
 * for exports (folder destinations, ``<path>/<study>/<series>/<sop>.dcm``): no outbox
   item of that derived series is still pending or dead-lettered for that destination.
 
+Held jobs (waiting for a reviewer) are the exception with a clock of their own:
+``held_retention_days`` after a job became held, nobody having released or discarded it, it is
+discarded like a reviewer would (:func:`rtcontrast.node.ops.holds.discard_held`, reviewer
+``retention``, a ``discarded`` audit event): its received files and preview go at once.  A
+held series is patient data nobody will send; keeping it forever is not an option.
+
 The database rows stay (the audit trail answers "what happened" for years; rows are
 small); delivered outbox rows past the cutoff are pruned as before
 (:meth:`rtcontrast.node.dispatch.outbox.Outbox.prune`).  Logs name series UIDs and counts only.
@@ -25,11 +31,13 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rtcontrast.node.dispatch.outbox import Outbox
+from rtcontrast.node.ops.holds import discard_held, expired_holds
 from rtcontrast.node.store import db
-from rtcontrast.node.store.jobs import JobStore  # noqa: F401  (registers the jobs schema)
+from rtcontrast.node.store.jobs import JobStore
 
 __all__ = ["PurgeReport", "purge", "PURGEABLE_JOB_STATES"]
 
@@ -53,6 +61,8 @@ class PurgeReport:
     outbox_rows: int = 0
     bytes: int = 0
     kept_pending_series: int = 0
+    held_discarded: list[int] = field(default_factory=list)
+    held_days: float | None = None
 
     def render(self) -> str:
         """One paragraph for ``node.py purge`` (UIDs and counts, no patient data)."""
@@ -64,6 +74,10 @@ class PurgeReport:
             f"folder(s), {self.outbox_rows} delivered outbox row(s); {self.bytes / 1024**2:.1f} MiB",
             f"kept: {self.kept_pending_series} series with pending work (held, queued, running or not yet a job)",
         ]
+        if self.held_days is not None:
+            verb_held = "would discard" if self.dry_run else "discarded"
+            ids = ", ".join(f"#{j}" for j in self.held_discarded) or "none"
+            lines.append(f"held jobs unreviewed for more than {self.held_days:g} day(s): {verb_held} {ids}")
         for s in self.spool_series[:20]:
             lines.append(f"  spool series {s}")
         if len(self.spool_series) > 20:
@@ -130,10 +144,13 @@ def purge(
     jobs_root: Path,
     export_dirs: dict[str, Path],
     retention_days: float,
+    held_retention_days: float | None = None,
     now: float | None = None,
     dry_run: bool = False,
 ) -> PurgeReport:
     """Remove what is older than ``retention_days`` and owed to no one; see the module doc.
+
+    ``held_retention_days``: discard held jobs unreviewed for longer first (None: keep them).
 
     ``export_dirs``: folder destinations by name (``<path>/<study>/<series>/*.dcm``).
     Safe while the node runs (its own SQLite connection; files are only removed when
@@ -141,9 +158,22 @@ def purge(
     """
     now = time.time() if now is None else now
     cutoff = now - retention_days * 86400.0
-    report = PurgeReport(cutoff=cutoff, dry_run=dry_run)
+    report = PurgeReport(cutoff=cutoff, dry_run=dry_run, held_days=held_retention_days)
     conn = db.connect(db_file)
     try:
+        if held_retention_days is not None:
+            store = JobStore(conn)
+            for job in expired_holds(store, held_retention_days, datetime.fromtimestamp(now, timezone.utc)):
+                report.held_discarded.append(job.id)
+                if dry_run:
+                    continue
+                try:
+                    res = discard_held(store, job.id, user="retention", via="retention", jobs_root=jobs_root,
+                                       note=f"held and unreviewed for more than {held_retention_days:g} day(s)")
+                except ValueError:  # released or discarded meanwhile
+                    report.held_discarded.remove(job.id)
+                    continue
+                report.bytes += res.bytes
         done, report.kept_pending_series = _finished_series(conn)
         # -- spool: the recorded paths of finished series
         for study, series in sorted(done):
@@ -206,6 +236,10 @@ def purge(
             report.outbox_rows = Outbox(conn, outbox_root).prune(cutoff)
     finally:
         conn.close()
+    if not dry_run and report.held_discarded:
+        log.warning("retention: discarded %d held job(s) unreviewed for more than %g day(s): %s",
+                    len(report.held_discarded), held_retention_days,
+                    ", ".join(str(j) for j in report.held_discarded))
     if not dry_run and (report.spool_files or report.export_files or report.job_dirs or report.outbox_rows):
         log.info(
             "retention: removed %d spool file(s) of %d series, %d export file(s), %d job folder(s), "

@@ -63,7 +63,7 @@ class NodeStatus:
                        f"after {d['attempts']} attempt(s): {d['last_error']}")
         if len(self.dead_letters) > 20:
             out.append(f"  ... and {len(self.dead_letters) - 20} more")
-        out.append(f"held for an admin: {len(self.held_jobs)}" + (" (node.py release --job N)" if self.held_jobs else ""))
+        out.append(f"held for an admin: {len(self.held_jobs)}" + (" (review page, or node.py release / discard --job N)" if self.held_jobs else ""))
         for j in self.held_jobs[:20]:
             out.append(f"  #{j['id']} series {j['series_uid']}: {j['reason']}")
         out.append(f"recent audit events ({len(self.recent_audit)}; node.py audit --job N for a job's trail):")
