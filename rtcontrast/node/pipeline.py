@@ -63,7 +63,7 @@ from rtcontrast.dicom.grid import (
 )
 from rtcontrast.dicom.volume import Volume, VolumeError, assemble
 from rtcontrast.node.dispatch.outbox import Outbox
-from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.store.jobs import JobRole, JobState, JobStore
 from rtcontrast.settings.protocol import ProtocolConfig
 from rtcontrast.dicom.eligibility import check_eligibility, header_te_tr
 from rtcontrast.node.qa import compute_qa, flag_datasets, qa_violations
@@ -150,12 +150,13 @@ def node_identity(
 
 
 class _Stop(Exception):
-    """End the job in ``state`` with ``reason`` (ineligible, failed, held)."""
+    """End the job in ``state`` with ``reason`` (ineligible, failed, held); ``fields`` go to the job row."""
 
-    def __init__(self, state: str, reason: str) -> None:
+    def __init__(self, state: str, reason: str, **fields: Any) -> None:
         super().__init__(reason)
-        self.state = state
+        self.state = JobState(state)
         self.reason = reason
+        self.fields = fields
 
 
 # ----------------------------------------------------------------------------- stages
@@ -217,7 +218,7 @@ def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple
         if len(used) >= ctx.model.info.max_inputs - 1:
             record["skipped"][uid] = f"model takes at most {ctx.model.info.max_inputs} inputs"
             continue
-        if other.state == "failed" or (other.state == "ineligible" and not (other.reason or "").startswith(PARTNER_ONLY)):
+        if other.state == JobState.FAILED or (other.state == JobState.INELIGIBLE and other.role != JobRole.FUSION_INPUT):
             record["skipped"][uid] = f"its job is {other.state}"
             continue
         if abs((datetime.fromisoformat(other.created_at) - t_job).total_seconds()) > rules.window_s:
@@ -403,10 +404,13 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         model_sha256=mid.sha256,
     )
 
-    def finish(state: str, reason: str | None) -> JobResult:
+    def finish(state: str, reason: str | None, **fields: Any) -> JobResult:
         if timings:
             qa["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-        jobs.set_state(job_id, state, reason, qa=qa or None)
+        fields.setdefault("role", JobRole.TARGET)
+        fields.setdefault("fusion_target", None)
+        fields.setdefault("retry_at", None)
+        jobs.set_state(job_id, state, reason, qa=qa or None, **fields)
         result.state, result.reason = state, reason
         return result
 
@@ -453,7 +457,8 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
                 qa["fusion"]["target"] = target
                 if _target_uses(ctx, job.study_uid, target, series):
                     raise _Stop("ineligible", f"{PARTNER_ONLY} series {target} (fusion.target: "
-                                              f"{protocol.fusion.target}); no derived series of its own")
+                                              f"{protocol.fusion.target}); no derived series of its own",
+                                role=JobRole.FUSION_INPUT, fusion_target=target)
                 qa["fusion"]["note"] = (f"target series {target} was processed without this series: "
                                         "derived series of its own instead")
             co_sources = [a.volume for a, _, _ in partners]
@@ -523,7 +528,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         level = logging.INFO if stop.state == "ineligible" else logging.WARNING
         log.log(level, "job %d series %s %s: %s", job_id, series, stop.state, stop.reason)
         jobs.audit(job_id, stop.state, {"reason": stop.reason})
-        finish(stop.state, stop.reason)
+        finish(stop.state, stop.reason, **stop.fields)
     except Exception as exc:
         finish("failed", f"unexpected error: {type(exc).__name__}: {exc}")
         raise

@@ -41,12 +41,15 @@ folder (``./var/export``) follows the node's ``export_dir`` (default ``<var_dir>
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import sqlite3
 import os
 import queue
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -63,22 +66,45 @@ from rtcontrast.node.receive.series import SeriesTracker
 from rtcontrast.node.receive.spool import Spool
 from rtcontrast.node.registry import check_model_pin, resolve_model
 from rtcontrast.node.store import db
-from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.store.jobs import RERUN_STATES, JobState, JobStore
 from rtcontrast.settings.node import ConfigError, NodeConfig
 from rtcontrast.settings.protocol import ProtocolConfig, load_protocol
 
-__all__ = ["Node"]
+__all__ = ["Node", "transient_cause"]
 
 from rtcontrast.node.ops.status import export_dirs
 
 log = logging.getLogger(__name__)
 
-#: Job states that are re-run from assembly after a restart.
-_RERUN_STATES = frozenset({"received", "assembling", "inferring", "rendering", "deriving"})
+#: Transient failures: first retry after this many seconds, doubling, capped.
+_RETRY_BASE_S = 5.0
+_RETRY_MAX_S = 300.0
 _MONITOR_INTERVAL_S = 0.5
 _PRUNE_INTERVAL_S = 3600.0
 #: The watchdog is fed only while the scheduler loop ran this recently.
 _SCHEDULER_STALL_S = 20.0
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
+_SQLITE_TRANSIENT = ("database is locked", "database or disk is full", "disk i/o error", "database table is locked")
+
+
+def transient_cause(exc: BaseException) -> str | None:
+    """``disk_full`` / ``database_busy`` when ``exc`` (or what caused it) will pass by itself; else None.
+
+    Why: a job that failed because the disk was full after the series was acknowledged
+    must run again once space returns; the scanner was told Success and will not resend.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return "disk_full"
+        if isinstance(e, sqlite3.OperationalError) and any(t in str(e).lower() for t in _SQLITE_TRANSIENT):
+            return "disk_full" if "full" in str(e).lower() else "database_busy"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class Node:
@@ -118,6 +144,7 @@ class Node:
         self._stop_wait = threading.Event()  # wakes run_forever's loop (signals)
         self._enqueued: set[int] = set()  # job ids in the work queue or running
         self._enqueued_lock = threading.Lock()
+        self._not_before: dict[int, float] = {}  # job id -> monotonic time of its next transient retry
         self._scheduler_beat = time.monotonic()
         self.tracker = SeriesTracker(config.series_idle_timeout_s, config.release_grace_s)
         self._first_due: dict[tuple[str, str], float] = {}  # fusion: when a series first completed
@@ -358,7 +385,7 @@ class Node:
 
     # ------------------------------------------------------------------ restart
     def _resume(self) -> None:
-        rerun = [j for j in self.jobs.unfinished_jobs() if j.state in _RERUN_STATES]
+        rerun = [j for j in self.jobs.unfinished_jobs() if j.state in RERUN_STATES]
         for j in rerun:
             log.info("resuming job %d series %s (was %s): re-running from assembly", j.id, j.series_uid, j.state)
             self.jobs.audit(j.id, "resumed", {"state": j.state})
@@ -381,15 +408,44 @@ class Node:
         self._work.put(job_id)
 
     def _pick_up_released(self) -> None:
-        """Jobs put back to ``received`` from outside (``node.py release``) go to the worker."""
+        """Jobs put back to run from outside the worker go to it: ``node.py release`` / ``retry``,
+        and transient failures whose backoff has passed (``retry_at``).
+
+        Any job in a re-run state that is not queued or running here is such a job (the
+        worker is the only one that moves jobs through those states, and it keeps a job in
+        ``_enqueued`` until it ends).
+        """
+        now_iso = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         for j in self.jobs.unfinished_jobs():
-            if j.state != "received":
+            if j.state not in RERUN_STATES:
                 continue
             with self._enqueued_lock:
                 known = j.id in self._enqueued
-            if not known:
-                log.info("job %d series %s released by an admin: re-running", j.id, j.series_uid)
-                self._enqueue(j.id)
+            if known:
+                continue
+            if (j.retry_at and j.retry_at > now_iso) or self._not_before.get(j.id, 0.0) > time.monotonic():
+                continue
+            if j.retry_count:
+                log.info("job %d series %s: retry %d after a transient failure", j.id, j.series_uid, j.retry_count)
+            else:
+                log.info("job %d series %s put back by an admin: re-running", j.id, j.series_uid)
+            self._enqueue(j.id)
+
+    def _schedule_retry(self, job_id: int, exc: BaseException, cause: str) -> None:
+        """A transient failure: put the job back with capped exponential backoff, never fail it."""
+        job = self.jobs.job(job_id)
+        n = (job.retry_count if job is not None else 0) + 1
+        delay = min(_RETRY_MAX_S, _RETRY_BASE_S * 2.0 ** (n - 1))
+        self._not_before[job_id] = time.monotonic() + delay  # also holds if the database write below fails
+        self.metrics.job_retries.labels(cause).inc()
+        log.warning("job %d: transient failure (%s: %s): retry %d in %.0f s; nothing received is lost",
+                    job_id, cause, exc, n, delay)
+        at = datetime.fromtimestamp(time.time() + delay, timezone.utc).isoformat(timespec="microseconds")
+        try:
+            self.jobs.set_state(job_id, JobState.RECEIVED, f"transient failure ({cause}): {exc}; retry {n} at {at}",
+                                retry_count=n, retry_at=at)
+        except Exception as db_exc:  # the database itself may be what is full; memory keeps the backoff
+            log.warning("job %d: could not record the retry (%s); it stays due in memory", job_id, db_exc)
 
     def purge(self, dry_run: bool = False) -> Any:
         """Retention now (see :func:`rtcontrast.node.ops.retention.purge`); the report."""
@@ -470,7 +526,7 @@ class Node:
 
     def _check_deliveries(self) -> None:
         for job in self.jobs.unfinished_jobs():
-            if job.state != "queued":
+            if job.state != JobState.QUEUED:
                 continue
             counts = self.outbox.job_counts(job.id)
             if counts["pending"]:
@@ -479,10 +535,10 @@ class Node:
                 reason = f"{counts['dead_letter']} instance(s) dead-lettered (see node.py status / resend)"
                 if job.reason != reason:
                     log.error("job %d series %s: %s", job.id, job.series_uid, reason)
-                    self.jobs.set_state(job.id, "queued", reason)
+                    self.jobs.set_state(job.id, JobState.QUEUED, reason)
                 continue
-            self.jobs.set_state(job.id, "delivered")
-            self.metrics.jobs_finished.labels("delivered").inc()
+            self.jobs.set_state(job.id, JobState.DELIVERED)
+            self.metrics.jobs_finished.labels(JobState.DELIVERED).inc()
             log.info("job %d series %s delivered: %d instance(s)", job.id, job.series_uid, counts["delivered"])
 
     def _superseded_by(self, job_id: int) -> int | None:
@@ -502,33 +558,34 @@ class Node:
                 newer = self._superseded_by(job_id)
                 if newer is not None:
                     log.info("job %d superseded by job %d (same series, newer instances)", job_id, newer)
-                    self.jobs.set_state(job_id, "failed", f"superseded by job {newer}")
-                    self.metrics.jobs_finished.labels("failed").inc()
+                    self.jobs.set_state(job_id, JobState.FAILED, f"superseded by job {newer}")
+                    self.metrics.jobs_finished.labels(JobState.FAILED).inc()
                     continue
+                job = self.jobs.job(job_id)
                 with self._protocol_lock:  # the job keeps this protocol even if a reload comes
-                    ctx = dataclasses.replace(self.ctx, hold_override=self._released(job_id))
+                    ctx = dataclasses.replace(self.ctx, hold_override=bool(job and job.hold_override))
                 result = run_job(ctx, job_id)
                 self.metrics.observe_job(result.state, result.timings_s)
-            except Exception:
-                log.exception("job %d failed unexpectedly", job_id)
-                self.metrics.jobs_finished.labels("failed").inc()
+                self._not_before.pop(job_id, None)
+            except Exception as exc:
+                cause = transient_cause(exc)
+                if cause is not None:
+                    self._schedule_retry(job_id, exc, cause)
+                else:
+                    log.exception("job %d failed unexpectedly", job_id)
+                    self.metrics.jobs_finished.labels(JobState.FAILED).inc()
             finally:
                 with self._enqueued_lock:
                     self._enqueued.discard(job_id)
                 self._busy.clear()
                 self._work.task_done()
 
-    def _released(self, job_id: int) -> bool:
-        """An admin released this job since it was last held (QA hold overridden)."""
-        events = [e.event for e in self.jobs.audit_events(job_id) if e.event in ("released", "held")]
-        return bool(events) and events[-1] == "released"
-
     # ------------------------------------------------------------------ for tests and status
     def idle(self) -> bool:
         """Nothing open, queued, running or pending delivery (tests wait for this)."""
         if self.tracker.pending() or not self._work.empty() or self._busy.is_set():
             return False
-        if any(j.state in _RERUN_STATES or j.state == "queued" for j in self.jobs.unfinished_jobs()):
+        if any(j.state in RERUN_STATES or j.state == JobState.QUEUED for j in self.jobs.unfinished_jobs()):
             return False
         return True
 
