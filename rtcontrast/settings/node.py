@@ -169,6 +169,12 @@ class Limits(StrictModel):
     max_pdu_bytes: int = Field(262144, ge=0, description="maximum PDU size offered (0 = no limit)")
     max_instance_bytes: int = Field(2 * 1024**3, ge=0, description="larger instances refused 0xA700 (0 = no limit)")
     min_free_disk_bytes: int = Field(1024**3, ge=0, description="below this free space, C-STORE is refused 0xA700")
+    max_associations_per_peer: int = Field(
+        0, ge=0, le=1000, description="connections one address may hold (0 = half of max_associations, at least 1)")
+    max_pending_connections: int = Field(
+        0, ge=0, le=10000, description="connections waiting for their association request (0 = 4 x max_associations)")
+    association_request_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a connection must deliver its A-ASSOCIATE-RQ within this time")
 
 
 def check_tls_files(cert: Path | str | None, key: Path | str | None, ca: Path | str | None) -> list[str]:
@@ -347,21 +353,6 @@ class NodeConfig(StrictModel):
     @property
     def export_path(self) -> Path:
         return self.export_dir or self.var_dir / "export"
-
-    # admission helpers ------------------------------------------------------------
-    def calling_ae_allowed(self, ae: str) -> bool:
-        """True when ``allowed_calling_aes`` is empty or holds ``ae``."""
-        return not self.allowed_calling_aes or ae.strip() in self.allowed_calling_aes
-
-    def ip_allowed(self, ip: str) -> bool:
-        """True when ``allowed_ips`` is empty or a listed address/network holds ``ip``."""
-        if not self.allowed_ips:
-            return True
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in ipaddress.ip_network(n, strict=False) for n in self.allowed_ips)
 
 
 def load_node_config(path: Path | str | None = None) -> NodeConfig:

@@ -35,11 +35,11 @@ Logs name peers, AE titles and UIDs only, never patient identifiers.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -70,6 +70,7 @@ from rtcontrast.node.receive.spool import (
     read_header,
     validate_uid,
 )
+from rtcontrast.node.receive.admission import Admission, ConnectionGate, await_association_request, safe_text
 from rtcontrast.node.receive.scp_settings import ScpSettings, ScpTls, StoredInstance, server_ssl_context
 
 __all__ = [
@@ -146,15 +147,50 @@ def _rj_text(result: int, source: int, reason: int) -> str:
 
 
 class _AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved into the connection thread.
+    """pynetdicom's threaded server, with admission before cost and the TLS handshake per connection.
 
     pynetdicom wraps accepted sockets with ``do_handshake_on_connect`` in the accepting
     thread: a client that connects and stays silent blocks every later connection.  Here
     the handshake happens per connection, bounded by ``handshake_timeout_s``, and a
     failure (plain DICOM on the TLS port, an untrusted certificate) is logged and closed.
+
+    The :class:`~rtcontrast.node.receive.admission.ConnectionGate` runs at accept
+    (:meth:`verify_request`: allow-listed address, per-peer and pending limits) and the
+    complete A-ASSOCIATE-RQ must be buffered within ``request_timeout_s`` before
+    pynetdicom creates an association for the socket (see the admission module).
     """
 
     handshake_timeout_s: float = 10.0
+    request_timeout_s: float = 10.0
+    gate: ConnectionGate | None = None
+    _last_refusal_log: dict[str, float]
+
+    def _established(self, host: str) -> int:
+        return sum(1 for a in self.ae.active_associations
+                   if a.is_acceptor and getattr(a.requestor, "address", None) == host)
+
+    def _log_refusal(self, host: str, port: int, why: str) -> None:
+        """One WARNING per address and 10 s (a flood must not flood the journal too)."""
+        now = time.monotonic()
+        last = self.__dict__.setdefault("_last_refusal_log", {})
+        if now - last.get(host, -1e9) < 10.0:
+            return
+        last[host] = now
+        if len(last) > 10000:
+            last.clear()
+        LOG.warning("refused connection from %s:%s on port %d before any association: %s",
+                    safe_text(host), port, self.server_address[1], why)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """At accept, before any byte is read (listener thread: cheap checks only)."""
+        if self.gate is None:
+            return True
+        host = str(client_address[0])
+        why = self.gate.admit(host, self._established(host))
+        if why is not None:
+            self._log_refusal(host, client_address[1], why)
+            return False
+        return True
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = self.socket.accept()
@@ -165,6 +201,16 @@ class _AssociationServer(ThreadedAssociationServer):
         return client_socket, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            if not self._pre_association(request, client_address):
+                return
+            super().process_request_thread(request, client_address)  # the association thread starts here
+        finally:
+            if self.gate is not None:
+                self.gate.done(str(client_address[0]))
+
+    def _pre_association(self, request: Any, client_address: Any) -> bool:
+        """TLS handshake and the complete association request, both bounded; False: closed."""
         if isinstance(request, ssl.SSLSocket):
             previous = request.gettimeout()
             try:
@@ -180,8 +226,14 @@ class _AssociationServer(ThreadedAssociationServer):
                     client_address[0], client_address[1], self.server_address[1], reason,
                 )
                 self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+                return False
+        if self.gate is not None:
+            why = await_association_request(request, self.request_timeout_s)
+            if why is not None:
+                self._log_refusal(str(client_address[0]), client_address[1], why)
+                self.shutdown_request(request)
+                return False
+        return True
 
 
 class _Refusal(Exception):
@@ -217,7 +269,11 @@ class StorageSCP:
         self.on_released = on_released
         self._servers: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks or ()]
+        self.admission = Admission(settings.allowed_networks, settings.allowed_calling_aets, settings.ae_title,
+                                   settings.require_called_aet)
+        per_peer = settings.max_associations_per_peer or max(1, settings.max_associations // 2)
+        self.gate = ConnectionGate(self.admission, per_peer,
+                                   settings.max_pending_connections or 4 * settings.max_associations)
         if not settings.plain_enabled and settings.tls is None:
             raise ValueError("neither the plain nor the TLS listener is enabled")
         self.ae = self._make_ae()
@@ -293,6 +349,8 @@ class StorageSCP:
         )
         if self.settings.tls is not None:
             server.handshake_timeout_s = self.settings.tls.handshake_timeout_s
+        server.gate = self.gate
+        server.request_timeout_s = self.settings.association_request_timeout_s
         name = "tls" if ssl_ctx is not None else "plain"
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{name}-listener", daemon=True)
         thread.start()
@@ -387,24 +445,7 @@ class StorageSCP:
 
     def _admission(self, st: _AssocState) -> tuple[int, str] | None:
         """``(reason, why)`` for an A-ASSOCIATE-RJ (permanent, service-user), or None to go on."""
-        s = self.settings
-        if self._networks and not self._address_allowed(st.host):
-            return 1, f"peer address {st.host} is not in allowed_ips"
-        allowed = s.allowed_calling_aets
-        if allowed and st.calling_ae not in [a.strip() for a in allowed]:
-            return 3, f"calling AE title {st.calling_ae!r} is not in the allow-list"
-        if s.require_called_aet and st.called_ae != s.ae_title.strip():
-            return 7, f"called AE title {st.called_ae!r} is not this node's ({s.ae_title.strip()!r})"
-        return None
-
-    def _address_allowed(self, host: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
-        return any(addr in net for net in self._networks if net.version == addr.version)
+        return self.admission.verdict(st.host, st.calling_ae, st.called_ae)
 
     def _on_requested(self, event: evt.Event) -> None:
         """Admission at A-ASSOCIATE-RQ: answer A-ASSOCIATE-RJ ourselves, before negotiation.
@@ -583,5 +624,4 @@ def _source(event: evt.Event) -> bytes | Path:
 
 def _safe_uid(value: str) -> str:
     """A UID for a log line: printable and bounded, whatever the peer sent."""
-    text = "".join(c if c.isprintable() else "?" for c in str(value))
-    return text if len(text) <= 80 else text[:80] + "..."
+    return safe_text(value)
