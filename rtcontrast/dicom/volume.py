@@ -134,7 +134,49 @@ def _floats(value: Any, count: int, what: str, where: str) -> np.ndarray:
         raise VolumeError(f"{where}: {what} is not numeric ({value!r})") from exc
     if arr.shape != (count,):
         raise VolumeError(f"{where}: {what} must have {count} values, has {arr.size}")
+    if not np.isfinite(arr).all():
+        raise VolumeError(f"{where}: {what} is not finite ({value!r})")
     return arr
+
+
+def _check_geometry(where: str, for_uid: str, orientation: np.ndarray, spacing: np.ndarray,
+                    thickness: float | None) -> None:
+    """What planning needs of the geometry (#15 finding 9): a frame of reference, a real grid.
+
+    A derived series with an empty frame of reference, or with a negative pixel spacing
+    passed through, would be placed wrongly (or not at all) by the planning system.
+    """
+    if not for_uid:
+        raise VolumeError(f"{where}: missing FrameOfReferenceUID (the derived series could not be registered "
+                          "to the planning CT)")
+    if (spacing <= 0).any():
+        raise VolumeError(f"{where}: PixelSpacing must be positive, is {spacing[0]:g}\\{spacing[1]:g}")
+    if np.linalg.norm(np.cross(orientation[:3], orientation[3:])) < 1e-3:
+        raise VolumeError(f"{where}: ImageOrientationPatient does not span a plane")
+    if thickness is None:
+        raise VolumeError(f"{where}: missing SliceThickness")
+    if not (np.isfinite(thickness) and thickness > 0):
+        raise VolumeError(f"{where}: SliceThickness must be positive, is {thickness:g}")
+
+
+def _rescaled(arr: np.ndarray, lut_source: Dataset, where: str) -> np.ndarray:
+    """Stored values through the Modality LUT as float32; non-finite results are refused.
+
+    Why: a RescaleSlope of NaN (or 1e308, which overflows float32) on one slice gave blank
+    derived slices that went to the TPS as good (#15 finding 2).
+    """
+    for kw in ("RescaleSlope", "RescaleIntercept"):
+        value = lut_source.get(kw)
+        if value is not None and value != "" and not np.isfinite(_opt_float(value) or 0.0):
+            raise VolumeError(f"{where}: {kw} is not finite ({value})")
+    with np.errstate(over="ignore", invalid="ignore"):
+        px = np.asarray(apply_modality_lut(arr, lut_source), dtype=np.float32)
+    bad = px.size - int(np.count_nonzero(np.isfinite(px)))
+    if bad:
+        raise VolumeError(f"{where}: {bad} pixel(s) are not finite after the Modality LUT "
+                          f"(RescaleSlope {lut_source.get('RescaleSlope')}, "
+                          f"RescaleIntercept {lut_source.get('RescaleIntercept')})")
+    return px
 
 
 def _opt_float(value: Any) -> float | None:
@@ -236,7 +278,8 @@ def _classic_frames(path: Path, ds: Dataset) -> list[_Frame]:
     arr = _decode(ds, where)
     if arr.ndim != 2:
         raise VolumeError(f"{where}: expected one frame, decoded shape {arr.shape}")
-    px = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    px = _rescaled(arr, ds, where)
+    _check_geometry(where, for_uid, ori, spacing, _opt_float(ds.get("SliceThickness")))
     ref = SliceRef(
         path=path,
         sop_class_uid=str(ds.SOPClassUID),
@@ -295,7 +338,8 @@ def _multiframe_frames(path: Path, ds: Dataset) -> list[_Frame]:
         if slope is not None and intercept is not None:
             lut.RescaleSlope = slope
             lut.RescaleIntercept = intercept
-        px = np.asarray(apply_modality_lut(arr[k], lut), dtype=np.float32)
+        px = _rescaled(arr[k], lut, fw)
+        _check_geometry(fw, for_uid, ori_a, spc_a, thick)
         # A new element dict per frame (a shallow Dataset.copy() would share it between frames).
         hdr = Dataset(dict(base_top.items()))
         hdr.file_meta = base.file_meta

@@ -66,7 +66,7 @@ from rtcontrast.node.dispatch.outbox import Outbox
 from rtcontrast.node.store.jobs import JobRole, JobState, JobStore
 from rtcontrast.settings.protocol import ProtocolConfig
 from rtcontrast.dicom.eligibility import check_eligibility, header_te_tr
-from rtcontrast.node.qa import compute_qa, flag_datasets, qa_violations
+from rtcontrast.node.qa import compute_qa, flag_datasets, non_finite_figures, qa_violations
 
 __all__ = ["PipelineContext", "JobResult", "run_job", "node_identity", "model_identity", "STAGES"]
 
@@ -278,6 +278,12 @@ def _target_uses(ctx: PipelineContext, study: str, target: str, series: str) -> 
     return tj.state in ("queued", "delivered") and series in ((tj.qa or {}).get("fusion") or {}).get("partners", [])
 
 
+def _non_finite_maps(maps: QMaps) -> list[str]:
+    """Which estimated maps hold NaN or infinite voxels (checked before anything is rendered)."""
+    return [f"{name} map has {int(np.size(a) - np.count_nonzero(np.isfinite(a)))} non-finite voxel(s)"
+            for name, a in (("PD", maps.pd), ("T1", maps.t1), ("T2", maps.t2)) if not np.isfinite(a).all()]
+
+
 def _blockwise_u16(shape: tuple[int, ...], fill: Callable[[int, int], np.ndarray]) -> np.ndarray:
     """A uint16 volume filled slice block by slice block (``fill(a, b)`` gives slices a..b-1)."""
     n, h, w = shape
@@ -478,6 +484,10 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         violations = qa_violations(qa, protocol)
         qa["violations"] = violations
         qa["action"] = protocol.qa.action if violations else "none"
+        broken = non_finite_figures(qa) + _non_finite_maps(maps)
+        if broken:  # never sent, whatever qa.action says: the images would be blank or wrong
+            qa["action"] = "failed"
+            raise _Stop("failed", "non-finite data: " + "; ".join(broken))
         timings["infer"] = time.perf_counter() - t0
         hold = bool(violations) and protocol.qa.action == "hold"
         if hold and ctx.hold_override:

@@ -5,6 +5,7 @@ written into derived objects sent under a warning.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -64,10 +65,21 @@ def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> d
     }
 
 
+def non_finite_figures(qa: dict[str, Any]) -> list[str]:
+    """One sentence per QA number that is NaN or infinite (blank or broken images, #15 finding 2)."""
+    out = []
+    for key, value in qa.items():
+        values = list(value.values()) if isinstance(value, dict) else (
+            value if isinstance(value, (list, tuple)) else [value])
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            out.append(f"QA figure {key} is not finite ({value})")
+    return out
+
+
 def qa_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
     """Which protocol QA thresholds the job exceeds, each as a short sentence."""
     t = protocol.qa
-    out = []
+    out = non_finite_figures(qa)  # NaN compares False with every threshold: never "no violation"
     if qa["self_nrmse"] > t.max_self_nrmse:
         out.append(f"self NRMSE {qa['self_nrmse']:.3f} > {t.max_self_nrmse:g}")
     if qa["te_error_frac"] > t.max_te_error_frac:

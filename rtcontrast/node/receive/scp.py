@@ -36,6 +36,7 @@ Logs name peers, AE titles and UIDs only, never patient identifiers.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -574,6 +575,15 @@ class StorageSCP:
                 f"does not match the presentation context {cx_sop_class}",
                 quarantine=True,
             )
+        for kw in ("RescaleSlope", "RescaleIntercept"):  # NaN/inf: every pixel of the slice is undefined
+            value = ds.get(kw)
+            try:
+                finite = value is None or value == "" or math.isfinite(float(value))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"{kw} {safe_text(value)} is not a finite number",
+                               quarantine=True)
         try:
             study = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
             series = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
