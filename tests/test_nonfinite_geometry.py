@@ -117,7 +117,7 @@ def test_scp_refuses_non_finite_rescale(tmp_path: Path) -> None:
     scp.start()
     try:
         paths = _write(tmp_path, _series(RescaleSlope="NaN", RescaleIntercept="0"))
-        res = subprocess.run([dcmtk("storescu"), "-v", "-aec", "RTCONTRAST", "127.0.0.1", str(scp.port),
+        res = subprocess.run([dcmtk("storescu"), "-v", "-nh", "-aec", "RTCONTRAST", "127.0.0.1", str(scp.port),
                               *map(str, paths)], capture_output=True, text=True, timeout=60)
     finally:
         scp.stop()
