@@ -83,6 +83,7 @@ __all__ = [
     "ACCEPTED_SOP_CLASSES",
     "ACCEPTED_TRANSFER_SYNTAXES",
     "STATUS_SUCCESS",
+    "STATUS_DUPLICATE_SOP_INSTANCE",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_DATASET_MISMATCH",
     "STATUS_CANNOT_UNDERSTAND",
@@ -105,6 +106,7 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 STATUS_SUCCESS = 0x0000
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.4.2.1.4: a failure status of C-STORE
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -616,6 +618,11 @@ class StorageSCP:
         try:
             self.on_stored(inst)
         except Exception as exc:
+            status = getattr(exc, "dicom_status", None)
+            if status is not None:  # a refusal by the store (e.g. 0x0111 Duplicate SOP Instance)
+                self.spool.quarantine(path, f"from {st.peer} AE {st.calling_ae}: {exc}")
+                path.unlink(missing_ok=True)  # kept in quarantine, not in the series it does not belong to
+                raise _Refusal(int(status), str(exc)) from exc
             LOG.exception("on_stored failed for SOP instance %s", sop)
             raise _Refusal(STATUS_OUT_OF_RESOURCES, f"could not record the instance: {exc}") from exc
         return inst

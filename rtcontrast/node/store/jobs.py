@@ -82,7 +82,12 @@ RERUN_STATES: frozenset[JobState] = frozenset(
 
 
 class DuplicateInstance(Exception):
-    """A SOP Instance UID that is already recorded in another series (never silently replaced)."""
+    """A SOP Instance UID that is already recorded in another series (never silently replaced).
+
+    ``dicom_status`` is what the SCP answers: 0x0111 Duplicate SOP Instance (PS3.7 C.4.2.1.4).
+    """
+
+    dicom_status = 0x0111
 
     def __init__(self, sop_instance_uid: str, series_uid: str, new_series_uid: str) -> None:
         super().__init__(
