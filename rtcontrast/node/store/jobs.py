@@ -262,33 +262,41 @@ class JobStore:
                 self._audit(None, "instance_refused_duplicate_uid",
                             {"sop_instance_uid": inst.sop_instance_uid, "recorded_series": prev["series_uid"]},
                             inst.study_uid, inst.series_uid)
-                raise DuplicateInstance(inst.sop_instance_uid, prev["series_uid"], inst.series_uid)
-            self.conn.execute(
-                """INSERT INTO instances (sop_instance_uid, study_uid, series_uid, path, sop_class_uid,
-                                          calling_ae, peer, received_at, job_id)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)
-                   ON CONFLICT(sop_instance_uid) DO UPDATE SET
-                       study_uid=excluded.study_uid, series_uid=excluded.series_uid,
-                       path=excluded.path, sop_class_uid=excluded.sop_class_uid,
-                       calling_ae=excluded.calling_ae, peer=excluded.peer,
-                       received_at=excluded.received_at, job_id=NULL""",
-                (
-                    inst.sop_instance_uid,
-                    inst.study_uid,
-                    inst.series_uid,
-                    str(inst.path),
-                    inst.sop_class_uid,
-                    inst.calling_ae,
-                    inst.peer_address,
-                    _iso(inst.received_at),
-                ),
-            )
-            if prev is not None:
-                detail: dict[str, Any] = {"sop_instance_uid": inst.sop_instance_uid, "previous_job_id": prev["job_id"]}
-                if prev["path"] != str(inst.path):
-                    detail["previous_path"] = prev["path"]
-                self._audit(prev["job_id"], "instance_resent", detail, inst.study_uid, inst.series_uid)
-            return prev is None
+                duplicate_of: str | None = str(prev["series_uid"])
+            else:
+                duplicate_of = None
+                self._upsert_instance(inst, prev)
+        if duplicate_of is not None:  # raised after the commit, so the audit row stays
+            raise DuplicateInstance(inst.sop_instance_uid, duplicate_of, inst.series_uid)
+        return prev is None
+
+    def _upsert_instance(self, inst: _StoredInstanceLike, prev: sqlite3.Row | None) -> None:
+        """Insert or (re-send) update the row, inside the caller's transaction."""
+        self.conn.execute(
+            """INSERT INTO instances (sop_instance_uid, study_uid, series_uid, path, sop_class_uid,
+                                      calling_ae, peer, received_at, job_id)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)
+               ON CONFLICT(sop_instance_uid) DO UPDATE SET
+                   study_uid=excluded.study_uid, series_uid=excluded.series_uid,
+                   path=excluded.path, sop_class_uid=excluded.sop_class_uid,
+                   calling_ae=excluded.calling_ae, peer=excluded.peer,
+                   received_at=excluded.received_at, job_id=NULL""",
+            (
+                inst.sop_instance_uid,
+                inst.study_uid,
+                inst.series_uid,
+                str(inst.path),
+                inst.sop_class_uid,
+                inst.calling_ae,
+                inst.peer_address,
+                _iso(inst.received_at),
+            ),
+        )
+        if prev is not None:
+            detail: dict[str, Any] = {"sop_instance_uid": inst.sop_instance_uid, "previous_job_id": prev["job_id"]}
+            if prev["path"] != str(inst.path):
+                detail["previous_path"] = prev["path"]
+            self._audit(prev["job_id"], "instance_resent", detail, inst.study_uid, inst.series_uid)
 
     def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         """The recorded instance, or None."""
