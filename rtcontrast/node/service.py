@@ -66,6 +66,7 @@ from rtcontrast.node.receive.series import SeriesTracker
 from rtcontrast.node.receive.spool import Spool
 from rtcontrast.node.registry import check_model_pin, resolve_model
 from rtcontrast.node.store import db
+from rtcontrast.node.store.completeness import SeriesEvents
 from rtcontrast.node.store.jobs import RERUN_STATES, JobState, JobStore
 from rtcontrast.settings.node import ConfigError, NodeConfig
 from rtcontrast.settings.protocol import ProtocolConfig, load_protocol
@@ -175,6 +176,8 @@ class Node:
         self.spool.remove_partial()
         self.jobs_conn = db.connect(c.db_file)
         self.jobs = JobStore(self.jobs_conn)
+        self.events_conn = db.connect(c.db_file)
+        self.series_events = SeriesEvents(self.events_conn)
         self.outbox_conn = db.connect(c.db_file)
         self.outbox = MeteredOutbox(self.outbox_conn, c.outbox_path, self.metrics)
         d = c.delivery
@@ -217,6 +220,7 @@ class Node:
             self.spool,
             on_stored=self._on_stored,
             on_released=self._on_released,
+            on_association_end=self._on_association_end,
         )
         self.scp.start()
         if c.metrics.enabled and self.metrics_port is None:
@@ -253,6 +257,7 @@ class Node:
         self.metrics_port = None
         if not any(t.is_alive() for t in threading.enumerate() if t.name == "worker"):
             self.jobs_conn.close()
+            self.events_conn.close()
             self.outbox_conn.close()
         self._started = False
         log.info("stopped")
@@ -379,6 +384,26 @@ class Node:
         self.metrics.instances_received.inc()
         self.tracker.touch(inst.study_uid, inst.series_uid, time.monotonic())
 
+    def _on_association_end(
+        self, outcome: str, series: set[tuple[str, str]],
+        refusals: list[tuple[tuple[str, str] | None, str | None, int]],
+    ) -> None:
+        """Completeness: record aborts and refusals per series; such a series gets no release grace."""
+        refused = [(key, sop, status) for key, sop, status in refusals if key is not None]
+        unknown = [status for key, _, status in refusals if key is None]
+        refused += [(key, None, status) for key in series for status in unknown]  # cannot tell whose: all
+        touched = series | {key for key, _, _ in refused}
+        bad = {key for key, _, _ in refused}
+        aborted = touched if outcome != "released" else set()
+        clean = touched - bad - aborted
+        self.series_events.record(aborted=aborted, clean=clean, refused=refused)
+        for key in touched:
+            missing = self.series_events.outstanding(*key)
+            self.tracker.suspect(key, bool(missing))
+            if missing:
+                log.warning("series %s: %s; it completes by the idle timeout only", key[1],
+                            missing.reason().split(" (send")[0])
+
     def _on_released(self, keys: set[tuple[str, str]]) -> None:
         self.tracker.released(keys, time.monotonic())
         self._wake.set()
@@ -469,12 +494,19 @@ class Node:
                         continue
                     # partners that were waiting for this series go with it: all jobs exist before any runs
                     group = [series, *self._release_waiting_partners(study, series)]
+                    missing = {s: self.series_events.outstanding(study, s) for s in group}
                     created = [(s, self.jobs.create_job(study, s)) for s in group]
                     for s, job_id in created:
-                        if job_id is not None:
-                            log.info("series %s complete: job %d created", s, job_id)
-                            self.metrics.series_completed.inc()
-                            self._enqueue(job_id)
+                        if job_id is None:
+                            continue
+                        if missing[s]:  # never presented as complete: held with the counts
+                            log.warning("series %s: job %d held: %s", s, job_id, missing[s].reason())
+                            self.jobs.set_state(job_id, JobState.HELD, missing[s].reason())
+                            self.metrics.jobs_finished.labels(JobState.HELD).inc()
+                            continue
+                        log.info("series %s complete: job %d created", s, job_id)
+                        self.metrics.series_completed.inc()
+                        self._enqueue(job_id)
                 if now - last_monitor >= _MONITOR_INTERVAL_S:
                     last_monitor = now
                     self._check_deliveries()

@@ -15,8 +15,10 @@ What it accepts, and why:
   understand) with one log line saying what and why.  Received data that is refused
   after arrival is quarantined, not dropped.
 * Series touched by an association are reported through ``on_released`` when the
-  association is released normally (the sender says it is done); an aborted
-  association reports nothing (the idle timeout decides).
+  association is released normally (the sender says it is done).  ``on_association_end``
+  hears how every association that stored or refused something ended (released or
+  aborted) and which instances it refused, so the node can tell a complete series from
+  a partial one (:mod:`rtcontrast.node.store.completeness`).
 * Admission happens when the A-ASSOCIATE-RQ arrives (EVT_REQUESTED, the hook pynetdicom
   leaves for an acceptor to answer A-ASSOCIATE-RJ itself), before any data: a peer
   address outside ``allowed_networks`` is rejected *permanent, service-user, no reason
@@ -121,6 +123,10 @@ class _AssocState:
     refused: int = 0
     series: set[tuple[str, str]] = field(default_factory=set)
     outcome: str = "open"  # released | aborted | rejected
+    # refused instances: ((study, series) or None when unknown, SOP Instance UID or None, status)
+    refusals: list[tuple[tuple[str, str] | None, str | None, int]] = field(default_factory=list)
+    current: tuple[tuple[str, str] | None, str | None] = (None, None)
+    reported: bool = False
     closed: bool = False
     logged: bool = False
     refusal_logged: bool = False
@@ -265,11 +271,14 @@ class StorageSCP:
         spool: Spool,
         on_stored: Callable[[StoredInstance], None],
         on_released: Callable[[set[tuple[str, str]]], None],
+        on_association_end: Callable[[str, set[tuple[str, str]],
+                                      list[tuple[tuple[str, str] | None, str | None, int]]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.on_stored = on_stored
         self.on_released = on_released
+        self.on_association_end = on_association_end
         self._servers: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.admission = Admission(settings.allowed_networks, settings.allowed_calling_aets, settings.ae_title,
@@ -511,9 +520,23 @@ class StorageSCP:
             st.peer, st.calling_ae, st.called_ae, st.transport, why, _rj_text(*rsd),
         )
 
+    def _report_end(self, st: _AssocState, outcome: str) -> None:
+        """Tell ``on_association_end`` once how the association ended (completeness, see series events)."""
+        with self._lock:
+            if st.reported or (not st.series and not st.refusals):
+                return
+            st.reported = True
+        if self.on_association_end is None:
+            return
+        try:
+            self.on_association_end(outcome, set(st.series), list(st.refusals))
+        except Exception:  # the instances are stored; the series is still completed by the idle timeout
+            LOG.exception("on_association_end callback failed for association from %s", st.peer)
+
     def _on_released(self, event: evt.Event) -> None:
         st = self._state(event.assoc)
         self._finish(st, outcome="released")
+        self._report_end(st, "released")
         if st.series:
             try:
                 self.on_released(set(st.series))
@@ -521,13 +544,17 @@ class StorageSCP:
                 LOG.exception("on_released callback failed for association from %s", st.peer)
 
     def _on_aborted(self, event: evt.Event) -> None:
-        self._finish(self._state(event.assoc), outcome="aborted")
+        st = self._state(event.assoc)
+        self._finish(st, outcome="aborted")
+        self._report_end(st, "aborted")
 
     def _on_conn_close(self, event: evt.Event) -> None:
         st = self._state(event.assoc)
         if st.outcome == "open" and getattr(event.assoc, "is_aborted", False):
             self._finish(st, outcome="aborted")
         self._finish(st, closed=True)
+        if st.outcome != "released":  # aborted, or the connection dropped without a release
+            self._report_end(st, "aborted")
 
     # ------------------------------------------------------------------ DIMSE
     def _on_c_echo(self, event: evt.Event) -> int:
@@ -541,6 +568,8 @@ class StorageSCP:
             inst = self._store(event, st)
         except _Refusal as ref:
             st.refused += 1
+            key, sop = st.current
+            st.refusals.append((key, sop or (_safe_uid(sop_uid_cmd) or None), ref.status))
             LOG.warning(
                 "refused C-STORE from %s (AE %s) of SOP instance %s: status 0x%04X: %s",
                 st.peer, st.calling_ae, _safe_uid(sop_uid_cmd), ref.status, ref.reason,
@@ -550,6 +579,7 @@ class StorageSCP:
             return ref.status
         except Exception:  # never answer success on an unexpected error
             st.refused += 1
+            st.refusals.append((st.current[0], st.current[1], STATUS_OUT_OF_RESOURCES))
             LOG.exception("C-STORE from %s failed unexpectedly; answering 0xA700", st.peer)
             return STATUS_OUT_OF_RESOURCES
         st.stored += 1
@@ -558,6 +588,7 @@ class StorageSCP:
 
     def _store(self, event: evt.Event, st: _AssocState) -> StoredInstance:
         req = event.request
+        st.current = (None, None)
         cx_sop_class = str(event.context.abstract_syntax)
         src = _source(event)
         size = len(src) if isinstance(src, bytes) else src.stat().st_size
@@ -577,6 +608,13 @@ class StorageSCP:
                 f"does not match the presentation context {cx_sop_class}",
                 quarantine=True,
             )
+        try:
+            study = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+            series = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+            sop = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        except InvalidUID as exc:
+            raise _Refusal(STATUS_DATASET_MISMATCH, str(exc), quarantine=True) from exc
+        st.current = ((study, series), sop)
         for kw in ("RescaleSlope", "RescaleIntercept"):  # NaN/inf: every pixel of the slice is undefined
             value = ds.get(kw)
             try:
@@ -586,12 +624,6 @@ class StorageSCP:
             if not finite:
                 raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"{kw} {safe_text(value)} is not a finite number",
                                quarantine=True)
-        try:
-            study = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-            series = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-            sop = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        except InvalidUID as exc:
-            raise _Refusal(STATUS_DATASET_MISMATCH, str(exc), quarantine=True) from exc
         if sop != str(req.AffectedSOPInstanceUID):
             raise _Refusal(
                 STATUS_DATASET_MISMATCH,

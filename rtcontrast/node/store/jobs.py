@@ -526,34 +526,6 @@ class JobStore:
             rows = self.conn.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (n,)).fetchall()
         return [_audit_event(r) for r in rows]
 
-    def record_refusals(self, keys: dict[tuple[str, str], int], kind: str) -> None:
-        """Remember that ``kind`` (``refused``, ``aborted``) touched these series' receive window.
-
-        Durable, so a restart still knows a series is not known to be complete.
-        """
-        if not keys:
-            return
-        now = _now()
-        with self._lock, transaction(self.conn):
-            self.conn.executemany(
-                "INSERT INTO series_refusals (study_uid, series_uid, ts, kind, count) VALUES (?, ?, ?, ?, ?)",
-                [(k[0], k[1], now, kind, int(n)) for k, n in keys.items()],
-            )
-
-    def refusals_since_last_job(self, study_uid: str, series_uid: str) -> dict[str, int]:
-        """Refusal/abort counts recorded for a series after its newest job was created."""
-        with self._lock:
-            row = self.conn.execute(
-                "SELECT MAX(created_at) FROM jobs WHERE study_uid=? AND series_uid=?", (study_uid, series_uid)
-            ).fetchone()
-            since = row[0] or ""
-            rows = self.conn.execute(
-                """SELECT kind, SUM(count) FROM series_refusals WHERE study_uid=? AND series_uid=? AND ts > ?
-                   GROUP BY kind""",
-                (study_uid, series_uid, since),
-            ).fetchall()
-        return {r[0]: int(r[1]) for r in rows}
-
     # ------------------------------------------------------------------ audit
     def audit(
         self,

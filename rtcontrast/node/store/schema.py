@@ -169,14 +169,17 @@ UPDATE jobs SET hold_override = 1 WHERE id IN (
         SELECT MAX(b.id) FROM audit b WHERE b.job_id = a.job_id AND b.event IN ('released', 'held'))
     AND a.event = 'released');
 
-CREATE TABLE series_refusals (
-    study_uid   TEXT NOT NULL,
-    series_uid  TEXT NOT NULL,
-    ts          TEXT NOT NULL,
-    kind        TEXT NOT NULL,
-    count       INTEGER NOT NULL
+CREATE TABLE series_events (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid        TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    ts               TEXT NOT NULL,
+    kind             TEXT NOT NULL CHECK (kind IN ('aborted', 'refused', 'clean')),
+    sop_instance_uid TEXT,
+    status           INTEGER,
+    count            INTEGER NOT NULL DEFAULT 1
 );
-CREATE INDEX series_refusals_series ON series_refusals (study_uid, series_uid);
+CREATE INDEX series_events_series ON series_events (study_uid, series_uid, id);
 """
 
 
@@ -205,7 +208,7 @@ def _run(script: str) -> Callable[[sqlite3.Connection], None]:
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite3.Connection], None]]] = [
     (1, "jobs, instances, job_instances, audit, outbox_items", _run(V1_DDL)),
     (2, "job role/fusion_target/hold_override/retry columns; outbox_items.job_id INTEGER; append-only "
-        "deliveries; series_refusals", _run(_OUTBOX_V2)),
+        "deliveries; series_events (completeness)", _run(_OUTBOX_V2)),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
