@@ -41,9 +41,7 @@ folder (``./var/export``) follows the node's ``export_dir`` (default ``<var_dir>
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
-import sqlite3
 import os
 import queue
 import signal
@@ -65,47 +63,23 @@ from rtcontrast.node.receive.scp import ScpSettings, StorageSCP, StoredInstance
 from rtcontrast.node.receive.series import SeriesTracker
 from rtcontrast.node.receive.spool import Spool
 from rtcontrast.node.registry import check_model_pin, resolve_model
+from rtcontrast.node.retry import retry_delay_s, transient_cause
 from rtcontrast.node.store import db
 from rtcontrast.node.store.completeness import SeriesEvents
 from rtcontrast.node.store.jobs import RERUN_STATES, JobState, JobStore
 from rtcontrast.settings.node import ConfigError, NodeConfig
 from rtcontrast.settings.protocol import ProtocolConfig, load_protocol
 
-__all__ = ["Node", "transient_cause"]
+__all__ = ["Node"]
 
 from rtcontrast.node.ops.status import export_dirs
 
 log = logging.getLogger(__name__)
 
-#: Transient failures: first retry after this many seconds, doubling, capped.
-_RETRY_BASE_S = 5.0
-_RETRY_MAX_S = 300.0
 _MONITOR_INTERVAL_S = 0.5
 _PRUNE_INTERVAL_S = 3600.0
 #: The watchdog is fed only while the scheduler loop ran this recently.
 _SCHEDULER_STALL_S = 20.0
-
-
-_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
-_SQLITE_TRANSIENT = ("database is locked", "database or disk is full", "disk i/o error", "database table is locked")
-
-
-def transient_cause(exc: BaseException) -> str | None:
-    """``disk_full`` / ``database_busy`` when ``exc`` (or what caused it) will pass by itself; else None.
-
-    Why: a job that failed because the disk was full after the series was acknowledged
-    must run again once space returns; the scanner was told Success and will not resend.
-    """
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
-            return "disk_full"
-        if isinstance(e, sqlite3.OperationalError) and any(t in str(e).lower() for t in _SQLITE_TRANSIENT):
-            return "disk_full" if "full" in str(e).lower() else "database_busy"
-        e = e.__cause__ or e.__context__
-    return None
 
 
 class Node:
@@ -389,20 +363,10 @@ class Node:
         refusals: list[tuple[tuple[str, str] | None, str | None, int]],
     ) -> None:
         """Completeness: record aborts and refusals per series; such a series gets no release grace."""
-        refused = [(key, sop, status) for key, sop, status in refusals if key is not None]
-        unknown = [status for key, _, status in refusals if key is None]
-        refused += [(key, None, status) for key in series for status in unknown]  # cannot tell whose: all
-        touched = series | {key for key, _, _ in refused}
-        bad = {key for key, _, _ in refused}
-        aborted = touched if outcome != "released" else set()
-        clean = touched - bad - aborted
-        self.series_events.record(aborted=aborted, clean=clean, refused=refused)
-        for key in touched:
-            missing = self.series_events.outstanding(*key)
+        for key, missing in self.series_events.record_association(outcome, series, refusals).items():
             self.tracker.suspect(key, bool(missing))
             if missing:
-                log.warning("series %s: %s; it completes by the idle timeout only", key[1],
-                            missing.reason().split(" (send")[0])
+                log.warning("series %s: %s; it completes by the idle timeout only", key[1], missing.summary())
 
     def _on_released(self, keys: set[tuple[str, str]]) -> None:
         self.tracker.released(keys, time.monotonic())
@@ -460,7 +424,7 @@ class Node:
         """A transient failure: put the job back with capped exponential backoff, never fail it."""
         job = self.jobs.job(job_id)
         n = (job.retry_count if job is not None else 0) + 1
-        delay = min(_RETRY_MAX_S, _RETRY_BASE_S * 2.0 ** (n - 1))
+        delay = retry_delay_s(n)
         self._not_before[job_id] = time.monotonic() + delay  # also holds if the database write below fails
         self.metrics.job_retries.labels(cause).inc()
         log.warning("job %d: transient failure (%s: %s): retry %d in %.0f s; nothing received is lost",

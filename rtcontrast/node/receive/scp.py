@@ -42,7 +42,6 @@ import math
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -62,7 +61,6 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from rtcontrast.node.receive.spool import (
     InvalidUID,
@@ -73,7 +71,8 @@ from rtcontrast.node.receive.spool import (
     read_header,
     validate_uid,
 )
-from rtcontrast.node.receive.admission import Admission, ConnectionGate, await_association_request, safe_text
+from rtcontrast.node.receive.admission import Admission, ConnectionGate, safe_text
+from rtcontrast.node.receive.server import AssociationServer
 from rtcontrast.node.receive.scp_settings import ScpSettings, ScpTls, StoredInstance, server_ssl_context
 
 __all__ = [
@@ -153,96 +152,6 @@ def _rj_text(result: int, source: int, reason: int) -> str:
         f"A-ASSOCIATE-RJ {_RJ_RESULT.get(result, result)}, source {_RJ_SOURCE.get(source, source)}, "
         f"reason {reason} ({_RJ_REASON.get((source, reason), '?')})"
     )
-
-
-class _AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with admission before cost and the TLS handshake per connection.
-
-    pynetdicom wraps accepted sockets with ``do_handshake_on_connect`` in the accepting
-    thread: a client that connects and stays silent blocks every later connection.  Here
-    the handshake happens per connection, bounded by ``handshake_timeout_s``, and a
-    failure (plain DICOM on the TLS port, an untrusted certificate) is logged and closed.
-
-    The :class:`~rtcontrast.node.receive.admission.ConnectionGate` runs at accept
-    (:meth:`verify_request`: allow-listed address, per-peer and pending limits) and the
-    complete A-ASSOCIATE-RQ must be buffered within ``request_timeout_s`` before
-    pynetdicom creates an association for the socket (see the admission module).
-    """
-
-    handshake_timeout_s: float = 10.0
-    request_timeout_s: float = 10.0
-    gate: ConnectionGate | None = None
-    _last_refusal_log: dict[str, float]
-
-    def _established(self, host: str) -> int:
-        return sum(1 for a in self.ae.active_associations
-                   if a.is_acceptor and getattr(a.requestor, "address", None) == host)
-
-    def _log_refusal(self, host: str, port: int, why: str) -> None:
-        """One WARNING per address and 10 s (a flood must not flood the journal too)."""
-        now = time.monotonic()
-        last = self.__dict__.setdefault("_last_refusal_log", {})
-        if now - last.get(host, -1e9) < 10.0:
-            return
-        last[host] = now
-        if len(last) > 10000:
-            last.clear()
-        LOG.warning("refused connection from %s:%s on port %d before any association: %s",
-                    safe_text(host), port, self.server_address[1], why)
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        """At accept, before any byte is read (listener thread: cheap checks only)."""
-        if self.gate is None:
-            return True
-        host = str(client_address[0])
-        why = self.gate.admit(host, self._established(host))
-        if why is not None:
-            self._log_refusal(host, client_address[1], why)
-            return False
-        return True
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client_socket, address = self.socket.accept()
-        if self.ssl_context:
-            client_socket = self.ssl_context.wrap_socket(
-                client_socket, server_side=True, do_handshake_on_connect=False
-            )
-        return client_socket, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            if not self._pre_association(request, client_address):
-                return
-            super().process_request_thread(request, client_address)  # the association thread starts here
-        finally:
-            if self.gate is not None:
-                self.gate.done(str(client_address[0]))
-
-    def _pre_association(self, request: Any, client_address: Any) -> bool:
-        """TLS handshake and the complete association request, both bounded; False: closed."""
-        if isinstance(request, ssl.SSLSocket):
-            previous = request.gettimeout()
-            try:
-                request.settimeout(self.handshake_timeout_s)
-                request.do_handshake()
-                request.settimeout(previous)
-            except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
-                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-                if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
-                    reason += " (the peer does not speak TLS: plain DICOM on the TLS port?)"
-                LOG.warning(
-                    "refused TLS connection from %s:%s on port %d: handshake failed: %s",
-                    client_address[0], client_address[1], self.server_address[1], reason,
-                )
-                self.shutdown_request(request)
-                return False
-        if self.gate is not None:
-            why = await_association_request(request, self.request_timeout_s)
-            if why is not None:
-                self._log_refusal(str(client_address[0]), client_address[1], why)
-                self.shutdown_request(request)
-                return False
-        return True
 
 
 class _Refusal(Exception):
@@ -357,7 +266,7 @@ class StorageSCP:
         """One listener (as ``AE.start_server(block=False)``, with our server class)."""
         server = self.ae.make_server(
             (self.settings.host, port), ssl_context=ssl_ctx, evt_handlers=handlers,
-            server_class=_AssociationServer,
+            server_class=AssociationServer,
         )
         if self.settings.tls is not None:
             server.handshake_timeout_s = self.settings.tls.handshake_timeout_s

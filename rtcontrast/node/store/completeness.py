@@ -50,14 +50,18 @@ class Outstanding:
         return bool(self.aborted or self.refused)
 
     def reason(self) -> str:
-        """The held job's reason: what happened, with counts."""
+        """The held job's reason: what happened, with counts, and what to do."""
+        return self.summary() + " (send the series again, or node.py release to use it as is)"
+
+    def summary(self) -> str:
+        """What happened, with counts."""
         parts = []
         if self.aborted:
             parts.append(f"{self.aborted} association(s) carrying it ended in an abort")
         if self.refused:
             codes = ", ".join(f"0x{s:04X}" for s in self.statuses) or "unknown status"
             parts.append(f"{self.refused} instance(s) refused ({codes}) and not received since")
-        return "incomplete series: " + "; ".join(parts) + " (send the series again, or node.py release to use it as is)"
+        return "incomplete series: " + "; ".join(parts)
 
 
 def _now() -> str:
@@ -91,6 +95,23 @@ class SeriesEvents:
             self.conn.executemany(
                 "INSERT INTO series_events (study_uid, series_uid, ts, kind, sop_instance_uid, status) "
                 "VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def record_association(
+        self, outcome: str, series: set[SeriesKey], refusals: list[tuple[SeriesKey | None, str | None, int]],
+    ) -> dict[SeriesKey, Outstanding]:
+        """Record how one association ended; what is now outstanding for each series it touched.
+
+        A refusal whose series is unknown (unparseable data) counts against every series
+        of the association: which one it belonged to cannot be told.
+        """
+        refused = [(key, sop, status) for key, sop, status in refusals if key is not None]
+        unknown = [status for key, _, status in refusals if key is None]
+        refused += [(key, None, status) for key in series for status in unknown]
+        touched = set(series) | {key for key, _, _ in refused}
+        bad = {key for key, _, _ in refused}
+        aborted = touched if outcome != "released" else set()
+        self.record(aborted=aborted, clean=touched - bad - aborted, refused=refused)
+        return {key: self.outstanding(*key) for key in touched}
 
     def outstanding(self, study_uid: str, series_uid: str) -> Outstanding:
         """What is missing since the series' newest job (see the module doc)."""
