@@ -232,7 +232,8 @@ def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple
         try:
             header = pydicom.dcmread(paths[0], stop_before_pixels=True)
             ok, why = check_eligibility(header, ctx.protocol,
-                                        calling_ae=next((m.calling_ae for m in members if m.calling_ae), None))
+                                        calling_ae=next((m.calling_ae for m in members if m.calling_ae), None),
+                                        own=ctx.node)
             if not ok:
                 record["skipped"][uid] = why
                 continue
@@ -433,7 +434,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
             raise _Stop("failed", f"{len(missing)} spooled file(s) missing, e.g. {missing[0]}")
         header = _first_header(paths)
         calling_ae = next((m.calling_ae for m in members if m.calling_ae), None)
-        ok, why = check_eligibility(header, protocol, calling_ae=calling_ae)
+        ok, why = check_eligibility(header, protocol, calling_ae=calling_ae, own=ctx.node)
         if not ok:
             raise _Stop("ineligible", why)
         try:

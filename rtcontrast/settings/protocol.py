@@ -128,6 +128,11 @@ class MatchRules(StrictModel):
     protocol_name_regex: str | None = None
     body_part_regex: str | None = None
     calling_aes: list[str] = Field(default_factory=list, description="empty: any calling AE")
+    exclude_synthetic: bool = Field(
+        True, description="inputs marked SyntheticData YES are ineligible (a derived series sent back: a loop)")
+    exclude_own_output: bool = Field(
+        True, description="inputs carrying this node's equipment identity (manufacturer, model name, serial) or "
+                          "its uid_root are ineligible")
 
     @field_validator("series_description_regex", "protocol_name_regex", "body_part_regex")
     @classmethod

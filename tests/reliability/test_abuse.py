@@ -122,3 +122,18 @@ def test_refusals_in_the_window_hold_the_series(node: Node) -> None:
     res = send(node.port, dss[3:])
     assert len(res.succeeded) == 3
     wait_for(lambda: len(_exported(node, uid)) == 6, 120, "six derived slices after the re-send")
+
+
+def test_derived_series_sent_back_is_not_processed(node: Node) -> None:
+    """A forwarding rule sent the node's output back: the TPS ended with two of every synthetic series."""
+    dss = series("loop", n=3, size=32)
+    study, uid = str(dss[0].StudyInstanceUID), str(dss[0].SeriesInstanceUID)
+    assert len(send(node.port, dss).succeeded) == 3
+    exported = wait_for(lambda: len(e := _exported(node, uid)) == 3 and e, 120, "the derived series")
+    derived = [pydicom.dcmread(p) for p in exported]
+    back_uid = str(derived[0].SeriesInstanceUID)
+    assert len(send(node.port, derived).succeeded) == 3  # accepted (nothing received is lost) ...
+    job = _final_job(node, study, back_uid)
+    assert job.state == JobState.INELIGIBLE and "SyntheticData YES" in (job.reason or "")  # ... never processed
+    root: Path = node.export_root  # type: ignore[attr-defined]
+    assert len(list(root.rglob("*.dcm"))) == 3
