@@ -112,12 +112,15 @@ def load_yaml_model(
     model: type[M],
     extra_checks: Callable[[Any], list[tuple[Loc, str]]] | None = None,
     context: dict[str, Any] | None = None,
+    allow_empty: bool = True,
 ) -> M:
     """Load ``path`` into ``model``; on any problem raise ConfigError listing all of them.
 
     ``extra_checks(raw_data)`` returns cross-field problems (unknown references,
     duplicates) as ``(loc, message)``; it runs even when pydantic found errors, so a
     single run reports everything.  ``context`` is passed to pydantic validators.
+    ``allow_empty`` False: an empty file (or one that is only ``{}``/comments) is an
+    error instead of "every default" - a truncated file must not pass as a valid one.
     """
     path = Path(path)
     data, lines = read_yaml(path)
@@ -125,6 +128,9 @@ def load_yaml_model(
     problems: list[tuple[Loc, str]] = []
     if not isinstance(data, dict):
         raise ConfigError([f"{name}:1: (top level): expected a mapping of settings, got {type(data).__name__}"])
+    if not data and not allow_empty:
+        raise ConfigError([f"{name}:1: (top level): the file is empty (truncated?): it must state its settings; "
+                           "the embedded defaults apply only when no file is given"])
     result: M | None = None
     try:
         result = model.model_validate(data, context=context)

@@ -391,11 +391,14 @@ def load_protocol(path: Path | str | None = None) -> ProtocolConfig:
     """The protocol from ``path``, or the embedded defaults when ``path`` is None.
 
     Raises :class:`~rtcontrast.settings.node.ConfigError` listing every problem as
-    ``file:line: field.path: message``.
+    ``file:line: field.path: message``.  An empty file is such a problem (#15 finding 3:
+    a protocol truncated to 0 bytes was reloaded as the embedded default, and every
+    following series went to ./var/export instead of the TPS).
     """
     if path is None:
         return ProtocolConfig()
-    return load_yaml_model(path, ProtocolConfig, protocol_cross_checks, context={"cross_checked": True})
+    return load_yaml_model(path, ProtocolConfig, protocol_cross_checks, context={"cross_checked": True},
+                           allow_empty=False)
 
 
 __all__ = [
