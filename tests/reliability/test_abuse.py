@@ -22,6 +22,7 @@ from tests.reliability.helpers import LENIENT_QA, echo, scanner_ae, send, series
 
 pytestmark = pytest.mark.network
 IDLE_S = 3.0
+MAX_INSTANCE_BYTES = 8 * 1024**2
 
 
 def folder_protocol(export: Path) -> dict[str, Any]:
@@ -36,7 +37,8 @@ def folder_protocol(export: Path) -> dict[str, Any]:
 @pytest.fixture
 def node(make_node: Any, tmp_path: Path) -> Node:
     n = make_node(folder_protocol(tmp_path / "export"), series_idle_timeout_s=IDLE_S, release_grace_s=0.3,
-                  limits={"min_free_disk_bytes": 0, "max_associations": 4, "association_request_timeout_s": 2})
+                  limits={"min_free_disk_bytes": 0, "max_associations": 4, "association_request_timeout_s": 2,
+                          "max_instance_bytes": MAX_INSTANCE_BYTES})
     n.export_root = tmp_path / "export"  # type: ignore[attr-defined]
     return n
 
@@ -137,3 +139,65 @@ def test_derived_series_sent_back_is_not_processed(node: Node) -> None:
     assert job.state == JobState.INELIGIBLE and "SyntheticData YES" in (job.reason or "")  # ... never processed
     root: Path = node.export_root  # type: ignore[attr-defined]
     assert len(list(root.rglob("*.dcm"))) == 3
+
+
+def _deflate_bomb(path: Path, inflated_bytes: int) -> str:
+    """A Deflated Explicit VR MR file whose PixelData inflates to ``inflated_bytes`` (written streaming)."""
+    import struct
+    import zlib
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    ds = series("bomb", n=1, size=16)[0]
+    del ds.PixelData
+    ds.Rows = ds.Columns = int((inflated_bytes // 2) ** 0.5)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta.ImplementationClassUID = generate_uid()
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    n = ds.Rows * ds.Columns * 2
+    with open(path, "wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM")
+        mb = DicomBytesIO()
+        mb.is_little_endian, mb.is_implicit_VR = True, False
+        write_file_meta_info(mb, meta)
+        fh.write(mb.getvalue())
+        fh.write(z.compress(body.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n)))
+        zeros = bytes(1 << 20)
+        for _ in range(n // len(zeros)):
+            fh.write(z.compress(zeros))
+        fh.write(z.compress(bytes(n % len(zeros))) + z.flush())
+    return str(ds.SOPInstanceUID)
+
+
+def test_deflate_bomb_refused_in_bounded_memory(node: Node, tmp_path: Path) -> None:
+    """A 1 MiB Deflated upload inflated to 1 GiB: Success, +3 GB memory, past max_instance_bytes.
+
+    dcmtk storescu sends it (``--propose-deflated``), so the memory traced here is the node's.
+    """
+    import subprocess
+    import tracemalloc
+
+    from tests.conftest import dcmtk
+
+    bomb = tmp_path / "bomb.dcm"
+    _deflate_bomb(bomb, 256 * 1024**2)
+    assert bomb.stat().st_size < 2 * 1024**2
+    tracemalloc.start()
+    try:
+        res = subprocess.run([dcmtk("storescu"), "-v", "-xd", "-aet", "SCANNER", "-aec", "RTCONTRAST",
+                              "127.0.0.1", str(node.port), str(bomb)], capture_output=True, text=True, timeout=120)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "-> Deflated Explicit VR" in res.stderr and "Store Response (Refused: OutOfResources)" in res.stderr, res.stderr
+    assert peak < 64 * 1024**2, f"{peak / 1024**2:.0f} MiB allocated by the node while refusing the bomb"
+    assert echo(node.port) == 0

@@ -63,11 +63,13 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification
 
 from rtcontrast.node.receive.spool import (
+    InflationLimit,
     InvalidUID,
     Spool,
     SpoolError,
     SpoolFull,
     UnreadableInstance,
+    check_inflated_size,
     read_header,
     validate_uid,
 )
@@ -504,6 +506,13 @@ class StorageSCP:
         limit = self.settings.max_instance_bytes
         if limit and size > limit:
             raise _Refusal(STATUS_OUT_OF_RESOURCES, f"dataset of {size} bytes exceeds the limit of {limit} bytes")
+        if str(event.context.transfer_syntax) == str(DeflatedExplicitVRLittleEndian):
+            try:
+                check_inflated_size(src, limit)
+            except InflationLimit as exc:
+                raise _Refusal(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
+            except UnreadableInstance as exc:
+                raise _Refusal(STATUS_CANNOT_UNDERSTAND, str(exc), quarantine=True) from exc
         try:
             ds = read_header(src)
         except UnreadableInstance as exc:
