@@ -135,3 +135,61 @@ def test_connect_close_cycles_do_not_block(scp_factory: Any, phantom_files: list
     res = storescu(scp.port, phantom_files)
     assert res.returncode == 0, res.stderr
     assert time.monotonic() - t0 < 5 and len(stored) == len(phantom_files)
+
+
+# ----------------------------------------------------------------------------- malformed PDUs (finding 10)
+def _item(kind: int, value: bytes) -> bytes:
+    return bytes([kind, 0]) + len(value).to_bytes(2, "big") + value
+
+
+def associate_rq(calling: bytes = b"SCANNER", called: bytes = AET.encode(), cid: int = 1) -> bytes:
+    """A raw A-ASSOCIATE-RQ (PS3.8 9.3.2) for Verification, Implicit VR LE, max PDU 16 KiB."""
+    pc = _item(0x20, bytes([cid, 0, 0, 0]) + _item(0x30, b"1.2.840.10008.1.1") + _item(0x40, b"1.2.840.10008.1.2"))
+    user = _item(0x50, _item(0x51, (16384).to_bytes(4, "big")) + _item(0x52, b"1.2.826.0.1.3680043.9.9"))
+    body = (b"\x00\x01\x00\x00" + called.ljust(16) + calling.ljust(16) + bytes(32)
+            + _item(0x10, b"1.2.840.10008.3.1.1.1") + pc + user)
+    return b"\x01\x00" + len(body).to_bytes(4, "big") + body
+
+
+def _exchange(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        out = b""
+        try:
+            while chunk := s.recv(4096):
+                out += chunk
+                if len(out) >= 10:
+                    break
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return out
+
+
+@pytest.mark.parametrize(("rq", "why"), [
+    (associate_rq(cid=2), "presentation context ID 2 is not odd"),
+    (associate_rq(calling=b"EVIL\nFORGED LINE"), "calling AE title 'EVIL?FORGED LINE' holds characters"),
+])
+def test_malformed_association_request_gets_a_clean_rejection(scp_factory: Any, rq: bytes, why: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """An even context ID got no reply and a traceback; a newline in the calling AE forged a log line."""
+    caplog.set_level(logging.DEBUG)
+    scp, _ = scp_factory(require_called_ae=False, limits={"min_free_disk_bytes": 0})
+    reply = _exchange(scp.port, rq)
+    assert reply[:1] == b"\x03" and reply[7] == 1, reply  # A-ASSOCIATE-RJ, rejected-permanent
+    assert any(why in r.getMessage() for r in caplog.records), caplog.text
+    assert not [r for r in caplog.records if "\n" in r.getMessage() or r.exc_info], "a forged line or a traceback"
+    assert _exchange(scp.port, associate_rq())[:1] == b"\x02"  # and a correct one is still accepted
+
+
+def test_oversized_pdata_is_aborted(scp_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """An 8 MiB P-DATA-TF against a negotiated 256 KiB was accepted."""
+    scp, _ = scp_factory(require_called_ae=False, limits={"min_free_disk_bytes": 0, "max_pdu_bytes": 262144})
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=10) as s:
+        s.sendall(associate_rq())
+        ac = s.recv(6)
+        assert ac[:1] == b"\x02"
+        s.recv(int.from_bytes(ac[2:6], "big"), socket.MSG_WAITALL)
+        s.sendall(b"\x04\x00" + (8 * 1024**2).to_bytes(4, "big") + bytes(65536))
+        abort = s.recv(10, socket.MSG_WAITALL)
+    assert abort[:1] == b"\x07", abort  # A-ABORT, before the 8 MiB were read
+    assert "P-DATA-TF of 8388608 bytes exceeds the negotiated maximum of 262144" in caplog.text

@@ -128,8 +128,9 @@ class ConnectionGate:
 def await_association_request(sock: socket.socket, timeout_s: float) -> str | None:
     """Wait until a complete A-ASSOCIATE-RQ PDU is buffered on ``sock``; None, or why not.
 
-    Reads with ``MSG_PEEK`` only, so pynetdicom later reads the same bytes.  TLS sockets
-    cannot peek; for them the handshake timeout bounds the silent case and this returns None.
+    Reads with ``MSG_PEEK`` only, so pynetdicom later reads the same bytes (and
+    :func:`peek_pdu` can inspect them).  TLS sockets cannot peek; for them the handshake
+    timeout bounds the silent case and this returns None.
     """
     if isinstance(sock, ssl.SSLSocket):
         return None
@@ -168,3 +169,51 @@ def await_association_request(sock: socket.socket, timeout_s: float) -> str | No
             sock.settimeout(previous)
         except OSError:
             pass
+
+
+def peek_pdu(sock: socket.socket) -> bytes:
+    """The first PDU buffered on ``sock`` (after :func:`await_association_request` said it is all there)."""
+    head = sock.recv(6, socket.MSG_PEEK)
+    return sock.recv(6 + int.from_bytes(head[2:6], "big"), socket.MSG_PEEK)
+
+
+def _rj(result: int, source: int, reason: int) -> bytes:
+    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4)."""
+    return b"\x03\x00" + (4).to_bytes(4, "big") + bytes([0, result, source, reason])
+
+
+def inspect_association_request(pdu: bytes) -> tuple[str, tuple[int, int, int], bytes] | None:
+    """Structural checks pynetdicom does not make (or makes with a traceback and no reply).
+
+    Returns ``(why, (result, source, reason), A-ASSOCIATE-RJ PDU)`` for a malformed
+    request, else None.  Checked: the fixed fields are there, the AE titles hold only
+    characters an AE title may have (a newline forged a log line, #15 finding 10),
+    presentation context IDs are odd and unique (an even one got no reply and a
+    traceback), items are not truncated.
+    """
+    def bad(why: str, rsr: tuple[int, int, int]) -> tuple[str, tuple[int, int, int], bytes]:
+        return why, rsr, _rj(*rsr)
+
+    if len(pdu) < 74:
+        return bad(f"association request of {len(pdu)} bytes is shorter than its fixed fields", (1, 2, 1))
+    for name, raw, reason in (("called", pdu[10:26], 7), ("calling", pdu[26:42], 3)):
+        if any(b < 0x20 or b > 0x7E or b == 0x5C for b in raw):
+            shown = safe_text(raw.decode("latin-1"))
+            return bad(f"{name} AE title {shown!r} holds characters an AE title cannot have", (1, 1, reason))
+    ids: list[int] = []
+    pos = 74
+    while pos < len(pdu):
+        if pos + 4 > len(pdu):
+            return bad("truncated item header in the association request", (1, 2, 1))
+        kind, length = pdu[pos], int.from_bytes(pdu[pos + 2:pos + 4], "big")
+        if pos + 4 + length > len(pdu):
+            return bad(f"item 0x{kind:02X} runs past the end of the association request", (1, 2, 1))
+        if kind == 0x20:
+            cid = pdu[pos + 4] if length >= 1 else 0
+            if cid % 2 == 0:
+                return bad(f"presentation context ID {cid} is not odd (PS3.8 9.3.2.2: odd, 1-255)", (1, 2, 1))
+            if cid in ids:
+                return bad(f"presentation context ID {cid} is used twice", (1, 2, 1))
+            ids.append(cid)
+        pos += 4 + length
+    return None

@@ -274,6 +274,7 @@ class StorageSCP:
             server.handshake_timeout_s = self.settings.tls.handshake_timeout_s
         server.gate = self.gate
         server.request_timeout_s = self.settings.association_request_timeout_s
+        server.max_pdu_bytes = self.settings.max_pdu_size
         name = "tls" if ssl_ctx is not None else "plain"
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{name}-listener", daemon=True)
         thread.start()
