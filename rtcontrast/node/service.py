@@ -7,8 +7,10 @@ Threads (all in one process):
 * the *scheduler* turns due series into jobs (``create_job``) for the worker, marks
   ``queued`` jobs ``delivered`` once the outbox has delivered all of their instances,
   and prunes delivered outbox rows past ``retention_days``;
-* one *worker* runs jobs one at a time (:func:`rtcontrast.node.pipeline.run_job`): the model
-  and the two CPU cores are shared, and one job at a time keeps latency predictable;
+* one *worker* runs jobs one at a time (:func:`rtcontrast.node.pipeline.run_job`), smallest
+  series first, and a second *small-series lane* worker runs only series of at most
+  ``small_series_max_instances`` instances, so a huge series cannot starve the others
+  (:mod:`rtcontrast.node.workqueue`; with fusion on, every job goes to the one worker);
 * the outbox *sender* delivers with retries and backoff.
 
 Restart (what :meth:`Node.start` does before it listens): delete partial spool writes,
@@ -43,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -64,6 +65,7 @@ from rtcontrast.node.receive.series import SeriesTracker
 from rtcontrast.node.receive.spool import Spool
 from rtcontrast.node.registry import check_model_pin, resolve_model
 from rtcontrast.node.retry import retry_delay_s, transient_cause
+from rtcontrast.node.workqueue import WorkQueues
 from rtcontrast.node.store import db
 from rtcontrast.node.store.completeness import SeriesEvents
 from rtcontrast.node.store.jobs import RERUN_STATES, JobState, JobStore
@@ -123,11 +125,10 @@ class Node:
         self._scheduler_beat = time.monotonic()
         self.tracker = SeriesTracker(config.series_idle_timeout_s, config.release_grace_s)
         self._first_due: dict[tuple[str, str], float] = {}  # fusion: when a series first completed
-        self._work: queue.Queue[int | None] = queue.Queue()
+        self._work = WorkQueues(config.small_series_max_instances)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._busy = threading.Event()  # the worker is running a job
         self._started = False
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
@@ -179,11 +180,14 @@ class Node:
             on_enqueued=self.sender.wake,
             job_dir=self.job_dir,
         )
-        self._work = queue.Queue()
+        self._work = WorkQueues(c.small_series_max_instances)
         self._enqueued = set()
         self._resume()
         self._stop.clear()
-        for name, target in (("scheduler", self._scheduler_loop), ("worker", self._worker_loop)):
+        loops = [("scheduler", self._scheduler_loop), ("worker", lambda: self._worker_loop("main"))]
+        if c.small_series_max_instances:
+            loops.append(("worker-small", lambda: self._worker_loop("small")))
+        for name, target in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -218,7 +222,7 @@ class Node:
             self.scp.stop()
         self._stop.set()
         self._wake.set()
-        self._work.put(None)
+        self._work.stop()
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
@@ -229,7 +233,7 @@ class Node:
             self.sender.stop(max(0.1, deadline - time.monotonic()))
         self.metrics.stop()
         self.metrics_port = None
-        if not any(t.is_alive() for t in threading.enumerate() if t.name == "worker"):
+        if not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("worker")):
             self.jobs_conn.close()
             self.events_conn.close()
             self.outbox_conn.close()
@@ -394,7 +398,9 @@ class Node:
     def _enqueue(self, job_id: int) -> None:
         with self._enqueued_lock:
             self._enqueued.add(job_id)
-        self._work.put(job_id)
+        job = self.jobs.job(job_id)
+        fusion = self.protocol.fusion.enabled and self.model.info.fusion  # fusion decisions assume one worker
+        self._work.put(job_id, job.instance_count if job is not None else 0, lane_allowed=not fusion)
 
     def _pick_up_released(self) -> None:
         """Jobs put back to run from outside the worker go to it: ``node.py release`` / ``retry``,
@@ -544,12 +550,11 @@ class Node:
         newer = [j.id for j in self.jobs.jobs_for_series(job.study_uid, job.series_uid) if j.id > job_id]
         return max(newer) if newer else None
 
-    def _worker_loop(self) -> None:
+    def _worker_loop(self, lane: str) -> None:
         while not self._stop.is_set():
-            job_id = self._work.get()
+            job_id = self._work.get(lane)
             if job_id is None or self._stop.is_set():
                 break
-            self._busy.set()
             try:
                 newer = self._superseded_by(job_id)
                 if newer is not None:
@@ -573,13 +578,12 @@ class Node:
             finally:
                 with self._enqueued_lock:
                     self._enqueued.discard(job_id)
-                self._busy.clear()
-                self._work.task_done()
+                self._work.done()
 
     # ------------------------------------------------------------------ for tests and status
     def idle(self) -> bool:
         """Nothing open, queued, running or pending delivery (tests wait for this)."""
-        if self.tracker.pending() or not self._work.empty() or self._busy.is_set():
+        if self.tracker.pending() or not self._work.idle():
             return False
         if any(j.state in RERUN_STATES or j.state == JobState.QUEUED for j in self.jobs.unfinished_jobs()):
             return False

@@ -293,6 +293,10 @@ class NodeConfig(StrictModel):
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     series_idle_timeout_s: float = Field(30.0, gt=0)
     release_grace_s: float = Field(5.0, ge=0)
+    small_series_max_instances: int = Field(
+        64, ge=0, le=100000,
+        description="a second worker runs only series up to this many instances, so a huge series cannot "
+                    "starve the others (0 = one worker)")
     limits: Limits = Field(default_factory=Limits)
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty: any")
     allowed_ips: list[str] = Field(default_factory=list, description="addresses or CIDR networks; empty: any")
