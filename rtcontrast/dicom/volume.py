@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pydicom.uid
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
@@ -236,11 +237,20 @@ def _decode(ds: Dataset, where: str) -> np.ndarray:
 
 
 def _header_without_bulk(ds: Dataset) -> Dataset:
+    """The header without pixel data; elements not yet parsed stay raw (their bytes as received).
+
+    Why raw: parsing decodes text with the SpecificCharacterSet, and invalid bytes (a
+    PatientName in Latin-1 under ISO_IR 192) come back as U+FFFD: the derived series
+    reached the TPS with a changed PatientName (#15 finding 10).  Raw elements are parsed
+    on first access as usual; derive copies patient/study text from the raw bytes.
+    """
+    drop = {tag_for_keyword(k) for k in _HEADER_DROP}
     hdr = Dataset()
-    for elem in ds:  # iterating a read dataset converts raw elements; cheap for headers
-        if elem.keyword not in _HEADER_DROP:
-            hdr.add(elem)
+    for tag in list(ds.keys()):
+        if tag not in drop:
+            hdr[tag] = ds.get_item(tag)
     hdr.file_meta = ds.file_meta
+    hdr.set_original_encoding(*ds.original_encoding, ds.original_character_set)
     return hdr
 
 
