@@ -173,8 +173,9 @@ def test_yaml_syntax_error_and_duplicate_keys(tmp_path: Path) -> None:
 
 
 def test_empty_file_is_defaults(tmp_path: Path) -> None:
+    """An empty node config means the defaults; an empty protocol is an error (#15, tests/test_protocol_safety.py)."""
     assert load_node_config(write(tmp_path, "e.yaml", "# nothing\n")) == NodeConfig()
-    assert load_protocol(write(tmp_path, "p.yaml", "")) == ProtocolConfig()
+    assert "the file is empty" in errors_of(load_protocol, write(tmp_path, "p.yaml", ""))[0]
 
 
 def test_destination_errors(tmp_path: Path) -> None:

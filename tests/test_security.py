@@ -22,7 +22,6 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 from rtcontrast.settings.node import NodeConfig
-from rtcontrast.node.store.jobs import JobStore  # noqa: F401  (registers its schema before db.connect)
 from rtcontrast.node.store import db
 from rtcontrast.node.service import Node
 from rtcontrast.node.dispatch.destinations import DicomDestination, build_destinations
@@ -148,14 +147,13 @@ def test_called_ae_must_match(scp_factory: Any, phantom_files: list[Path], logs:
 
 
 def test_unknown_ip_refused(scp_factory: Any, phantom_files: list[Path], logs: pytest.LogCaptureFixture) -> None:
+    """An address outside allowed_ips is closed at accept, before any byte is read (#15: no slot, no thread)."""
     scp, stored = scp_factory(allowed_ips=["10.0.0.0/8", "192.168.1.17"])
     res = storescu(scp.port, phantom_files)
-    # rejected-permanent, service-user, reason 1 (no reason given)
-    assert res.returncode != 0 and "Rejected Permanent" in res.stderr, res.stderr
-    assert "No Reason" in res.stderr, res.stderr
+    assert res.returncode != 0 and "Association Request Failed" in res.stderr, res.stderr
     assert stored == []
     (line,) = refusals(logs)
-    assert "127.0.0.1" in line and "allowed_ips" in line and "SCANNER" in line and "reason 1" in line, line
+    assert "127.0.0.1" in line and "allowed_ips" in line and "before any association" in line, line
 
 
 def test_allowed_ip_network_admitted(scp_factory: Any, phantom_files: list[Path],
@@ -355,7 +353,8 @@ def test_outbox_tls_missing_ca_file_is_a_clear_failure(tmp_path: Path, phantom_f
 # ----------------------------------------------------------------------------- limits
 def test_max_associations_and_pdu_size(scp_factory: Any, logs: pytest.LogCaptureFixture) -> None:
     """The (N+1)-th simultaneous association is rejected (transient: retry later), not queued."""
-    scp, _ = scp_factory(limits={"max_associations": 2, "max_pdu_bytes": 65536, "min_free_disk_bytes": 0})
+    scp, _ = scp_factory(limits={"max_associations": 2, "max_pdu_bytes": 65536, "min_free_disk_bytes": 0,
+                                 "max_associations_per_peer": 3})  # the global limit, not the per-peer one
     ae = AE(ae_title="SCANNER")
     ae.acse_timeout = ae.network_timeout = 10
     ae.add_requested_context(Verification)
@@ -462,10 +461,18 @@ def test_mismatched_key_stops_before_listening(tmp_path: Path, pki: Pki, other_p
 
 
 def test_address_allow_list_forms(tmp_path: Path) -> None:
-    """CIDR and single addresses, IPv6, and IPv4 peers seen through a dual-stack socket."""
+    """CIDR and single addresses, IPv6, and IPv4 peers seen through a dual-stack socket.
+
+    One admission check (#14): the accept-time gate uses the SCP's, and the node config has
+    no second copy (its old one lacked the IPv4-mapped handling).
+    """
     scp = StorageSCP(ScpSettings(allowed_networks=["10.0.0.0/8", "192.168.1.17", "fd00::/8"]),
                      Spool(tmp_path / "spool"), lambda i: None, lambda k: None)
-    allowed = scp._address_allowed
+    allowed = scp.admission.address_allowed
+    assert scp.gate.admission is scp.admission
+    assert scp.gate.admit("::ffff:10.1.2.3", established=0) is None
+    assert "allowed_ips" in (scp.gate.admit("::ffff:127.0.0.1", established=0) or "")
+    assert not hasattr(NodeConfig, "ip_allowed") and not hasattr(NodeConfig, "calling_ae_allowed")
     assert allowed("10.200.3.4") and allowed("192.168.1.17") and allowed("::ffff:10.1.2.3") and allowed("fd00::1")
     assert not allowed("192.168.1.18") and not allowed("127.0.0.1") and not allowed("::1")
     assert not allowed("not-an-address")

@@ -43,7 +43,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-
+from pydicom.charset import convert_encodings
+from pydicom.valuerep import PersonName
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
@@ -181,12 +182,43 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
 def _take(dst: Dataset, src: Dataset, keyword: str) -> None:
     """Copy one element from the source (a deep copy: the source header is never changed).
 
+    Text the source's character set cannot decode keeps its received bytes (:func:`_verbatim`);
     DS values longer than 16 characters are shortened (:func:`fit_ds`).
     """
-    elem = copy.deepcopy(src[keyword])
+    tag = tag_for_keyword(keyword)
+    elem = _verbatim(src, tag) if tag is not None else copy.deepcopy(src[keyword])
     if elem.VR == "DS" and elem.value is not None:
         elem = DataElement(elem.tag, "DS", fit_ds(elem.value))
     dst.add(elem)
+
+
+#: Text VRs whose received bytes are copied verbatim (see :func:`_verbatim`).
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
+
+
+def _verbatim(src: Dataset, tag: Any) -> DataElement:
+    """A copy of ``src[tag]`` that keeps the received bytes of a text value not parsed yet.
+
+    Why: parsing decodes with SpecificCharacterSet, and bytes that are invalid in it (a
+    Latin-1 PatientName under ISO_IR 192) become U+FFFD, so the TPS got a changed
+    PatientName (#15 finding 10).  The derived object carries the source's
+    SpecificCharacterSet, so the same bytes are right there.
+    """
+    raw = src.get_item(tag)
+    vr = getattr(raw, "VR", None) or dictionary_VR(tag)
+    if getattr(raw, "is_raw", False) and vr in _TEXT_VRS and raw.value and b"\\" not in raw.value:
+        value = raw.value.rstrip(b" \x00")
+        encodings = convert_encodings(src.get("SpecificCharacterSet"))
+        if len(encodings) == 1:  # (with ISO 2022 code extensions the bytes are kept as they are)
+            try:
+                value.decode(encodings[0])
+                return copy.deepcopy(src[tag])  # decodes cleanly: the parsed value is exact
+            except (UnicodeDecodeError, LookupError):
+                pass
+        if vr == "PN":
+            return DataElement(tag, vr, PersonName(value, encodings))
+        return DataElement(tag, vr, value)
+    return copy.deepcopy(src[tag])
 
 
 def _code_item(code: Any) -> Dataset:
@@ -211,9 +243,9 @@ def _is_lossy(header: Dataset) -> bool:
 
 
 def _copy_patient_study(src: Dataset, dst: Dataset) -> None:
-    for elem in src:
-        if elem.tag.group in (0x0010, 0x0012) and not elem.tag.is_private:
-            dst.add(copy.deepcopy(elem))
+    for tag in list(src.keys()):
+        if tag.group in (0x0010, 0x0012) and not tag.is_private:
+            dst.add(_verbatim(src, tag))
     for kw in _STUDY_KEYWORDS:
         if kw in src:
             _take(dst, src, kw)

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from rtcontrast.dicom.derive import NodeIdentity
 from rtcontrast.settings.protocol import MatchRules, ProtocolConfig
 
 
@@ -66,9 +67,20 @@ def _lookup(ds: Dataset, keyword: str) -> Any:
     return None
 
 
+#: Enhanced MR Image Storage and Enhanced MR Color Image Storage: MR Pulse Sequence module
+#: (EchoPulseSequence) instead of ScanningSequence, TE/TR in functional group macros.
+ENHANCED_MR_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3"})
+
+
 def is_enhanced(ds: Dataset) -> bool:
-    """True for a multi-frame Enhanced MR header (functional groups)."""
-    return "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds
+    """True for an Enhanced MR header: its SOP class, or functional groups.
+
+    By SOP class too: a real Enhanced MR object may carry EchoPulseSequence at the top
+    level with no functional groups in the header read (pydicom-data ``emri_small.dcm``),
+    and asking it for ScanningSequence (a classic MR attribute) is wrong (#15 finding 10).
+    """
+    return (str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES
+            or "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds)
 
 
 def _number(value: Any) -> float | None:
@@ -151,12 +163,37 @@ def _sequence_checks(ds: Dataset, rules: MatchRules) -> str | None:
     return None
 
 
+def _loop(header: Dataset, rules: MatchRules, own: NodeIdentity | None) -> str | None:
+    """Why this input is (probably) this node's own output coming back, or None.
+
+    A PACS or TPS forwarding rule that sends everything back to the node made it process
+    its own synthetic series as new input: the TPS ended with two of every series (#15
+    finding 7).
+    """
+    if rules.exclude_synthetic and str(header.get("SyntheticData", "") or "").strip().upper() == "YES":
+        return "SyntheticData YES: a synthetic (derived) series is not an acquisition (loop guard, match.exclude_synthetic)"
+    if not (rules.exclude_own_output and own is not None):
+        return None
+    equipment = tuple(str(header.get(k, "") or "").strip()
+                      for k in ("Manufacturer", "ManufacturerModelName", "DeviceSerialNumber"))
+    if equipment == (own.manufacturer, own.model_name, own.device_serial_number):
+        return (f"made by this node (Manufacturer '{equipment[0]}', ManufacturerModelName '{equipment[1]}', "
+                f"DeviceSerialNumber '{equipment[2]}'): loop guard, match.exclude_own_output")
+    if own.uid_root:
+        for kw in ("SeriesInstanceUID", "SOPInstanceUID"):
+            if str(header.get(kw, "") or "").startswith(own.uid_root):
+                return f"{kw} has this node's uid_root {own.uid_root}: loop guard, match.exclude_own_output"
+    return None
+
+
 def check_eligibility(
-    header: Dataset, rules: MatchRules | ProtocolConfig, calling_ae: str | None = None
+    header: Dataset, rules: MatchRules | ProtocolConfig, calling_ae: str | None = None,
+    own: NodeIdentity | None = None,
 ) -> tuple[bool, str]:
     """Is this series (one representative header) eligible?  ``(ok, reason)``.
 
-    Checks, in order: Modality, calling AE, sequence type (classic ScanningSequence /
+    Checks, in order: Modality, loops (``SyntheticData YES``, or ``own`` - this node's
+    equipment identity or UID root - when the match rules exclude them), calling AE, sequence type (classic ScanningSequence /
     SequenceVariant, or Enhanced MR EchoPulseSequence and modifiers), fast spin echo
     (allowed unless ``allow_fse`` is false), TE and TR present and positive, then the
     SeriesDescription / ProtocolName / BodyPartExamined regexes (``re.search``).  The
@@ -170,6 +207,9 @@ def check_eligibility(
         return False, "Modality missing"
     if modality.upper() != rules.modality.upper():
         return False, f"Modality '{modality}' is not {rules.modality}"
+    loop = _loop(header, rules, own)
+    if loop:
+        return False, loop
     if rules.calling_aes:
         ae = (calling_ae or "").strip()
         if ae not in rules.calling_aes:

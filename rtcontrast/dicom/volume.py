@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pydicom.uid
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
@@ -134,7 +135,49 @@ def _floats(value: Any, count: int, what: str, where: str) -> np.ndarray:
         raise VolumeError(f"{where}: {what} is not numeric ({value!r})") from exc
     if arr.shape != (count,):
         raise VolumeError(f"{where}: {what} must have {count} values, has {arr.size}")
+    if not np.isfinite(arr).all():
+        raise VolumeError(f"{where}: {what} is not finite ({value!r})")
     return arr
+
+
+def _check_geometry(where: str, for_uid: str, orientation: np.ndarray, spacing: np.ndarray,
+                    thickness: float | None) -> None:
+    """What planning needs of the geometry (#15 finding 9): a frame of reference, a real grid.
+
+    A derived series with an empty frame of reference, or with a negative pixel spacing
+    passed through, would be placed wrongly (or not at all) by the planning system.
+    """
+    if not for_uid:
+        raise VolumeError(f"{where}: missing FrameOfReferenceUID (the derived series could not be registered "
+                          "to the planning CT)")
+    if (spacing <= 0).any():
+        raise VolumeError(f"{where}: PixelSpacing must be positive, is {spacing[0]:g}\\{spacing[1]:g}")
+    if np.linalg.norm(np.cross(orientation[:3], orientation[3:])) < 1e-3:
+        raise VolumeError(f"{where}: ImageOrientationPatient does not span a plane")
+    if thickness is None:
+        raise VolumeError(f"{where}: missing SliceThickness")
+    if not (np.isfinite(thickness) and thickness > 0):
+        raise VolumeError(f"{where}: SliceThickness must be positive, is {thickness:g}")
+
+
+def _rescaled(arr: np.ndarray, lut_source: Dataset, where: str) -> np.ndarray:
+    """Stored values through the Modality LUT as float32; non-finite results are refused.
+
+    Why: a RescaleSlope of NaN (or 1e308, which overflows float32) on one slice gave blank
+    derived slices that went to the TPS as good (#15 finding 2).
+    """
+    for kw in ("RescaleSlope", "RescaleIntercept"):
+        value = lut_source.get(kw)
+        if value is not None and value != "" and not np.isfinite(_opt_float(value) or 0.0):
+            raise VolumeError(f"{where}: {kw} is not finite ({value})")
+    with np.errstate(over="ignore", invalid="ignore"):
+        px = np.asarray(apply_modality_lut(arr, lut_source), dtype=np.float32)
+    bad = px.size - int(np.count_nonzero(np.isfinite(px)))
+    if bad:
+        raise VolumeError(f"{where}: {bad} pixel(s) are not finite after the Modality LUT "
+                          f"(RescaleSlope {lut_source.get('RescaleSlope')}, "
+                          f"RescaleIntercept {lut_source.get('RescaleIntercept')})")
+    return px
 
 
 def _opt_float(value: Any) -> float | None:
@@ -194,11 +237,20 @@ def _decode(ds: Dataset, where: str) -> np.ndarray:
 
 
 def _header_without_bulk(ds: Dataset) -> Dataset:
+    """The header without pixel data; elements not yet parsed stay raw (their bytes as received).
+
+    Why raw: parsing decodes text with the SpecificCharacterSet, and invalid bytes (a
+    PatientName in Latin-1 under ISO_IR 192) come back as U+FFFD: the derived series
+    reached the TPS with a changed PatientName (#15 finding 10).  Raw elements are parsed
+    on first access as usual; derive copies patient/study text from the raw bytes.
+    """
+    drop = {tag_for_keyword(k) for k in _HEADER_DROP}
     hdr = Dataset()
-    for elem in ds:  # iterating a read dataset converts raw elements; cheap for headers
-        if elem.keyword not in _HEADER_DROP:
-            hdr.add(elem)
+    for tag in list(ds.keys()):
+        if tag not in drop:
+            hdr[tag] = ds.get_item(tag)
     hdr.file_meta = ds.file_meta
+    hdr.set_original_encoding(*ds.original_encoding, ds.original_character_set)
     return hdr
 
 
@@ -236,7 +288,8 @@ def _classic_frames(path: Path, ds: Dataset) -> list[_Frame]:
     arr = _decode(ds, where)
     if arr.ndim != 2:
         raise VolumeError(f"{where}: expected one frame, decoded shape {arr.shape}")
-    px = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    px = _rescaled(arr, ds, where)
+    _check_geometry(where, for_uid, ori, spacing, _opt_float(ds.get("SliceThickness")))
     ref = SliceRef(
         path=path,
         sop_class_uid=str(ds.SOPClassUID),
@@ -295,7 +348,8 @@ def _multiframe_frames(path: Path, ds: Dataset) -> list[_Frame]:
         if slope is not None and intercept is not None:
             lut.RescaleSlope = slope
             lut.RescaleIntercept = intercept
-        px = np.asarray(apply_modality_lut(arr[k], lut), dtype=np.float32)
+        px = _rescaled(arr[k], lut, fw)
+        _check_geometry(fw, for_uid, ori_a, spc_a, thick)
         # A new element dict per frame (a shallow Dataset.copy() would share it between frames).
         hdr = Dataset(dict(base_top.items()))
         hdr.file_meta = base.file_meta

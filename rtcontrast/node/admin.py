@@ -17,7 +17,7 @@ from rtcontrast.node.dispatch.outbox import Outbox
 from rtcontrast.node.ops.holds import DiscardResult, discard_held, release_held
 from rtcontrast.node.registry import resolve_model, resolve_model_path
 from rtcontrast.node.store import db
-from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.store.jobs import JobRole, JobState, JobStore
 from rtcontrast.settings.node import ConfigError, NodeConfig
 from rtcontrast.settings.protocol import ProtocolConfig
 
@@ -45,6 +45,40 @@ def release_job(config: NodeConfig, job_id: int, note: str | None = None, user: 
     conn = db.connect(config.db_file)
     try:
         return release_held(JobStore(conn), job_id, user=user or _shell_user(), note=note, via=via).series_uid
+    finally:
+        conn.close()
+
+
+def retry_job(config: NodeConfig, job_id: int, note: str | None = None) -> str:
+    """Re-run a failed job from the spool (``node.py retry --job N``): back to ``received``.
+
+    For a job that failed for a reason that is gone now (disk full, a missing file put
+    back, a bug fixed by an upgrade).  Only ``failed`` jobs: a held job is released, an
+    ineligible one would be ineligible again.  The job keeps its membership snapshot; the
+    running node re-runs it within a second with the protocol in force then.  A job that
+    was superseded by a newer job of its series is refused (the newer one covers it).
+    Raises ValueError otherwise.
+    """
+    conn = db.connect(config.db_file)
+    try:
+        jobs = JobStore(conn)
+        job = jobs.job(job_id)
+        if job is None:
+            raise ValueError(f"no job {job_id}")
+        if job.state != JobState.FAILED:
+            raise ValueError(f"job {job_id} is {job.state}, not failed: only failed jobs are retried "
+                             "(held jobs: release; ineligible ones would be ineligible again)")
+        newer = [j.id for j in jobs.jobs_for_series(job.study_uid, job.series_uid) if j.id > job_id]
+        if newer:
+            raise ValueError(f"job {job_id} was superseded by job {max(newer)} (same series): retry that one")
+        missing = [m.sop_instance_uid for m in jobs.job_instances(job_id) if not m.path.is_file()]
+        if missing:
+            raise ValueError(f"job {job_id}: {len(missing)} spooled file(s) are gone (retention or deleted), "
+                             f"e.g. instance {missing[0]}: the scanner must send the series again")
+        jobs.audit(job_id, "retried", {"previous_reason": job.reason, **({"note": note} if note else {})})
+        jobs.set_state(job_id, JobState.RECEIVED, "retried by an admin", retry_count=0, retry_at=None,
+                       role=JobRole.TARGET, fusion_target=None)
+        return job.series_uid
     finally:
         conn.close()
 

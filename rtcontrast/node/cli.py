@@ -24,6 +24,7 @@ from rtcontrast.node.admin import (
     check_config,
     discard_job,
     release_job,
+    retry_job,
     resend_dead_letters,
 )
 from rtcontrast.node.dispatch.destinations import node_destinations
@@ -148,6 +149,21 @@ def cmd_discard(config_path: Path | None, job_id: int, note: str | None, user: s
         return 1
     print(f"job {job_id} (series {result.job.series_uid}) discarded: never sent; {result.files} file(s) "
           f"({result.bytes / 1024**2:.1f} MiB) removed; the audit keeps the decision")
+    return 0
+
+
+def cmd_retry(config_path: Path | None, job_id: int, note: str | None = None) -> int:
+    """``node.py retry --job N``: re-run a failed job from the spool (its cause is fixed)."""
+    config = _admin_config(config_path)
+    if isinstance(config, int):
+        return config
+    try:
+        series = retry_job(config, job_id, note)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"job {job_id} (series {series}) will be re-run from the spool by the running node within seconds "
+          "(or at its next start)")
     return 0
 
 
@@ -296,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--limit", type=int, default=20, help="at most this many jobs (most recent)")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
 
+    retry = sub.add_parser("retry", help="re-run a failed job from the spool (after its cause was fixed)")
+    retry.add_argument("--config", type=Path, help="node config (default: embedded defaults)")
+    retry.add_argument("--job", type=int, required=True, help="the failed job's id (node.py status)")
+    retry.add_argument("--note", help="why (recorded in the audit trail; no patient data)")
     release = sub.add_parser("release", help="send a job held by QA (re-run with the hold overridden)")
     release.add_argument("--config", type=Path, help="node config (default: embedded defaults)")
     release.add_argument("--job", type=int, required=True, help="the held job's id (node.py status)")
@@ -334,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_release(a.config, a.job, a.note, a.user)
     if a.command == "discard":
         return cmd_discard(a.config, a.job, a.note, a.user)
+    if a.command == "retry":
+        return cmd_retry(a.config, a.job, a.note)
     if a.command == "purge":
         return cmd_purge(a.config, a.protocol, a.dry_run)
     return cmd_resend(a.config, a.destination, a.job)

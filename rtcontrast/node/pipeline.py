@@ -63,10 +63,10 @@ from rtcontrast.dicom.grid import (
 )
 from rtcontrast.dicom.volume import Volume, VolumeError, assemble
 from rtcontrast.node.dispatch.outbox import Outbox
-from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.store.jobs import JobRole, JobState, JobStore
 from rtcontrast.settings.protocol import ProtocolConfig
 from rtcontrast.dicom.eligibility import check_eligibility, header_te_tr
-from rtcontrast.node.qa import compute_qa, flag_datasets, qa_violations, review_decision
+from rtcontrast.node.qa import compute_qa, flag_datasets, non_finite_figures, qa_violations, review_decision
 
 __all__ = ["PipelineContext", "JobResult", "run_job", "node_identity", "model_identity", "STAGES"]
 
@@ -150,12 +150,13 @@ def node_identity(
 
 
 class _Stop(Exception):
-    """End the job in ``state`` with ``reason`` (ineligible, failed, held)."""
+    """End the job in ``state`` with ``reason`` (ineligible, failed, held); ``fields`` go to the job row."""
 
-    def __init__(self, state: str, reason: str) -> None:
+    def __init__(self, state: str, reason: str, **fields: Any) -> None:
         super().__init__(reason)
-        self.state = state
+        self.state = JobState(state)
         self.reason = reason
+        self.fields = fields
 
 
 # ----------------------------------------------------------------------------- stages
@@ -217,7 +218,7 @@ def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple
         if len(used) >= ctx.model.info.max_inputs - 1:
             record["skipped"][uid] = f"model takes at most {ctx.model.info.max_inputs} inputs"
             continue
-        if other.state == "failed" or (other.state == "ineligible" and not (other.reason or "").startswith(PARTNER_ONLY)):
+        if other.state == JobState.FAILED or (other.state == JobState.INELIGIBLE and other.role != JobRole.FUSION_INPUT):
             record["skipped"][uid] = f"its job is {other.state}"
             continue
         if abs((datetime.fromisoformat(other.created_at) - t_job).total_seconds()) > rules.window_s:
@@ -231,7 +232,8 @@ def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple
         try:
             header = pydicom.dcmread(paths[0], stop_before_pixels=True)
             ok, why = check_eligibility(header, ctx.protocol,
-                                        calling_ae=next((m.calling_ae for m in members if m.calling_ae), None))
+                                        calling_ae=next((m.calling_ae for m in members if m.calling_ae), None),
+                                        own=ctx.node)
             if not ok:
                 record["skipped"][uid] = why
                 continue
@@ -275,6 +277,12 @@ def _target_uses(ctx: PipelineContext, study: str, target: str, series: str) -> 
     if tj.state in ("received", "assembling"):
         return True
     return tj.state in ("queued", "delivered") and series in ((tj.qa or {}).get("fusion") or {}).get("partners", [])
+
+
+def _non_finite_maps(maps: QMaps) -> list[str]:
+    """Which estimated maps hold NaN or infinite voxels (checked before anything is rendered)."""
+    return [f"{name} map has {int(np.size(a) - np.count_nonzero(np.isfinite(a)))} non-finite voxel(s)"
+            for name, a in (("PD", maps.pd), ("T1", maps.t1), ("T2", maps.t2)) if not np.isfinite(a).all()]
 
 
 def _blockwise_u16(shape: tuple[int, ...], fill: Callable[[int, int], np.ndarray]) -> np.ndarray:
@@ -404,10 +412,13 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         model_sha256=mid.sha256,
     )
 
-    def finish(state: str, reason: str | None) -> JobResult:
+    def finish(state: str, reason: str | None, **fields: Any) -> JobResult:
         if timings:
             qa["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-        jobs.set_state(job_id, state, reason, qa=qa or None)
+        fields.setdefault("role", JobRole.TARGET)
+        fields.setdefault("fusion_target", None)
+        fields.setdefault("retry_at", None)
+        jobs.set_state(job_id, state, reason, qa=qa or None, **fields)
         result.state, result.reason = state, reason
         return result
 
@@ -424,7 +435,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
             raise _Stop("failed", f"{len(missing)} spooled file(s) missing, e.g. {missing[0]}")
         header = _first_header(paths)
         calling_ae = next((m.calling_ae for m in members if m.calling_ae), None)
-        ok, why = check_eligibility(header, protocol, calling_ae=calling_ae)
+        ok, why = check_eligibility(header, protocol, calling_ae=calling_ae, own=ctx.node)
         if not ok:
             raise _Stop("ineligible", why)
         try:
@@ -454,7 +465,8 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
                 qa["fusion"]["target"] = target
                 if _target_uses(ctx, job.study_uid, target, series):
                     raise _Stop("ineligible", f"{PARTNER_ONLY} series {target} (fusion.target: "
-                                              f"{protocol.fusion.target}); no derived series of its own")
+                                              f"{protocol.fusion.target}); no derived series of its own",
+                                role=JobRole.FUSION_INPUT, fusion_target=target)
                 qa["fusion"]["note"] = (f"target series {target} was processed without this series: "
                                         "derived series of its own instead")
             co_sources = [a.volume for a, _, _ in partners]
@@ -474,6 +486,10 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         violations = qa_violations(qa, protocol)
         qa["violations"] = violations
         qa["action"] = protocol.qa.action if violations else "none"
+        broken = non_finite_figures(qa) + _non_finite_maps(maps)
+        if broken:  # never sent, whatever qa.action says: the images would be blank or wrong
+            qa["action"] = "failed"
+            raise _Stop("failed", "non-finite data: " + "; ".join(broken))
         timings["infer"] = time.perf_counter() - t0
         hold = bool(violations) and protocol.qa.action == "hold"
         if hold and ctx.hold_override:
@@ -527,7 +543,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         level = logging.INFO if stop.state == "ineligible" else logging.WARNING
         log.log(level, "job %d series %s %s: %s", job_id, series, stop.state, stop.reason)
         jobs.audit(job_id, stop.state, {"reason": stop.reason})
-        finish(stop.state, stop.reason)
+        finish(stop.state, stop.reason, **stop.fields)
     except Exception as exc:
         finish("failed", f"unexpected error: {type(exc).__name__}: {exc}")
         raise

@@ -5,6 +5,7 @@ written into derived objects sent under a warning or released from a hold by a r
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,17 @@ def percent(frac: float) -> str:
     return f"{v:.2g}"
 
 
+def non_finite_figures(qa: dict[str, Any]) -> list[str]:
+    """One sentence per QA number that is NaN or infinite (blank or broken images, #15 finding 2)."""
+    out = []
+    for key, value in qa.items():
+        values = list(value.values()) if isinstance(value, dict) else (
+            value if isinstance(value, (list, tuple)) else [value])
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            out.append(f"QA figure {key} is not finite ({value})")
+    return out
+
+
 def qa_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
     """Which protocol QA thresholds the job exceeds, each as a sentence a physicist reads as is.
 
@@ -85,7 +97,7 @@ def qa_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
     was meant; the numbers behind each sentence stay in ``job.qa``.
     """
     t = protocol.qa
-    out = []
+    out = non_finite_figures(qa)  # NaN compares False with every threshold: never "no violation"
     if qa["self_nrmse"] > t.max_self_nrmse:
         out.append(f"self NRMSE {percent(qa['self_nrmse'])} % (the maps re-render the input this far off); "
                    f"limit {percent(t.max_self_nrmse)} %")

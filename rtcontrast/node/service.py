@@ -7,8 +7,10 @@ Threads (all in one process):
 * the *scheduler* turns due series into jobs (``create_job``) for the worker, marks
   ``queued`` jobs ``delivered`` once the outbox has delivered all of their instances,
   and prunes delivered outbox rows past ``retention_days``;
-* one *worker* runs jobs one at a time (:func:`rtcontrast.node.pipeline.run_job`): the model
-  and the two CPU cores are shared, and one job at a time keeps latency predictable;
+* one *worker* runs jobs one at a time (:func:`rtcontrast.node.pipeline.run_job`), smallest
+  series first, and a second *small-series lane* worker runs only series of at most
+  ``small_series_max_instances`` instances, so a huge series cannot starve the others
+  (:mod:`rtcontrast.node.workqueue`; with fusion on, every job goes to the one worker);
 * the outbox *sender* delivers with retries and backoff.
 
 Restart (what :meth:`Node.start` does before it listens): delete partial spool writes,
@@ -45,10 +47,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -64,8 +66,11 @@ from rtcontrast.node.receive.scp import ScpSettings, StorageSCP, StoredInstance
 from rtcontrast.node.receive.series import SeriesTracker
 from rtcontrast.node.receive.spool import Spool
 from rtcontrast.node.registry import check_model_pin, resolve_model
+from rtcontrast.node.retry import retry_delay_s, transient_cause
+from rtcontrast.node.workqueue import WorkQueues
 from rtcontrast.node.store import db
-from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.store.completeness import SeriesEvents
+from rtcontrast.node.store.jobs import RERUN_STATES, JobState, JobStore
 from rtcontrast.settings.node import ConfigError, NodeConfig
 from rtcontrast.settings.protocol import ProtocolConfig, load_protocol
 
@@ -78,8 +83,6 @@ from rtcontrast.node.ops.status import export_dirs
 
 log = logging.getLogger(__name__)
 
-#: Job states that are re-run from assembly after a restart.
-_RERUN_STATES = frozenset({"received", "assembling", "inferring", "rendering", "deriving"})
 _MONITOR_INTERVAL_S = 0.5
 _PRUNE_INTERVAL_S = 3600.0
 #: The watchdog is fed only while the scheduler loop ran this recently.
@@ -124,14 +127,14 @@ class Node:
         self._stop_wait = threading.Event()  # wakes run_forever's loop (signals)
         self._enqueued: set[int] = set()  # job ids in the work queue or running
         self._enqueued_lock = threading.Lock()
+        self._not_before: dict[int, float] = {}  # job id -> monotonic time of its next transient retry
         self._scheduler_beat = time.monotonic()
         self.tracker = SeriesTracker(config.series_idle_timeout_s, config.release_grace_s)
         self._first_due: dict[tuple[str, str], float] = {}  # fusion: when a series first completed
-        self._work: queue.Queue[int | None] = queue.Queue()
+        self._work = WorkQueues(config.small_series_max_instances)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._busy = threading.Event()  # the worker is running a job
         self._started = False
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
@@ -155,6 +158,8 @@ class Node:
         self.spool.remove_partial()
         self.jobs_conn = db.connect(c.db_file)
         self.jobs = JobStore(self.jobs_conn)
+        self.events_conn = db.connect(c.db_file)
+        self.series_events = SeriesEvents(self.events_conn)
         self.outbox_conn = db.connect(c.db_file)
         self.outbox = MeteredOutbox(self.outbox_conn, c.outbox_path, self.metrics)
         d = c.delivery
@@ -182,11 +187,14 @@ class Node:
             on_enqueued=self.sender.wake,
             job_dir=self.job_dir,
         )
-        self._work = queue.Queue()
+        self._work = WorkQueues(c.small_series_max_instances)
         self._enqueued = set()
         self._resume()
         self._stop.clear()
-        for name, target in (("scheduler", self._scheduler_loop), ("worker", self._worker_loop)):
+        loops = [("scheduler", self._scheduler_loop), ("worker", lambda: self._worker_loop("main"))]
+        if c.small_series_max_instances:
+            loops.append(("worker-small", lambda: self._worker_loop("small")))
+        for name, target in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -197,6 +205,7 @@ class Node:
             self.spool,
             on_stored=self._on_stored,
             on_released=self._on_released,
+            on_association_end=self._on_association_end,
         )
         self.scp.start()
         if c.metrics.enabled and self.metrics_port is None:
@@ -237,7 +246,7 @@ class Node:
             self.scp.stop()
         self._stop.set()
         self._wake.set()
-        self._work.put(None)
+        self._work.stop()
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
@@ -248,8 +257,9 @@ class Node:
             self.sender.stop(max(0.1, deadline - time.monotonic()))
         self.metrics.stop()
         self.metrics_port = None
-        if not any(t.is_alive() for t in threading.enumerate() if t.name == "worker"):
+        if not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("worker")):
             self.jobs_conn.close()
+            self.events_conn.close()
             self.outbox_conn.close()
         self._started = False
         log.info("stopped")
@@ -376,13 +386,23 @@ class Node:
         self.metrics.instances_received.inc()
         self.tracker.touch(inst.study_uid, inst.series_uid, time.monotonic())
 
+    def _on_association_end(
+        self, outcome: str, series: set[tuple[str, str]],
+        refusals: list[tuple[tuple[str, str] | None, str | None, int]],
+    ) -> None:
+        """Completeness: record aborts and refusals per series; such a series gets no release grace."""
+        for key, missing in self.series_events.record_association(outcome, series, refusals).items():
+            self.tracker.suspect(key, bool(missing))
+            if missing:
+                log.warning("series %s: %s; it completes by the idle timeout only", key[1], missing.summary())
+
     def _on_released(self, keys: set[tuple[str, str]]) -> None:
         self.tracker.released(keys, time.monotonic())
         self._wake.set()
 
     # ------------------------------------------------------------------ restart
     def _resume(self) -> None:
-        rerun = [j for j in self.jobs.unfinished_jobs() if j.state in _RERUN_STATES]
+        rerun = [j for j in self.jobs.unfinished_jobs() if j.state in RERUN_STATES]
         for j in rerun:
             log.info("resuming job %d series %s (was %s): re-running from assembly", j.id, j.series_uid, j.state)
             self.jobs.audit(j.id, "resumed", {"state": j.state})
@@ -402,18 +422,49 @@ class Node:
     def _enqueue(self, job_id: int) -> None:
         with self._enqueued_lock:
             self._enqueued.add(job_id)
-        self._work.put(job_id)
+        job = self.jobs.job(job_id)
+        fusion = self.protocol.fusion.enabled and self.model.info.fusion  # fusion decisions assume one worker
+        self._work.put(job_id, job.instance_count if job is not None else 0, lane_allowed=not fusion)
 
     def _pick_up_released(self) -> None:
-        """Jobs put back to ``received`` from outside (``node.py release``) go to the worker."""
+        """Jobs put back to run from outside the worker go to it: ``node.py release`` / ``retry``,
+        and transient failures whose backoff has passed (``retry_at``).
+
+        Any job in a re-run state that is not queued or running here is such a job (the
+        worker is the only one that moves jobs through those states, and it keeps a job in
+        ``_enqueued`` until it ends).
+        """
+        now_iso = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         for j in self.jobs.unfinished_jobs():
-            if j.state != "received":
+            if j.state not in RERUN_STATES:
                 continue
             with self._enqueued_lock:
                 known = j.id in self._enqueued
-            if not known:
-                log.info("job %d series %s released by an admin: re-running", j.id, j.series_uid)
-                self._enqueue(j.id)
+            if known:
+                continue
+            if (j.retry_at and j.retry_at > now_iso) or self._not_before.get(j.id, 0.0) > time.monotonic():
+                continue
+            if j.retry_count:
+                log.info("job %d series %s: retry %d after a transient failure", j.id, j.series_uid, j.retry_count)
+            else:
+                log.info("job %d series %s put back by an admin: re-running", j.id, j.series_uid)
+            self._enqueue(j.id)
+
+    def _schedule_retry(self, job_id: int, exc: BaseException, cause: str) -> None:
+        """A transient failure: put the job back with capped exponential backoff, never fail it."""
+        job = self.jobs.job(job_id)
+        n = (job.retry_count if job is not None else 0) + 1
+        delay = retry_delay_s(n)
+        self._not_before[job_id] = time.monotonic() + delay  # also holds if the database write below fails
+        self.metrics.job_retries.labels(cause).inc()
+        log.warning("job %d: transient failure (%s: %s): retry %d in %.0f s; nothing received is lost",
+                    job_id, cause, exc, n, delay)
+        at = datetime.fromtimestamp(time.time() + delay, timezone.utc).isoformat(timespec="microseconds")
+        try:
+            self.jobs.set_state(job_id, JobState.RECEIVED, f"transient failure ({cause}): {exc}; retry {n} at {at}",
+                                retry_count=n, retry_at=at)
+        except Exception as db_exc:  # the database itself may be what is full; memory keeps the backoff
+            log.warning("job %d: could not record the retry (%s); it stays due in memory", job_id, db_exc)
 
     def purge(self, dry_run: bool = False) -> Any:
         """Retention now (see :func:`rtcontrast.node.ops.retention.purge`); the report."""
@@ -438,12 +489,19 @@ class Node:
                         continue
                     # partners that were waiting for this series go with it: all jobs exist before any runs
                     group = [series, *self._release_waiting_partners(study, series)]
+                    missing = {s: self.series_events.outstanding(study, s) for s in group}
                     created = [(s, self.jobs.create_job(study, s)) for s in group]
                     for s, job_id in created:
-                        if job_id is not None:
-                            log.info("series %s complete: job %d created", s, job_id)
-                            self.metrics.series_completed.inc()
-                            self._enqueue(job_id)
+                        if job_id is None:
+                            continue
+                        if missing[s]:  # never presented as complete: held with the counts
+                            log.warning("series %s: job %d held: %s", s, job_id, missing[s].reason())
+                            self.jobs.set_state(job_id, JobState.HELD, missing[s].reason())
+                            self.metrics.jobs_finished.labels(JobState.HELD).inc()
+                            continue
+                        log.info("series %s complete: job %d created", s, job_id)
+                        self.metrics.series_completed.inc()
+                        self._enqueue(job_id)
                 if now - last_monitor >= _MONITOR_INTERVAL_S:
                     last_monitor = now
                     self._check_deliveries()
@@ -495,7 +553,7 @@ class Node:
 
     def _check_deliveries(self) -> None:
         for job in self.jobs.unfinished_jobs():
-            if job.state != "queued":
+            if job.state != JobState.QUEUED:
                 continue
             counts = self.outbox.job_counts(job.id)
             if counts["pending"]:
@@ -504,10 +562,10 @@ class Node:
                 reason = f"{counts['dead_letter']} instance(s) dead-lettered (see node.py status / resend)"
                 if job.reason != reason:
                     log.error("job %d series %s: %s", job.id, job.series_uid, reason)
-                    self.jobs.set_state(job.id, "queued", reason)
+                    self.jobs.set_state(job.id, JobState.QUEUED, reason)
                 continue
-            self.jobs.set_state(job.id, "delivered")
-            self.metrics.jobs_finished.labels("delivered").inc()
+            self.jobs.set_state(job.id, JobState.DELIVERED)
+            self.metrics.jobs_finished.labels(JobState.DELIVERED).inc()
             log.info("job %d series %s delivered: %d instance(s)", job.id, job.series_uid, counts["delivered"])
 
     def _superseded_by(self, job_id: int) -> int | None:
@@ -517,43 +575,42 @@ class Node:
         newer = [j.id for j in self.jobs.jobs_for_series(job.study_uid, job.series_uid) if j.id > job_id]
         return max(newer) if newer else None
 
-    def _worker_loop(self) -> None:
+    def _worker_loop(self, lane: str) -> None:
         while not self._stop.is_set():
-            job_id = self._work.get()
+            job_id = self._work.get(lane)
             if job_id is None or self._stop.is_set():
                 break
-            self._busy.set()
             try:
                 newer = self._superseded_by(job_id)
                 if newer is not None:
                     log.info("job %d superseded by job %d (same series, newer instances)", job_id, newer)
-                    self.jobs.set_state(job_id, "failed", f"superseded by job {newer}")
-                    self.metrics.jobs_finished.labels("failed").inc()
+                    self.jobs.set_state(job_id, JobState.FAILED, f"superseded by job {newer}")
+                    self.metrics.jobs_finished.labels(JobState.FAILED).inc()
                     continue
+                job = self.jobs.job(job_id)
                 with self._protocol_lock:  # the job keeps this protocol even if a reload comes
-                    ctx = dataclasses.replace(self.ctx, hold_override=self._released(job_id))
+                    ctx = dataclasses.replace(self.ctx, hold_override=bool(job and job.hold_override))
                 result = run_job(ctx, job_id)
                 self.metrics.observe_job(result.state, result.timings_s)
-            except Exception:
-                log.exception("job %d failed unexpectedly", job_id)
-                self.metrics.jobs_finished.labels("failed").inc()
+                self._not_before.pop(job_id, None)
+            except Exception as exc:
+                cause = transient_cause(exc)
+                if cause is not None:
+                    self._schedule_retry(job_id, exc, cause)
+                else:
+                    log.exception("job %d failed unexpectedly", job_id)
+                    self.metrics.jobs_finished.labels(JobState.FAILED).inc()
             finally:
                 with self._enqueued_lock:
                     self._enqueued.discard(job_id)
-                self._busy.clear()
-                self._work.task_done()
-
-    def _released(self, job_id: int) -> bool:
-        """An admin released this job since it was last held (QA hold overridden)."""
-        events = [e.event for e in self.jobs.audit_events(job_id) if e.event in ("released", "held")]
-        return bool(events) and events[-1] == "released"
+                self._work.done()
 
     # ------------------------------------------------------------------ for tests and status
     def idle(self) -> bool:
         """Nothing open, queued, running or pending delivery (tests wait for this)."""
-        if self.tracker.pending() or not self._work.empty() or self._busy.is_set():
+        if self.tracker.pending() or not self._work.idle():
             return False
-        if any(j.state in _RERUN_STATES or j.state == "queued" for j in self.jobs.unfinished_jobs()):
+        if any(j.state in RERUN_STATES or j.state == JobState.QUEUED for j in self.jobs.unfinished_jobs()):
             return False
         return True
 

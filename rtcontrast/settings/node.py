@@ -111,12 +111,15 @@ def load_yaml_model(
     model: type[M],
     extra_checks: Callable[[Any], list[tuple[Loc, str]]] | None = None,
     context: dict[str, Any] | None = None,
+    allow_empty: bool = True,
 ) -> M:
     """Load ``path`` into ``model``; on any problem raise ConfigError listing all of them.
 
     ``extra_checks(raw_data)`` returns cross-field problems (unknown references,
     duplicates) as ``(loc, message)``; it runs even when pydantic found errors, so a
     single run reports everything.  ``context`` is passed to pydantic validators.
+    ``allow_empty`` False: an empty file (or one that is only ``{}``/comments) is an
+    error instead of "every default" - a truncated file must not pass as a valid one.
     """
     path = Path(path)
     data, lines = read_yaml(path)
@@ -124,6 +127,9 @@ def load_yaml_model(
     problems: list[tuple[Loc, str]] = []
     if not isinstance(data, dict):
         raise ConfigError([f"{name}:1: (top level): expected a mapping of settings, got {type(data).__name__}"])
+    if not data and not allow_empty:
+        raise ConfigError([f"{name}:1: (top level): the file is empty (truncated?): it must state its settings; "
+                           "the embedded defaults apply only when no file is given"])
     result: M | None = None
     try:
         result = model.model_validate(data, context=context)
@@ -170,6 +176,12 @@ class Limits(StrictModel):
     max_pdu_bytes: int = Field(262144, ge=0, description="maximum PDU size offered (0 = no limit)")
     max_instance_bytes: int = Field(2 * 1024**3, ge=0, description="larger instances refused 0xA700 (0 = no limit)")
     min_free_disk_bytes: int = Field(1024**3, ge=0, description="below this free space, C-STORE is refused 0xA700")
+    max_associations_per_peer: int = Field(
+        0, ge=0, le=1000, description="connections one address may hold (0 = half of max_associations, at least 1)")
+    max_pending_connections: int = Field(
+        0, ge=0, le=10000, description="connections waiting for their association request (0 = 4 x max_associations)")
+    association_request_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a connection must deliver its A-ASSOCIATE-RQ within this time")
 
 
 def check_tls_files(cert: Path | str | None, key: Path | str | None, ca: Path | str | None) -> list[str]:
@@ -336,6 +348,10 @@ class NodeConfig(StrictModel):
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     series_idle_timeout_s: float = Field(30.0, gt=0)
     release_grace_s: float = Field(5.0, ge=0)
+    small_series_max_instances: int = Field(
+        64, ge=0, le=100000,
+        description="a second worker runs only series up to this many instances, so a huge series cannot "
+                    "starve the others (0 = one worker)")
     limits: Limits = Field(default_factory=Limits)
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty: any")
     allowed_ips: list[str] = Field(default_factory=list, description="addresses or CIDR networks; empty: any")
@@ -405,21 +421,6 @@ class NodeConfig(StrictModel):
     @property
     def export_path(self) -> Path:
         return self.export_dir or self.var_dir / "export"
-
-    # admission helpers ------------------------------------------------------------
-    def calling_ae_allowed(self, ae: str) -> bool:
-        """True when ``allowed_calling_aes`` is empty or holds ``ae``."""
-        return not self.allowed_calling_aes or ae.strip() in self.allowed_calling_aes
-
-    def ip_allowed(self, ip: str) -> bool:
-        """True when ``allowed_ips`` is empty or a listed address/network holds ``ip``."""
-        if not self.allowed_ips:
-            return True
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in ipaddress.ip_network(n, strict=False) for n in self.allowed_ips)
 
 
 def load_node_config(path: Path | str | None = None) -> NodeConfig:

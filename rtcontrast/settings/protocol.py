@@ -131,6 +131,11 @@ class MatchRules(StrictModel):
     protocol_name_regex: str | None = None
     body_part_regex: str | None = None
     calling_aes: list[str] = Field(default_factory=list, description="empty: any calling AE")
+    exclude_synthetic: bool = Field(
+        True, description="inputs marked SyntheticData YES are ineligible (a derived series sent back: a loop)")
+    exclude_own_output: bool = Field(
+        True, description="inputs carrying this node's equipment identity (manufacturer, model name, serial) or "
+                          "its uid_root are ineligible")
 
     @field_validator("series_description_regex", "protocol_name_regex", "body_part_regex")
     @classmethod
@@ -411,11 +416,14 @@ def load_protocol(path: Path | str | None = None) -> ProtocolConfig:
     """The protocol from ``path``, or the embedded defaults when ``path`` is None.
 
     Raises :class:`~rtcontrast.settings.node.ConfigError` listing every problem as
-    ``file:line: field.path: message``.
+    ``file:line: field.path: message``.  An empty file is such a problem (#15 finding 3:
+    a protocol truncated to 0 bytes was reloaded as the embedded default, and every
+    following series went to ./var/export instead of the TPS).
     """
     if path is None:
         return ProtocolConfig()
-    return load_yaml_model(path, ProtocolConfig, protocol_cross_checks, context={"cross_checked": True})
+    return load_yaml_model(path, ProtocolConfig, protocol_cross_checks, context={"cross_checked": True},
+                           allow_empty=False)
 
 
 __all__ = [

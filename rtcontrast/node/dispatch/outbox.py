@@ -46,7 +46,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from rtcontrast.node.store.db import register_schema, transaction
+from rtcontrast.node.store.db import transaction
+from rtcontrast.node.store.schema import ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +66,8 @@ WARNING_STATUSES: dict[int, str] = {
 MAX_CONTEXTS = 128
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox_items (
-    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id              TEXT NOT NULL,
-    destination         TEXT NOT NULL,
-    sop_instance_uid    TEXT NOT NULL,
-    sop_class_uid       TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    study_instance_uid  TEXT NOT NULL DEFAULT '',
-    series_instance_uid TEXT NOT NULL DEFAULT '',
-    path                TEXT NOT NULL,
-    state               TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead_letter')),
-    attempts            INTEGER NOT NULL DEFAULT 0,
-    generation          INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at     REAL NOT NULL,
-    created_at          REAL NOT NULL,
-    updated_at          REAL NOT NULL,
-    delivered_at        REAL,
-    last_status         INTEGER,
-    last_error          TEXT,
-    UNIQUE (destination, job_id, sop_instance_uid)
-);
-CREATE INDEX IF NOT EXISTS outbox_items_due ON outbox_items (state, destination, next_attempt_at);
-CREATE INDEX IF NOT EXISTS outbox_items_job ON outbox_items (job_id, state);
-"""
-register_schema("outbox", _SCHEMA)
+# The tables (outbox_items, and the append-only deliveries log) are created and migrated by
+# rtcontrast.node.store.schema.
 
 
 # -- destinations ------------------------------------------------------------------
@@ -128,7 +105,7 @@ class OutboxItem:
     """One row of the outbox: an instance for one destination, as an admin sees it."""
 
     id: int
-    job_id: str
+    job_id: int | str
     destination: str
     sop_instance_uid: str
     sop_class_uid: str
@@ -238,12 +215,14 @@ class Outbox:
     a connection that nothing else uses concurrently.
     """
 
-    def __init__(self, conn: sqlite3.Connection, root: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, root: Path | None) -> None:
+        """``root`` None: a reader (status, audit, metrics) that never enqueues; nothing is created."""
         self.conn = conn
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root) if root is not None else Path("/nonexistent-outbox-reader")
+        if root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
-        conn.executescript(_SCHEMA)  # in case the connection predates this import
+        ensure_schema(conn)  # a no-op on connections from db.connect
 
     # -- enqueue -------------------------------------------------------------------
     def enqueue(
@@ -343,7 +322,7 @@ class Outbox:
         args: list[object] = []
         if job_id is not None:
             clauses.append("job_id = ?")
-            args.append(str(job_id))
+            args.append(job_id)
         if destination is not None:
             clauses.append("destination = ?")
             args.append(destination)
@@ -417,7 +396,7 @@ class Outbox:
         """``{state: n}`` over every destination for one job."""
         with self.lock:
             rows = self.conn.execute(
-                "SELECT state, COUNT(*) FROM outbox_items WHERE job_id = ? GROUP BY state", (str(job_id),)
+                "SELECT state, COUNT(*) FROM outbox_items WHERE job_id = ? GROUP BY state", (job_id,)
             ).fetchall()
         out = dict.fromkeys(STATES, 0)
         out.update({s: int(n) for s, n in rows})
@@ -447,6 +426,71 @@ class Outbox:
                 pass
         return len(rows)
 
+    # -- read models (audit, status, retention) -------------------------------------
+    def series_owed(self, destination: str) -> set[str]:
+        """Derived series UIDs with an instance not yet delivered to ``destination``."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT DISTINCT series_instance_uid FROM outbox_items WHERE destination=? AND state != 'delivered'",
+                (destination,),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def delivered_before(self, cutoff: float) -> int:
+        """How many delivered rows :meth:`prune` would remove for ``cutoff``."""
+        with self.lock:
+            return int(self.conn.execute(
+                "SELECT COUNT(*) FROM outbox_items WHERE state='delivered' AND delivered_at < ?", (cutoff,)
+            ).fetchone()[0])
+
+    def job_outputs(self, job_id: int | str) -> list[dict[str, object]]:
+        """Per (destination, derived series): counts per state, attempts, the last error.
+
+        Delivery counts and times come from the append-only ``deliveries`` log as well,
+        so a job whose delivered rows were purged still shows what went where.
+        """
+        with self.lock:
+            rows = self.conn.execute(
+                """SELECT destination, series_instance_uid, state, COUNT(*) AS n, MAX(attempts) AS attempts,
+                          MAX(delivered_at) AS delivered_at FROM outbox_items WHERE job_id=?
+                   GROUP BY destination, series_instance_uid, state""",
+                (job_id,),
+            ).fetchall()
+            logged = self.conn.execute(
+                """SELECT destination, series_instance_uid, COUNT(DISTINCT sop_instance_uid) AS n, MAX(ts) AS ts
+                   FROM deliveries WHERE job_id=? GROUP BY destination, series_instance_uid""",
+                (job_id,),
+            ).fetchall()
+            errors = self.conn.execute(
+                """SELECT destination, series_instance_uid, last_error, last_status FROM outbox_items
+                   WHERE job_id=? AND last_error IS NOT NULL ORDER BY updated_at""",
+                (job_id,),
+            ).fetchall()
+        out: dict[tuple[str, str], dict[str, object]] = {}
+
+        def entry(dest: str, series: str) -> dict[str, object]:
+            return out.setdefault((dest, series), {"destination": dest, "series_uid": series, "states": {},
+                                                   "max_attempts": 0, "delivered_at": None, "last_error": None,
+                                                   "last_status": None})
+        for r in rows:
+            o = entry(r["destination"], r["series_instance_uid"])
+            o["states"][r["state"]] = int(r["n"])  # type: ignore[index]
+            o["max_attempts"] = max(int(o["max_attempts"]), int(r["attempts"] or 0))  # type: ignore[arg-type]
+            if r["delivered_at"] is not None:
+                o["delivered_at"] = max(float(o["delivered_at"] or 0.0), float(r["delivered_at"]))  # type: ignore[arg-type]
+        for r in logged:
+            o = entry(r["destination"], r["series_instance_uid"])
+            states = o["states"]
+            assert isinstance(states, dict)
+            if states.get(DELIVERED, 0) < int(r["n"]):  # rows purged by retention: the log still knows
+                states[DELIVERED] = int(r["n"])
+            o["delivered_at"] = max(float(o["delivered_at"] or 0.0), float(r["ts"]))  # type: ignore[arg-type]
+        for r in errors:
+            o = entry(r["destination"], r["series_instance_uid"])
+            o["last_error"] = r["last_error"]
+            o["last_status"] = None if r["last_status"] is None else int(r["last_status"])
+        return [out[k] for k in sorted(out)]
+
     # -- outcomes ------------------------------------------------------------------
     def record(
         self,
@@ -470,6 +514,14 @@ class Outbox:
                         "updated_at = ?, last_status = ?, last_error = ? WHERE id = ? AND generation = ?",
                         (now, now, res.status, res.error, item.id, item.generation),
                     )
+                    if cur.rowcount:
+                        # append-only: retention prunes outbox rows, never this record
+                        c.execute(
+                            "INSERT INTO deliveries (ts, job_id, destination, study_instance_uid, "
+                            "series_instance_uid, sop_instance_uid, status) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (now, item.job_id, item.destination, item.study_instance_uid,
+                             item.series_instance_uid, item.sop_instance_uid, res.status),
+                        )
                     if cur.rowcount and delete_delivered:
                         to_delete.append(item.path)
                     continue

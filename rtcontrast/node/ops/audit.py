@@ -1,26 +1,25 @@
 """``node.py audit``: what came from where, what was made from it, where it went, with which status.
 
-Why a report over the existing tables rather than a new one: the truth is already
-recorded as it happens - ``instances`` (each received instance: calling AE, peer
-address, time), ``jobs`` (state, reason, protocol version, model identity, QA),
-``outbox_items`` (each derived instance per destination: state, attempts, last status
-and error, delivery time) and the append-only ``audit`` log.  This module joins them
-per job.  None of these tables holds patient names, IDs or birth dates, so neither does
+Why a report over the existing records rather than a new one: the truth is already
+recorded as it happens - received instances (calling AE, peer address, time), jobs
+(state, reason, protocol version, model identity, QA), the outbox (each derived instance
+per destination: state, attempts, last status and error), the append-only delivery log
+(survives retention) and the append-only audit log.  This module reads them through the
+job store's and the outbox's read models and joins them per job.  None of these tables holds patient names, IDs or birth dates, so neither does
 the report: studies and series are named by UID.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rtcontrast.node.dispatch.outbox import Outbox  # noqa: F401  (registers the outbox schema)
+from rtcontrast.node.dispatch.outbox import Outbox
 from rtcontrast.node.store import db
-from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.store.jobs import InstanceRecord, JobStore
 
 __all__ = ["JobTrail", "audit_trail", "render_trails"]
 
@@ -59,50 +58,29 @@ def _host(peer: str) -> str:
     return host.strip("[]") if sep and port.isdigit() and host else peer
 
 
-def _source(conn: sqlite3.Connection, job_id: int) -> dict[str, Any]:
-    rows = conn.execute(
-        """SELECT i.calling_ae, i.peer, i.received_at, i.sop_class_uid FROM job_instances ji
-           JOIN instances i USING (sop_instance_uid) WHERE ji.job_id=?""",
-        (job_id,),
-    ).fetchall()
-    received = sorted(r["received_at"] for r in rows)
+def _source(members: list[InstanceRecord]) -> dict[str, Any]:
+    received = sorted(m.received_at for m in members)
     return {
-        "instances": len(rows),
-        "calling_aes": sorted({r["calling_ae"] for r in rows if r["calling_ae"]}),
-        "peers": sorted({_host(r["peer"]) for r in rows if r["peer"]}),
-        "sop_classes": sorted({r["sop_class_uid"] for r in rows}),
+        "instances": len(members),
+        "calling_aes": sorted({m.calling_ae for m in members if m.calling_ae}),
+        "peers": sorted({_host(m.peer) for m in members if m.peer}),
+        "sop_classes": sorted({m.sop_class_uid for m in members}),
         "first_received": received[0] if received else None,
         "last_received": received[-1] if received else None,
     }
 
 
-def _outputs(conn: sqlite3.Connection, job_id: int) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        """SELECT destination, series_instance_uid, state, COUNT(*) AS n, MAX(attempts) AS attempts,
-                  MAX(delivered_at) AS delivered_at, MAX(updated_at) AS updated_at
-           FROM outbox_items WHERE job_id=? GROUP BY destination, series_instance_uid, state
-           ORDER BY destination, series_instance_uid, state""",
-        (str(job_id),),
-    ).fetchall()
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:
-        key = (r["destination"], r["series_instance_uid"])
-        o = out.setdefault(key, {"destination": key[0], "series_uid": key[1], "states": {}, "max_attempts": 0,
-                                 "last_delivered": None, "last_error": None, "last_status": None})
-        o["states"][r["state"]] = int(r["n"])
-        o["max_attempts"] = max(o["max_attempts"], int(r["attempts"] or 0))
-        if r["delivered_at"] is not None:
-            o["last_delivered"] = max(o["last_delivered"] or "", _ts(r["delivered_at"]) or "")
-    for (dest, series), o in out.items():
-        err = conn.execute(
-            """SELECT last_error, last_status FROM outbox_items WHERE job_id=? AND destination=?
-               AND series_instance_uid=? AND last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 1""",
-            (str(job_id), dest, series),
-        ).fetchone()
-        if err is not None:
-            o["last_error"] = err["last_error"]
-            o["last_status"] = None if err["last_status"] is None else f"0x{int(err['last_status']):04X}"
-    return list(out.values())
+def _outputs(outbox: Outbox, job_id: int) -> list[dict[str, Any]]:
+    out = []
+    for o in outbox.job_outputs(job_id):
+        status = o["last_status"]
+        out.append({
+            "destination": o["destination"], "series_uid": o["series_uid"], "states": o["states"],
+            "max_attempts": o["max_attempts"], "last_delivered": _ts(o["delivered_at"]),  # type: ignore[arg-type]
+            "last_error": o["last_error"],
+            "last_status": None if status is None else f"0x{int(status):04X}",  # type: ignore[call-overload]
+        })
+    return out
 
 
 def audit_trail(
@@ -117,23 +95,16 @@ def audit_trail(
     conn = db.connect(db_file)
     try:
         store = JobStore(conn)
-        where, args = [], []
-        for col, val in (("id", job_id), ("study_uid", study_uid), ("series_uid", series_uid)):
-            if val is not None:
-                where.append(f"{col}=?")
-                args.append(val)
-        sql = "SELECT id FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-        ids = [int(r[0]) for r in conn.execute(sql, (*args, limit))]
+        outbox = Outbox(conn, None)  # a reader
         trails = []
-        for jid in sorted(ids):
-            job = store.job(jid)
-            assert job is not None
+        for job in store.find_jobs(job_id=job_id, study_uid=study_uid, series_uid=series_uid, limit=limit):
+            jid = job.id
             model = f"{job.model_name} {job.model_version} sha256 {job.model_sha256[:12]}" if job.model_name and job.model_sha256 else None
             trails.append(JobTrail(
-                job_id=job.id, study_uid=job.study_uid, series_uid=job.series_uid, state=job.state,
+                job_id=job.id, study_uid=job.study_uid, series_uid=job.series_uid, state=str(job.state),
                 reason=job.reason, created_at=job.created_at, updated_at=job.updated_at,
                 protocol_version=job.protocol_version, model=model, qa=job.qa,
-                source=_source(conn, jid), outputs=_outputs(conn, jid),
+                source=_source(store.job_instances(jid)), outputs=_outputs(outbox, jid),
                 events=[{"ts": e.ts, "event": e.event, "detail": e.detail} for e in store.audit_events(jid)],
             ))
         return trails

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from rtcontrast.node.store.jobs import Job, JobStore
+from rtcontrast.node.store.jobs import Job, JobState, JobStore
 
 __all__ = [
     "DISCARD_REASON",
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 #: Reason prefix of a job that was discarded from a hold.
 DISCARD_REASON = "discarded after QA hold"
 #: Job states whose membership no longer needs the received files.
-_DONE_STATES = ("delivered", "failed", "ineligible")
+_DONE_STATES = (JobState.DELIVERED, JobState.FAILED, JobState.INELIGIBLE)
 _REVIEWER_RE = re.compile(r"^[\w][\w .,'@-]{0,63}$", re.UNICODE)
 _MAX_NOTE = 500
 
@@ -74,7 +74,7 @@ def _held(jobs: JobStore, job_id: int, verb: str) -> Job:
     job = jobs.job(job_id)
     if job is None:
         raise ValueError(f"no job {job_id}")
-    if job.state != "held":
+    if job.state != JobState.HELD:
         raise ValueError(f"job {job_id} is {job.state}, not held: only held jobs are {verb}")
     return job
 
@@ -92,7 +92,7 @@ def release_held(jobs: JobStore, job_id: int, *, user: str, note: str | None, vi
     jobs.audit(job_id, "released", {"previous_reason": job.reason, "user": user, "via": via,
                                     **({"note": note} if note else {})})
     log.info("job %d series %s released from its QA hold by %s (%s)", job_id, job.series_uid, user, via)
-    return jobs.set_state(job_id, "received", f"released by {user} (QA hold overridden)")
+    return jobs.set_state(job_id, JobState.RECEIVED, f"released by {user} (QA hold overridden)", hold_override=True)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def discard_held(jobs: JobStore, job_id: int, *, user: str, note: str | None, vi
     job = _held(jobs, job_id, "discarded")
     jobs.audit(job_id, "discarded", {"previous_reason": job.reason, "user": user, "via": via,
                                      **({"note": note} if note else {})})
-    done = jobs.set_state(job_id, "failed", f"{DISCARD_REASON} by {user}")
+    done = jobs.set_state(job_id, JobState.FAILED, f"{DISCARD_REASON} by {user}")
     paths = _files_to_remove(jobs.conn, job_id)
     n = size = 0
     for p in paths:
@@ -197,6 +197,6 @@ def expired_holds(jobs: JobStore, days: float, now: datetime | None = None) -> l
     out = []
     for jid in ids:
         job = jobs.job(jid)
-        if job is not None and job.state == "held" and _parse(job.updated_at) < cutoff:
+        if job is not None and job.state == JobState.HELD and _parse(job.updated_at) < cutoff:
             out.append(job)
     return out

@@ -52,6 +52,8 @@ from prometheus_client.registry import Collector
 
 from rtcontrast.node.dispatch.outbox import STATES as OUTBOX_STATES
 from rtcontrast.node.dispatch.outbox import Outbox, OutboxItem, Outcome, RetryPolicy
+from rtcontrast.node.store.jobs import TERMINAL_STATES, JobStore
+from rtcontrast.node.store.schema import SchemaError
 
 __all__ = ["NodeMetrics", "MeteredOutbox", "QueueSnapshot", "read_snapshot"]
 
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 #: Stage duration buckets (seconds): a 2-core CPU job takes seconds to minutes.
 _STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 #: Job states that end a job (the ``rtcontrast_jobs_finished_total`` label values).
-FINAL_STATES = ("delivered", "failed", "ineligible", "held")
+FINAL_STATES: tuple[str, ...] = tuple(sorted(map(str, TERMINAL_STATES)))
 
 
 @dataclass
@@ -78,12 +80,10 @@ def read_snapshot(db_file: Path, disk_path: Path) -> QueueSnapshot:
     if db_file.exists():
         conn = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=5.0)
         try:
-            snap.jobs_by_state = {s: int(n) for s, n in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
-            for dest, state, n in conn.execute(
-                "SELECT destination, state, COUNT(*) FROM outbox_items GROUP BY destination, state"
-            ):
-                snap.outbox.setdefault(dest, dict.fromkeys(OUTBOX_STATES, 0))[state] = int(n)
-        except sqlite3.OperationalError as exc:  # tables not created yet
+            snap.jobs_by_state = {s: n for s, n in JobStore(conn).counts_by_state().items() if n}
+            for dest, counts in Outbox(conn, None).counts().items():
+                snap.outbox[dest] = {**dict.fromkeys(OUTBOX_STATES, 0), **counts}
+        except (sqlite3.OperationalError, SchemaError) as exc:  # not created / migrated yet (read-only here)
             log.debug("metrics snapshot: %s", exc)
         finally:
             conn.close()
@@ -175,6 +175,10 @@ class NodeMetrics:
         self.build_info = Info("rtcontrast_build", "The rtcontrast build and its main libraries", registry=r)
         self.build_info.info(build_info())
         self._health: Callable[[], bool] = lambda: True
+        self.job_retries = Counter(
+            "rtcontrast_job_retries", "Jobs put back after a transient failure (disk full, database busy)",
+            ["cause"], registry=r,
+        )
         self.model_info = Info("rtcontrast_model", "The qmap model in use", registry=r)
         self.protocol_info = Info("rtcontrast_protocol", "The protocol in force", registry=r)
         self._server: Any = None

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,14 +36,14 @@ from pathlib import Path
 from rtcontrast.node.dispatch.outbox import Outbox
 from rtcontrast.node.ops.holds import discard_held, expired_holds
 from rtcontrast.node.store import db
-from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.store.jobs import JobState, JobStore
 
 __all__ = ["PurgeReport", "purge", "PURGEABLE_JOB_STATES"]
 
 log = logging.getLogger(__name__)
 
 #: A series whose jobs are all in these states owes nothing to anyone.
-PURGEABLE_JOB_STATES = frozenset({"delivered", "ineligible", "failed"})
+PURGEABLE_JOB_STATES: frozenset[JobState] = frozenset({JobState.DELIVERED, JobState.INELIGIBLE, JobState.FAILED})
 
 
 @dataclass
@@ -123,14 +122,10 @@ def _prune_empty(directory: Path, stop: Path) -> None:
         d = d.parent
 
 
-def _finished_series(conn: sqlite3.Connection) -> tuple[set[tuple[str, str]], int]:
+def _finished_series(jobs: JobStore) -> tuple[set[tuple[str, str]], int]:
     """Series whose every job is purgeable and that have no unclaimed instance."""
-    states: dict[tuple[str, str], set[str]] = {}
-    for study, series, state in conn.execute("SELECT study_uid, series_uid, state FROM jobs"):
-        states.setdefault((study, series), set()).add(state)
-    unclaimed = {
-        (r[0], r[1]) for r in conn.execute("SELECT DISTINCT study_uid, series_uid FROM instances WHERE job_id IS NULL")
-    }
+    states = jobs.series_job_states()
+    unclaimed = set(jobs.series_with_unconsumed_instances())
     done = {k for k, s in states.items() if s <= PURGEABLE_JOB_STATES and k not in unclaimed}
     pending = (set(states) | unclaimed) - done
     return done, len(pending)
@@ -161,24 +156,24 @@ def purge(
     report = PurgeReport(cutoff=cutoff, dry_run=dry_run, held_days=held_retention_days)
     conn = db.connect(db_file)
     try:
+        jobs = JobStore(conn)
         if held_retention_days is not None:
-            store = JobStore(conn)
-            for job in expired_holds(store, held_retention_days, datetime.fromtimestamp(now, timezone.utc)):
+            for job in expired_holds(jobs, held_retention_days, datetime.fromtimestamp(now, timezone.utc)):
                 report.held_discarded.append(job.id)
                 if dry_run:
                     continue
                 try:
-                    res = discard_held(store, job.id, user="retention", via="retention", jobs_root=jobs_root,
+                    res = discard_held(jobs, job.id, user="retention", via="retention", jobs_root=jobs_root,
                                        note=f"held and unreviewed for more than {held_retention_days:g} day(s)")
                 except ValueError:  # released or discarded meanwhile
                     report.held_discarded.remove(job.id)
                     continue
                 report.bytes += res.bytes
-        done, report.kept_pending_series = _finished_series(conn)
+        outbox = Outbox(conn, None if dry_run else outbox_root)
+        done, report.kept_pending_series = _finished_series(jobs)
         # -- spool: the recorded paths of finished series
         for study, series in sorted(done):
-            paths = [Path(r[0]) for r in conn.execute(
-                "SELECT path FROM instances WHERE study_uid=? AND series_uid=?", (study, series))]
+            paths = jobs.series_instance_paths(study, series)
             old = _old_files(paths, cutoff)
             if not old:
                 continue
@@ -192,12 +187,7 @@ def purge(
         for name, root in sorted(export_dirs.items()):
             if not root.is_dir():
                 continue
-            owed = {
-                r[0] for r in conn.execute(
-                    "SELECT DISTINCT series_instance_uid FROM outbox_items WHERE destination=? AND state != 'delivered'",
-                    (name,),
-                )
-            }
+            owed = outbox.series_owed(name)
             for series_dir in sorted(p for p in root.glob("*/*") if p.is_dir()):
                 if series_dir.name in owed:
                     continue
@@ -211,12 +201,7 @@ def purge(
                     _prune_empty(series_dir, root)
         # -- job folders (QA previews) of finished jobs
         if jobs_root.is_dir():
-            finished = {
-                int(r[0]) for r in conn.execute(
-                    f"SELECT id FROM jobs WHERE state IN ({', '.join('?' for _ in PURGEABLE_JOB_STATES)})",
-                    tuple(sorted(PURGEABLE_JOB_STATES)),
-                )
-            }
+            finished = {j.id for j in jobs.jobs_in_states(PURGEABLE_JOB_STATES, limit=-1)}
             for d in sorted(jobs_root.iterdir()):
                 if not (d.is_dir() and d.name.isdigit() and int(d.name) in finished):
                     continue
@@ -229,11 +214,9 @@ def purge(
                     shutil.rmtree(d, ignore_errors=True)
         # -- delivered outbox rows (their files went at delivery)
         if dry_run:
-            report.outbox_rows = int(conn.execute(
-                "SELECT COUNT(*) FROM outbox_items WHERE state='delivered' AND delivered_at < ?", (cutoff,)
-            ).fetchone()[0])
+            report.outbox_rows = outbox.delivered_before(cutoff)
         else:
-            report.outbox_rows = Outbox(conn, outbox_root).prune(cutoff)
+            report.outbox_rows = outbox.prune(cutoff)
     finally:
         conn.close()
     if not dry_run and report.held_discarded:

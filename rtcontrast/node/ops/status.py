@@ -7,6 +7,7 @@ is running.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 from rtcontrast.node.dispatch.destinations import Destination, FolderDestination
 from rtcontrast.node.dispatch.outbox import Outbox
 from rtcontrast.node.store import db
-from rtcontrast.node.store.jobs import JobStore
+from rtcontrast.node.store.jobs import JobState, JobStore
 from rtcontrast.settings.node import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,8 @@ def read_status(config: NodeConfig, n_jobs: int = 10) -> NodeStatus:
     conn = db.connect(config.db_file)
     try:
         jobs = JobStore(conn)
-        outbox = Outbox(conn, config.outbox_path)
-        by_state = {r[0]: int(r[1]) for r in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+        outbox = Outbox(conn, None)  # a reader
+        by_state = {s: n for s, n in jobs.counts_by_state().items() if n}
         recent = [
             {"id": j.id, "state": j.state, "series_uid": j.series_uid, "created_at": j.created_at,
              "instance_count": j.instance_count, "reason": j.reason}
@@ -121,10 +122,11 @@ def read_status(config: NodeConfig, n_jobs: int = 10) -> NodeStatus:
         ]
         queues = outbox.counts()
         held = [{"id": j.id, "series_uid": j.series_uid, "reason": j.reason}
-                for j in jobs.recent_jobs(1000) if j.state == "held"]
+                for j in reversed(jobs.jobs_in_states({JobState.HELD}))]
         audit = [
-            {"ts": r["ts"], "job_id": r["job_id"], "event": r["event"], "detail": r["detail_json"] or ""}
-            for r in conn.execute("SELECT ts, job_id, event, detail_json FROM audit ORDER BY id DESC LIMIT 5")
+            {"ts": e.ts, "job_id": e.job_id, "event": e.event,
+             "detail": json.dumps(e.detail, sort_keys=True) if e.detail else ""}
+            for e in jobs.recent_audit(5)
         ]
     finally:
         conn.close()

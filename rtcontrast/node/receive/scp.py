@@ -15,8 +15,10 @@ What it accepts, and why:
   understand) with one log line saying what and why.  Received data that is refused
   after arrival is quarantined, not dropped.
 * Series touched by an association are reported through ``on_released`` when the
-  association is released normally (the sender says it is done); an aborted
-  association reports nothing (the idle timeout decides).
+  association is released normally (the sender says it is done).  ``on_association_end``
+  hears how every association that stored or refused something ended (released or
+  aborted) and which instances it refused, so the node can tell a complete series from
+  a partial one (:mod:`rtcontrast.node.store.completeness`).
 * Admission happens when the A-ASSOCIATE-RQ arrives (EVT_REQUESTED, the hook pynetdicom
   leaves for an acceptor to answer A-ASSOCIATE-RJ itself), before any data: a peer
   address outside ``allowed_networks`` is rejected *permanent, service-user, no reason
@@ -35,8 +37,8 @@ Logs name peers, AE titles and UIDs only, never patient identifiers.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -59,17 +61,20 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from rtcontrast.node.receive.spool import (
+    InflationLimit,
     InvalidUID,
     Spool,
     SpoolError,
     SpoolFull,
     UnreadableInstance,
+    check_inflated_size,
     read_header,
     validate_uid,
 )
+from rtcontrast.node.receive.admission import Admission, ConnectionGate, safe_text
+from rtcontrast.node.receive.server import AssociationServer
 from rtcontrast.node.receive.scp_settings import ScpSettings, ScpTls, StoredInstance, server_ssl_context
 
 __all__ = [
@@ -81,6 +86,7 @@ __all__ = [
     "ACCEPTED_SOP_CLASSES",
     "ACCEPTED_TRANSFER_SYNTAXES",
     "STATUS_SUCCESS",
+    "STATUS_DUPLICATE_SOP_INSTANCE",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_DATASET_MISMATCH",
     "STATUS_CANNOT_UNDERSTAND",
@@ -103,6 +109,7 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 STATUS_SUCCESS = 0x0000
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.4.2.1.4: a failure status of C-STORE
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -117,6 +124,10 @@ class _AssocState:
     refused: int = 0
     series: set[tuple[str, str]] = field(default_factory=set)
     outcome: str = "open"  # released | aborted | rejected
+    # refused instances: ((study, series) or None when unknown, SOP Instance UID or None, status)
+    refusals: list[tuple[tuple[str, str] | None, str | None, int]] = field(default_factory=list)
+    current: tuple[tuple[str, str] | None, str | None] = (None, None)
+    reported: bool = False
     closed: bool = False
     logged: bool = False
     refusal_logged: bool = False
@@ -145,45 +156,6 @@ def _rj_text(result: int, source: int, reason: int) -> str:
     )
 
 
-class _AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved into the connection thread.
-
-    pynetdicom wraps accepted sockets with ``do_handshake_on_connect`` in the accepting
-    thread: a client that connects and stays silent blocks every later connection.  Here
-    the handshake happens per connection, bounded by ``handshake_timeout_s``, and a
-    failure (plain DICOM on the TLS port, an untrusted certificate) is logged and closed.
-    """
-
-    handshake_timeout_s: float = 10.0
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client_socket, address = self.socket.accept()
-        if self.ssl_context:
-            client_socket = self.ssl_context.wrap_socket(
-                client_socket, server_side=True, do_handshake_on_connect=False
-            )
-        return client_socket, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            previous = request.gettimeout()
-            try:
-                request.settimeout(self.handshake_timeout_s)
-                request.do_handshake()
-                request.settimeout(previous)
-            except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
-                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-                if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
-                    reason += " (the peer does not speak TLS: plain DICOM on the TLS port?)"
-                LOG.warning(
-                    "refused TLS connection from %s:%s on port %d: handshake failed: %s",
-                    client_address[0], client_address[1], self.server_address[1], reason,
-                )
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
-
-
 class _Refusal(Exception):
     """A C-STORE refusal: DICOM status and the reason that goes in the log."""
 
@@ -210,14 +182,21 @@ class StorageSCP:
         spool: Spool,
         on_stored: Callable[[StoredInstance], None],
         on_released: Callable[[set[tuple[str, str]]], None],
+        on_association_end: Callable[[str, set[tuple[str, str]],
+                                      list[tuple[tuple[str, str] | None, str | None, int]]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.on_stored = on_stored
         self.on_released = on_released
+        self.on_association_end = on_association_end
         self._servers: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks or ()]
+        self.admission = Admission(settings.allowed_networks, settings.allowed_calling_aets, settings.ae_title,
+                                   settings.require_called_aet)
+        per_peer = settings.max_associations_per_peer or max(1, settings.max_associations // 2)
+        self.gate = ConnectionGate(self.admission, per_peer,
+                                   settings.max_pending_connections or 4 * settings.max_associations)
         if not settings.plain_enabled and settings.tls is None:
             raise ValueError("neither the plain nor the TLS listener is enabled")
         self.ae = self._make_ae()
@@ -289,10 +268,13 @@ class StorageSCP:
         """One listener (as ``AE.start_server(block=False)``, with our server class)."""
         server = self.ae.make_server(
             (self.settings.host, port), ssl_context=ssl_ctx, evt_handlers=handlers,
-            server_class=_AssociationServer,
+            server_class=AssociationServer,
         )
         if self.settings.tls is not None:
             server.handshake_timeout_s = self.settings.tls.handshake_timeout_s
+        server.gate = self.gate
+        server.request_timeout_s = self.settings.association_request_timeout_s
+        server.max_pdu_bytes = self.settings.max_pdu_size
         name = "tls" if ssl_ctx is not None else "plain"
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{name}-listener", daemon=True)
         thread.start()
@@ -387,24 +369,7 @@ class StorageSCP:
 
     def _admission(self, st: _AssocState) -> tuple[int, str] | None:
         """``(reason, why)`` for an A-ASSOCIATE-RJ (permanent, service-user), or None to go on."""
-        s = self.settings
-        if self._networks and not self._address_allowed(st.host):
-            return 1, f"peer address {st.host} is not in allowed_ips"
-        allowed = s.allowed_calling_aets
-        if allowed and st.calling_ae not in [a.strip() for a in allowed]:
-            return 3, f"calling AE title {st.calling_ae!r} is not in the allow-list"
-        if s.require_called_aet and st.called_ae != s.ae_title.strip():
-            return 7, f"called AE title {st.called_ae!r} is not this node's ({s.ae_title.strip()!r})"
-        return None
-
-    def _address_allowed(self, host: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
-        return any(addr in net for net in self._networks if net.version == addr.version)
+        return self.admission.verdict(st.host, st.calling_ae, st.called_ae)
 
     def _on_requested(self, event: evt.Event) -> None:
         """Admission at A-ASSOCIATE-RQ: answer A-ASSOCIATE-RJ ourselves, before negotiation.
@@ -467,9 +432,23 @@ class StorageSCP:
             st.peer, st.calling_ae, st.called_ae, st.transport, why, _rj_text(*rsd),
         )
 
+    def _report_end(self, st: _AssocState, outcome: str) -> None:
+        """Tell ``on_association_end`` once how the association ended (completeness, see series events)."""
+        with self._lock:
+            if st.reported or (not st.series and not st.refusals):
+                return
+            st.reported = True
+        if self.on_association_end is None:
+            return
+        try:
+            self.on_association_end(outcome, set(st.series), list(st.refusals))
+        except Exception:  # the instances are stored; the series is still completed by the idle timeout
+            LOG.exception("on_association_end callback failed for association from %s", st.peer)
+
     def _on_released(self, event: evt.Event) -> None:
         st = self._state(event.assoc)
         self._finish(st, outcome="released")
+        self._report_end(st, "released")
         if st.series:
             try:
                 self.on_released(set(st.series))
@@ -477,13 +456,17 @@ class StorageSCP:
                 LOG.exception("on_released callback failed for association from %s", st.peer)
 
     def _on_aborted(self, event: evt.Event) -> None:
-        self._finish(self._state(event.assoc), outcome="aborted")
+        st = self._state(event.assoc)
+        self._finish(st, outcome="aborted")
+        self._report_end(st, "aborted")
 
     def _on_conn_close(self, event: evt.Event) -> None:
         st = self._state(event.assoc)
         if st.outcome == "open" and getattr(event.assoc, "is_aborted", False):
             self._finish(st, outcome="aborted")
         self._finish(st, closed=True)
+        if st.outcome != "released":  # aborted, or the connection dropped without a release
+            self._report_end(st, "aborted")
 
     # ------------------------------------------------------------------ DIMSE
     def _on_c_echo(self, event: evt.Event) -> int:
@@ -497,6 +480,8 @@ class StorageSCP:
             inst = self._store(event, st)
         except _Refusal as ref:
             st.refused += 1
+            key, sop = st.current
+            st.refusals.append((key, sop or (_safe_uid(sop_uid_cmd) or None), ref.status))
             LOG.warning(
                 "refused C-STORE from %s (AE %s) of SOP instance %s: status 0x%04X: %s",
                 st.peer, st.calling_ae, _safe_uid(sop_uid_cmd), ref.status, ref.reason,
@@ -506,6 +491,7 @@ class StorageSCP:
             return ref.status
         except Exception:  # never answer success on an unexpected error
             st.refused += 1
+            st.refusals.append((st.current[0], st.current[1], STATUS_OUT_OF_RESOURCES))
             LOG.exception("C-STORE from %s failed unexpectedly; answering 0xA700", st.peer)
             return STATUS_OUT_OF_RESOURCES
         st.stored += 1
@@ -514,12 +500,20 @@ class StorageSCP:
 
     def _store(self, event: evt.Event, st: _AssocState) -> StoredInstance:
         req = event.request
+        st.current = (None, None)
         cx_sop_class = str(event.context.abstract_syntax)
         src = _source(event)
         size = len(src) if isinstance(src, bytes) else src.stat().st_size
         limit = self.settings.max_instance_bytes
         if limit and size > limit:
             raise _Refusal(STATUS_OUT_OF_RESOURCES, f"dataset of {size} bytes exceeds the limit of {limit} bytes")
+        if str(event.context.transfer_syntax) == str(DeflatedExplicitVRLittleEndian):
+            try:
+                check_inflated_size(src, limit)
+            except InflationLimit as exc:
+                raise _Refusal(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
+            except UnreadableInstance as exc:
+                raise _Refusal(STATUS_CANNOT_UNDERSTAND, str(exc), quarantine=True) from exc
         try:
             ds = read_header(src)
         except UnreadableInstance as exc:
@@ -539,6 +533,16 @@ class StorageSCP:
             sop = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
         except InvalidUID as exc:
             raise _Refusal(STATUS_DATASET_MISMATCH, str(exc), quarantine=True) from exc
+        st.current = ((study, series), sop)
+        for kw in ("RescaleSlope", "RescaleIntercept"):  # NaN/inf: every pixel of the slice is undefined
+            value = ds.get(kw)
+            try:
+                finite = value is None or value == "" or math.isfinite(float(value))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise _Refusal(STATUS_CANNOT_UNDERSTAND, f"{kw} {safe_text(value)} is not a finite number",
+                               quarantine=True)
         if sop != str(req.AffectedSOPInstanceUID):
             raise _Refusal(
                 STATUS_DATASET_MISMATCH,
@@ -565,6 +569,11 @@ class StorageSCP:
         try:
             self.on_stored(inst)
         except Exception as exc:
+            status = getattr(exc, "dicom_status", None)
+            if status is not None:  # a refusal by the store (e.g. 0x0111 Duplicate SOP Instance)
+                self.spool.quarantine(path, f"from {st.peer} AE {st.calling_ae}: {exc}")
+                path.unlink(missing_ok=True)  # kept in quarantine, not in the series it does not belong to
+                raise _Refusal(int(status), str(exc)) from exc
             LOG.exception("on_stored failed for SOP instance %s", sop)
             raise _Refusal(STATUS_OUT_OF_RESOURCES, f"could not record the instance: {exc}") from exc
         return inst
@@ -583,5 +592,4 @@ def _source(event: evt.Event) -> bytes | Path:
 
 def _safe_uid(value: str) -> str:
     """A UID for a log line: printable and bounded, whatever the peer sent."""
-    text = "".join(c if c.isprintable() else "?" for c in str(value))
-    return text if len(text) <= 80 else text[:80] + "..."
+    return safe_text(value)

@@ -64,6 +64,10 @@ class ScpSettings:
     ``allowed_networks``: addresses or CIDR networks; ``None`` or empty accepts any peer.
     ``plain_enabled``: listen without TLS on ``port``; ``tls``: also (or only) listen
     with TLS on ``tls.port``.  ``max_associations`` counts both listeners together.
+    ``max_associations_per_peer`` (0: half of ``max_associations``, at least 1): connections
+    one address may hold; ``max_pending_connections`` (0: 4 x ``max_associations``):
+    connections still waiting for their A-ASSOCIATE-RQ; ``association_request_timeout_s``:
+    how long a connection may take to deliver it (see :mod:`rtcontrast.node.receive.admission`).
     """
 
     ae_title: str = "RTCONTRAST"
@@ -81,6 +85,9 @@ class ScpSettings:
     allowed_networks: list[str] | None = None
     plain_enabled: bool = True
     tls: ScpTls | None = None
+    max_associations_per_peer: int = 0
+    max_pending_connections: int = 0
+    association_request_timeout_s: float = 10.0
 
     @classmethod
     def from_config(cls, c: NodeConfig) -> ScpSettings:
@@ -108,6 +115,9 @@ class ScpSettings:
             allowed_networks=list(c.allowed_ips) or None,
             plain_enabled=c.tls.plain_port_enabled or not c.tls.enabled,
             tls=tls,
+            max_associations_per_peer=c.limits.max_associations_per_peer,
+            max_pending_connections=c.limits.max_pending_connections,
+            association_request_timeout_s=c.limits.association_request_timeout_s,
         )
 
 

@@ -4,7 +4,9 @@ DICOM has no "series complete" signal (pynetdicom#369, mercure#32/#45): a series
 taken as complete when no instance of it has arrived for ``idle_seconds``.  When the
 association that carried it is released normally, the sender has said it is done, so
 the deadline is shortened to ``release_grace_seconds`` (a short grace for a second
-association that may follow).  An aborted association does not shorten anything.  A
+association that may follow).  An aborted association does not shorten anything, and
+neither does a release for a series marked :meth:`SeriesTracker.suspect` (an abort or a
+refusal touched it: it waits for the full idle timeout).  A
 late instance after the series was handed out simply starts a new idle window: the
 caller makes a new job for it.
 
@@ -31,6 +33,7 @@ class SeriesTracker:
         self.idle_seconds = float(idle_seconds)
         self.release_grace_seconds = float(release_grace_seconds)
         self._deadlines: dict[SeriesKey, float] = {}
+        self._suspect: set[SeriesKey] = set()
         self._lock = threading.Lock()
 
     def touch(self, study_uid: str, series_uid: str, now: float) -> None:
@@ -41,13 +44,25 @@ class SeriesTracker:
     def released(self, keys: Iterable[SeriesKey], now: float) -> None:
         """The association carrying ``keys`` was released: complete them after the grace.
 
-        Only shortens (never extends) a deadline; unknown keys (already handed out) are
-        ignored.
+        Only shortens (never extends) a deadline; unknown keys (already handed out) and
+        suspect ones (:meth:`suspect`) are ignored.
         """
         with self._lock:
             for key in keys:
-                if key in self._deadlines:
+                if key in self._deadlines and key not in self._suspect:
                     self._deadlines[key] = min(self._deadlines[key], now + self.release_grace_seconds)
+
+    def suspect(self, key: SeriesKey, is_suspect: bool) -> None:
+        """Mark a series as possibly incomplete (an abort or a refusal): no release grace for it.
+
+        It then completes by the idle timeout only, giving the sender time to send the
+        missing instances (see :mod:`rtcontrast.node.store.completeness`).
+        """
+        with self._lock:
+            if is_suspect:
+                self._suspect.add(key)
+            else:
+                self._suspect.discard(key)
 
     def due(self, now: float) -> list[SeriesKey]:
         """Remove and return the series whose deadline has passed, oldest deadline first."""
@@ -55,6 +70,7 @@ class SeriesTracker:
             ready = sorted((d, k) for k, d in self._deadlines.items() if d <= now)
             for _, key in ready:
                 del self._deadlines[key]
+                self._suspect.discard(key)
             return [k for _, k in ready]
 
     def defer(self, study_uid: str, series_uid: str, until: float) -> None:

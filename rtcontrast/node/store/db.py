@@ -1,8 +1,8 @@
 """One SQLite database for the node's durable state (jobs, instances, outbox, audit).
 
-Each stage module owns its tables and registers its DDL with :func:`register_schema`;
-:func:`connect` opens the file in WAL mode and applies every registered schema, so a
-newcomer finds a table's definition next to the code that uses it.
+The schema is versioned and migrated explicitly (:mod:`rtcontrast.node.store.schema`,
+``PRAGMA user_version``): :func:`connect` opens the file in WAL mode and brings it to the
+current version, whichever modules are imported.
 """
 
 from __future__ import annotations
@@ -10,16 +10,11 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-_SCHEMAS: dict[str, str] = {}
-
-
-def register_schema(owner: str, ddl: str) -> None:
-    """Register ``ddl`` (idempotent CREATE ... IF NOT EXISTS statements) under ``owner``."""
-    _SCHEMAS[owner] = ddl
+from rtcontrast.node.store.schema import ensure_schema
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
-    """Open the node database: WAL, foreign keys, a busy timeout, all schemas applied.
+    """Open the node database: WAL, foreign keys, a busy timeout, schema migrated.
 
     The connection is in autocommit mode (``isolation_level=None``); use ``with
     transaction(conn):`` for multi-statement atomic updates.  ``check_same_thread`` is
@@ -35,8 +30,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
-    for ddl in _SCHEMAS.values():
-        conn.executescript(ddl)
+    ensure_schema(conn)
     return conn
 
 

@@ -29,9 +29,11 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from enum import StrEnum
 from typing import Any, Protocol
 
-from rtcontrast.node.store.db import register_schema, transaction
+from rtcontrast.node.store.db import transaction
+from rtcontrast.node.store.schema import ensure_schema
 
 __all__ = [
     "JobStore",
@@ -40,84 +42,66 @@ __all__ = [
     "AuditEvent",
     "JOB_STATES",
     "TERMINAL_STATES",
+    "RERUN_STATES",
+    "JobState",
+    "JobRole",
+    "DuplicateInstance",
 ]
 
-JOB_STATES: tuple[str, ...] = (
-    "received",
-    "assembling",
-    "inferring",
-    "rendering",
-    "deriving",
-    "queued",
-    "delivered",
-    "failed",
-    "ineligible",
-    "held",
-)
+class JobState(StrEnum):
+    """Where a job is.  A StrEnum, so rows, JSON and logs keep the plain words."""
+
+    RECEIVED = "received"
+    ASSEMBLING = "assembling"
+    INFERRING = "inferring"
+    RENDERING = "rendering"
+    DERIVING = "deriving"
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    INELIGIBLE = "ineligible"
+    HELD = "held"
+
+
+class JobRole(StrEnum):
+    """What a job's series is for: its own derived series, or only an input to another's (fusion)."""
+
+    TARGET = "target"
+    FUSION_INPUT = "fusion_input"
+
+
+JOB_STATES: tuple[str, ...] = tuple(s.value for s in JobState)
 # States a restarted node does not resume on its own ("held" waits for an admin).
-TERMINAL_STATES: frozenset[str] = frozenset({"delivered", "failed", "ineligible", "held"})
+TERMINAL_STATES: frozenset[JobState] = frozenset(
+    {JobState.DELIVERED, JobState.FAILED, JobState.INELIGIBLE, JobState.HELD}
+)
+#: States that are re-run from assembly after a restart (the job was in the worker).
+RERUN_STATES: frozenset[JobState] = frozenset(
+    {JobState.RECEIVED, JobState.ASSEMBLING, JobState.INFERRING, JobState.RENDERING, JobState.DERIVING}
+)
 
-_STATE_CHECK = ", ".join(f"'{s}'" for s in JOB_STATES)
 
-DDL = f"""
-CREATE TABLE IF NOT EXISTS jobs (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid        TEXT NOT NULL,
-    series_uid       TEXT NOT NULL,
-    state            TEXT NOT NULL CHECK (state IN ({_STATE_CHECK})),
-    reason           TEXT,
-    protocol_version TEXT,
-    model_name       TEXT,
-    model_version    TEXT,
-    model_sha256     TEXT,
-    created_at       TEXT NOT NULL,
-    updated_at       TEXT NOT NULL,
-    instance_count   INTEGER NOT NULL DEFAULT 0,
-    qa_json          TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE INDEX IF NOT EXISTS jobs_series ON jobs(study_uid, series_uid);
+class DuplicateInstance(Exception):
+    """A SOP Instance UID that is already recorded in another series (never silently replaced).
 
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    study_uid        TEXT NOT NULL,
-    series_uid       TEXT NOT NULL,
-    path             TEXT NOT NULL,
-    sop_class_uid    TEXT NOT NULL,
-    calling_ae       TEXT,
-    peer             TEXT,
-    received_at      TEXT NOT NULL,
-    job_id           INTEGER REFERENCES jobs(id)
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(study_uid, series_uid);
-CREATE INDEX IF NOT EXISTS instances_unconsumed ON instances(study_uid, series_uid) WHERE job_id IS NULL;
+    ``dicom_status`` is what the SCP answers: 0x0111 Duplicate SOP Instance (PS3.7 C.4.2.1.4).
+    """
 
-CREATE TABLE IF NOT EXISTS job_instances (
-    job_id           INTEGER NOT NULL REFERENCES jobs(id),
-    sop_instance_uid TEXT NOT NULL,
-    PRIMARY KEY (job_id, sop_instance_uid)
-);
+    dicom_status = 0x0111
 
-CREATE TABLE IF NOT EXISTS audit (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts          TEXT NOT NULL,
-    job_id      INTEGER,
-    study_uid   TEXT,
-    series_uid  TEXT,
-    event       TEXT NOT NULL,
-    detail_json TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_job ON audit(job_id);
-CREATE TRIGGER IF NOT EXISTS audit_append_only_u BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_append_only_d BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
-"""
+    def __init__(self, sop_instance_uid: str, series_uid: str, new_series_uid: str) -> None:
+        super().__init__(
+            f"SOP Instance UID {sop_instance_uid} is already recorded in series {series_uid}; "
+            f"refused for series {new_series_uid} (one UID names one instance)"
+        )
+        self.sop_instance_uid = sop_instance_uid
+        self.series_uid = series_uid
+        self.new_series_uid = new_series_uid
 
-register_schema("jobs", DDL)
 
 _SETTABLE_FIELDS = frozenset(
-    {"protocol_version", "model_name", "model_version", "model_sha256", "instance_count", "qa"}
+    {"protocol_version", "model_name", "model_version", "model_sha256", "instance_count", "qa",
+     "role", "fusion_target", "hold_override", "retry_count", "retry_at"}
 )
 
 
@@ -139,7 +123,7 @@ class Job:
     id: int
     study_uid: str
     series_uid: str
-    state: str
+    state: JobState
     reason: str | None
     protocol_version: str | None
     model_name: str | None
@@ -149,6 +133,11 @@ class Job:
     updated_at: str
     instance_count: int
     qa: dict[str, Any] | None
+    role: JobRole = JobRole.TARGET
+    fusion_target: str | None = None
+    hold_override: bool = False
+    retry_count: int = 0
+    retry_at: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -201,7 +190,7 @@ def _job(row: sqlite3.Row) -> Job:
         id=row["id"],
         study_uid=row["study_uid"],
         series_uid=row["series_uid"],
-        state=row["state"],
+        state=JobState(row["state"]),
         reason=row["reason"],
         protocol_version=row["protocol_version"],
         model_name=row["model_name"],
@@ -211,6 +200,23 @@ def _job(row: sqlite3.Row) -> Job:
         updated_at=row["updated_at"],
         instance_count=row["instance_count"],
         qa=json.loads(row["qa_json"]) if row["qa_json"] else None,
+        role=JobRole(row["role"]),
+        fusion_target=row["fusion_target"],
+        hold_override=bool(row["hold_override"]),
+        retry_count=int(row["retry_count"]),
+        retry_at=row["retry_at"],
+    )
+
+
+def _audit_event(r: sqlite3.Row) -> AuditEvent:
+    return AuditEvent(
+        id=r["id"],
+        ts=r["ts"],
+        job_id=r["job_id"],
+        study_uid=r["study_uid"],
+        series_uid=r["series_uid"],
+        event=r["event"],
+        detail=json.loads(r["detail_json"]) if r["detail_json"] else None,
     )
 
 
@@ -234,47 +240,63 @@ class JobStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.conn.row_factory = sqlite3.Row
-        self.conn.executescript(DDL)  # in case the connection was opened before import
+        ensure_schema(self.conn)  # a no-op on connections from db.connect
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ instances
     def record_instance(self, inst: _StoredInstanceLike) -> bool:
         """Record a durably spooled instance; return True if new, False for a re-send.
 
-        A re-send (same SOP Instance UID) updates the row and marks it unconsumed so the
-        series is processed again; earlier jobs keep their membership snapshot.
+        A re-send (same SOP Instance UID, same series) updates the row and marks it
+        unconsumed so the series is processed again; earlier jobs keep their membership
+        snapshot.  The same UID in *another* series raises :class:`DuplicateInstance` and
+        changes nothing: replacing the row would silently drop an acknowledged instance
+        from the first series (the SCP answers 0x0111 Duplicate SOP Instance).
         """
         with self._lock, transaction(self.conn):
             prev = self.conn.execute(
                 "SELECT job_id, study_uid, series_uid, path FROM instances WHERE sop_instance_uid=?",
                 (inst.sop_instance_uid,),
             ).fetchone()
-            self.conn.execute(
-                """INSERT INTO instances (sop_instance_uid, study_uid, series_uid, path, sop_class_uid,
-                                          calling_ae, peer, received_at, job_id)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)
-                   ON CONFLICT(sop_instance_uid) DO UPDATE SET
-                       study_uid=excluded.study_uid, series_uid=excluded.series_uid,
-                       path=excluded.path, sop_class_uid=excluded.sop_class_uid,
-                       calling_ae=excluded.calling_ae, peer=excluded.peer,
-                       received_at=excluded.received_at, job_id=NULL""",
-                (
-                    inst.sop_instance_uid,
-                    inst.study_uid,
-                    inst.series_uid,
-                    str(inst.path),
-                    inst.sop_class_uid,
-                    inst.calling_ae,
-                    inst.peer_address,
-                    _iso(inst.received_at),
-                ),
-            )
-            if prev is not None:
-                detail: dict[str, Any] = {"sop_instance_uid": inst.sop_instance_uid, "previous_job_id": prev["job_id"]}
-                if prev["path"] != str(inst.path):
-                    detail["previous_path"] = prev["path"]
-                self._audit(prev["job_id"], "instance_resent", detail, inst.study_uid, inst.series_uid)
-            return prev is None
+            if prev is not None and (prev["study_uid"], prev["series_uid"]) != (inst.study_uid, inst.series_uid):
+                self._audit(None, "instance_refused_duplicate_uid",
+                            {"sop_instance_uid": inst.sop_instance_uid, "recorded_series": prev["series_uid"]},
+                            inst.study_uid, inst.series_uid)
+                duplicate_of: str | None = str(prev["series_uid"])
+            else:
+                duplicate_of = None
+                self._upsert_instance(inst, prev)
+        if duplicate_of is not None:  # raised after the commit, so the audit row stays
+            raise DuplicateInstance(inst.sop_instance_uid, duplicate_of, inst.series_uid)
+        return prev is None
+
+    def _upsert_instance(self, inst: _StoredInstanceLike, prev: sqlite3.Row | None) -> None:
+        """Insert or (re-send) update the row, inside the caller's transaction."""
+        self.conn.execute(
+            """INSERT INTO instances (sop_instance_uid, study_uid, series_uid, path, sop_class_uid,
+                                      calling_ae, peer, received_at, job_id)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)
+               ON CONFLICT(sop_instance_uid) DO UPDATE SET
+                   study_uid=excluded.study_uid, series_uid=excluded.series_uid,
+                   path=excluded.path, sop_class_uid=excluded.sop_class_uid,
+                   calling_ae=excluded.calling_ae, peer=excluded.peer,
+                   received_at=excluded.received_at, job_id=NULL""",
+            (
+                inst.sop_instance_uid,
+                inst.study_uid,
+                inst.series_uid,
+                str(inst.path),
+                inst.sop_class_uid,
+                inst.calling_ae,
+                inst.peer_address,
+                _iso(inst.received_at),
+            ),
+        )
+        if prev is not None:
+            detail: dict[str, Any] = {"sop_instance_uid": inst.sop_instance_uid, "previous_job_id": prev["job_id"]}
+            if prev["path"] != str(inst.path):
+                detail["previous_path"] = prev["path"]
+            self._audit(prev["job_id"], "instance_resent", detail, inst.study_uid, inst.series_uid)
 
     def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         """The recorded instance, or None."""
@@ -350,14 +372,21 @@ class JobStore:
             )
             return job_id
 
-    def set_state(self, job_id: int, state: str, reason: str | None = None, **fields: Any) -> Job:
+    def set_state(self, job_id: int, state: JobState | str, reason: str | None = None, **fields: Any) -> Job:
         """Move a job to ``state`` (with an optional reason) and update fields; audited.
 
         ``fields``: protocol_version, model_name, model_version, model_sha256,
-        instance_count, qa (a JSON-serialisable dict).
+        instance_count, qa (a JSON-serialisable dict), role (:class:`JobRole`),
+        fusion_target, hold_override (bool), retry_count, retry_at (ISO time).
         """
-        if state not in JOB_STATES:
-            raise ValueError(f"unknown job state {state!r} (expected one of {', '.join(JOB_STATES)})")
+        try:
+            state = JobState(state)
+        except ValueError:
+            raise ValueError(f"unknown job state {state!r} (expected one of {', '.join(JOB_STATES)})") from None
+        if "role" in fields:
+            fields["role"] = JobRole(fields["role"])
+        if "hold_override" in fields:
+            fields["hold_override"] = bool(fields["hold_override"])
         unknown = set(fields) - _SETTABLE_FIELDS
         if unknown:
             raise TypeError(f"set_state got unknown field(s): {', '.join(sorted(unknown))}")
@@ -371,14 +400,14 @@ class JobStore:
             assignments = ", ".join(f"{c}=?" for c in ["state", "reason", "updated_at", *cols])
             self.conn.execute(
                 f"UPDATE jobs SET {assignments} WHERE id=?",
-                (state, reason, _now(), *cols.values(), job_id),
+                (str(state), reason, _now(), *[int(v) if isinstance(v, bool) else v for v in cols.values()], job_id),
             )
-            detail: dict[str, Any] = {"from": row["state"], "to": state}
+            detail: dict[str, Any] = {"from": row["state"], "to": str(state)}
             if reason is not None:
                 detail["reason"] = reason
             for k, v in fields.items():
                 if k != "qa":
-                    detail[k] = v
+                    detail[k] = str(v) if isinstance(v, StrEnum) else v
             self._audit(job_id, "state", detail, row["study_uid"], row["series_uid"])
             new = self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _job(new)
@@ -400,7 +429,7 @@ class JobStore:
         marks = ", ".join("?" for _ in TERMINAL_STATES)
         with self._lock:
             rows = self.conn.execute(
-                f"SELECT * FROM jobs WHERE state NOT IN ({marks}) ORDER BY id", tuple(sorted(TERMINAL_STATES))
+                f"SELECT * FROM jobs WHERE state NOT IN ({marks}) ORDER BY id", tuple(sorted(map(str, TERMINAL_STATES)))
             ).fetchall()
         return [_job(r) for r in rows]
 
@@ -440,6 +469,63 @@ class JobStore:
             ).fetchall()
         return [_instance(r) for r in rows]
 
+    # ------------------------------------------------------------------ read models
+    def counts_by_state(self) -> dict[str, int]:
+        """Jobs per state, every state present (0 when none): status and metrics."""
+        with self._lock:
+            rows = self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        out = dict.fromkeys(JOB_STATES, 0)
+        out.update({r[0]: int(r[1]) for r in rows})
+        return out
+
+    def jobs_in_states(self, states: frozenset[JobState] | set[JobState], limit: int = 1000) -> list[Job]:
+        """Jobs in any of ``states``, oldest first."""
+        marks = ", ".join("?" for _ in states) or "NULL"
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id LIMIT ?",
+                (*sorted(map(str, states)), limit),
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def find_jobs(
+        self, *, job_id: int | None = None, study_uid: str | None = None, series_uid: str | None = None,
+        limit: int = 20,
+    ) -> list[Job]:
+        """Jobs matching every given filter; the ``limit`` newest, returned oldest first."""
+        where, args = [], []
+        for col, val in (("id", job_id), ("study_uid", study_uid), ("series_uid", series_uid)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(val)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        with self._lock:
+            rows = self.conn.execute(sql, (*args, limit)).fetchall()
+        return sorted((_job(r) for r in rows), key=lambda j: j.id)
+
+    def series_job_states(self) -> dict[tuple[str, str], set[JobState]]:
+        """(study, series) -> the states of all its jobs (retention decides on these)."""
+        with self._lock:
+            rows = self.conn.execute("SELECT study_uid, series_uid, state FROM jobs").fetchall()
+        out: dict[tuple[str, str], set[JobState]] = {}
+        for r in rows:
+            out.setdefault((r[0], r[1]), set()).add(JobState(r[2]))
+        return out
+
+    def series_instance_paths(self, study_uid: str, series_uid: str) -> list[Path]:
+        """Spool paths of every recorded instance of a series."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT path FROM instances WHERE study_uid=? AND series_uid=?", (study_uid, series_uid)
+            ).fetchall()
+        return [Path(r[0]) for r in rows]
+
+    def recent_audit(self, n: int = 5) -> list[AuditEvent]:
+        """The ``n`` newest audit events, newest first."""
+        with self._lock:
+            rows = self.conn.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (n,)).fetchall()
+        return [_audit_event(r) for r in rows]
+
     # ------------------------------------------------------------------ audit
     def audit(
         self,
@@ -476,18 +562,7 @@ class JobStore:
         sql = "SELECT * FROM audit" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id LIMIT ?"
         with self._lock:
             rows = self.conn.execute(sql, (*args, limit)).fetchall()
-        return [
-            AuditEvent(
-                id=r["id"],
-                ts=r["ts"],
-                job_id=r["job_id"],
-                study_uid=r["study_uid"],
-                series_uid=r["series_uid"],
-                event=r["event"],
-                detail=json.loads(r["detail_json"]) if r["detail_json"] else None,
-            )
-            for r in rows
-        ]
+        return [_audit_event(r) for r in rows]
 
     def _audit(
         self,
