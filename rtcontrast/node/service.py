@@ -46,25 +46,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.node.dispatch.destinations import Destination, node_destinations
 from rtcontrast.node.dispatch.outbox import RetryPolicy
 from rtcontrast.node.dispatch.sender import Sender
-from rtcontrast.node.ops import systemd as sd
 from rtcontrast.node.ops.metrics import MeteredOutbox, NodeMetrics, read_snapshot
 from rtcontrast.node.pipeline import PipelineContext, node_identity, run_job
 from rtcontrast.node.receive.scp import ScpSettings, StorageSCP, StoredInstance
 from rtcontrast.node.receive.series import SeriesTracker
 from rtcontrast.node.receive.spool import Spool
+from rtcontrast.node.supervise import supervise
 from rtcontrast.node.registry import check_model_pin, resolve_model
 from rtcontrast.node.retry import retry_delay_s, transient_cause
 from rtcontrast.node.workqueue import WorkQueues
@@ -265,45 +262,8 @@ class Node:
         log.info("stopped")
 
     def run_forever(self) -> None:
-        """Start, then block until SIGTERM/SIGINT (or :meth:`request_stop`), then stop cleanly.
-
-        Under systemd (``$NOTIFY_SOCKET``): READY=1 once the SCP listens, WATCHDOG=1 while
-        :meth:`healthy`, STOPPING=1 at shutdown.  SIGHUP reloads the protocol (the signal
-        handler only sets a flag; the reload runs in this loop, not in the handler).
-        """
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s", signal.Signals(signum).name)
-            self._stop.set()
-            self._stop_wait.set()
-
-        def on_hup(signum: int, frame: FrameType | None) -> None:
-            self._reload_requested.set()
-            self._stop_wait.set()
-
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
-        watchdog = sd.Watchdog()
-        try:
-            self.start()
-            sd.notify(f"READY=1\nSTATUS=listening on port {self.port}, protocol {self.protocol.audit_version}"
-                      f"\nMAINPID={os.getpid()}")
-            if watchdog.enabled:
-                log.info("systemd watchdog: %.0f s, pinging every %.1f s while healthy",
-                         watchdog.timeout_s, watchdog.period_s)
-            while not self._stop.is_set():
-                if self._reload_requested.is_set():
-                    self._reload_requested.clear()
-                    sd.notify("STATUS=reloading protocol")
-                    self.reload()
-                    sd.notify(f"STATUS=listening on port {self.port}, protocol {self.protocol.audit_version}")
-                watchdog.maybe_ping(self.healthy())
-                self._stop_wait.wait(min(1.0, watchdog.period_s))
-                self._stop_wait.clear()
-        finally:
-            sd.notify("STOPPING=1")
-            self.stop()
-            for s, h in old.items():
-                signal.signal(s, h)
+        """Start, block until SIGTERM/SIGINT (or :meth:`request_stop`), stop cleanly (:func:`supervise`)."""
+        supervise(self)
 
     def healthy(self) -> bool:
         """Every thread alive and the scheduler looping (what feeds the systemd watchdog)."""
