@@ -214,6 +214,10 @@ def _store_one(assoc: object, it: OutboxItem, where: str, dimse_timeout_s: float
     t0 = time.monotonic()
     try:
         status = assoc.send_c_store(it.path)  # type: ignore[attr-defined]
+    except RuntimeError:
+        # pynetdicom: "association ... must be established": the peer ended it between the
+        # caller's check and this request (an abort, a TPS restart).  Retried like any failure.
+        return Outcome(False, None, f"association to {where} ended before this instance was sent")
     except (ValueError, AttributeError, OSError) as exc:
         # No accepted presentation context, unreadable file, ...: this item fails.
         return Outcome(False, None, f"C-STORE not sent: {exc}")

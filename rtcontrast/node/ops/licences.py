@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 
 __all__ = ["DistLicence", "dependency_closure", "declared_requirements", "is_strong_copyleft", "main"]
 
-_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+_PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"  # rtcontrast/node/ops/ -> the checkout
 # GPL and AGPL (any version) are strong copyleft; LGPL ("Lesser"/"Library") is not matched.
 _GPL_RE = re.compile(r"(?<![L\w])A?GPL|GNU (Affero )?General Public License", re.IGNORECASE)
 _LGPL_RE = re.compile(r"LGPL|Lesser General Public|Library General Public", re.IGNORECASE)
