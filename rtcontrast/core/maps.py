@@ -22,3 +22,5 @@ class QMaps:
     scale: float  # the series scale s used for the model input
     #: with data consistency: each input's gain relative to the first (estimated once for the volume)
     input_gains: list[float] | None = None
+    #: with data consistency: the fusion QA figures (rtcontrast.core.fusion; gains' source, misfit per input, bounds)
+    fusion: dict | None = None
