@@ -144,7 +144,7 @@ def volume_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, pd: n
 
     def fit_voxels(s: np.ndarray, g: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, wk: np.ndarray,
                    sig: np.ndarray) -> tuple[np.ndarray, ...]:
-        return _fit(s, te32, tr32, g, p, a, b, replace(cfg, n_iter=max(cfg.n_iter, 15)), wk, ps, sig)
+        return _fit(s, te32, tr32, g, p, a, b, replace(cfg, n_iter=8), wk, ps, sig)
 
     res = estimate_gains(images, tt, valid, tissue, pd, t1, t2, start, field_t, fit_voxels, sigma)
     res.detail["network_gains"] = [round(float(v), 4) for v in start]

@@ -61,11 +61,12 @@ def fused_consistent(model: _Model, inputs: list[tuple[np.ndarray, float, float]
     pd_n = (net.pd / np.float32(net.scale)).astype(np.float32)  # canonical first input's scaled units
     est = volume_gains(img, tt, ok, pd_n, net.t1, net.t2, settings, field_t)
     pos0 = order.index(0)
-    if known_gains is not None:
-        g_orig = np.asarray(known_gains[0], np.float64)
-        if g_orig.shape != (k,):
-            raise ValueError(f"known_gains: {k} gains expected, got {g_orig.shape}")
-        gains = np.array([g_orig[i] for i in order]) / g_orig[order[0]]
+    if known_gains is not None:  # stored value per common physical unit, per input: gain = factor / series scale
+        f = np.asarray(known_gains[0], np.float64)
+        if f.shape != (k,) or not np.all(np.isfinite(f) & (f > 0)):
+            raise ValueError(f"known_gains: {k} positive factors expected, got {known_gains[0]!r}")
+        gains = np.array([f[i] / sc for i, sc in zip(order, scales)])
+        gains /= gains[0]
         source = known_gains[1]
     elif settings.shared_scale:
         gains = np.array([scales[0] / sc for sc in scales])

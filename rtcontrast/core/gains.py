@@ -63,7 +63,7 @@ FLUID_FRACTION = 0.02
 FAT_MARGIN_LOG = 0.15
 FLUID_MARGIN_LOG = 0.15
 #: Voxels in the gain search (a fixed, deterministic sample of the body).
-SAMPLE_VOXELS = 6000
+SAMPLE_VOXELS = 4000
 #: How many voxels the residual term counts as independent (texture and bias correlate neighbours).
 EFFECTIVE_VOXELS = 300.0
 
@@ -193,10 +193,13 @@ def estimate_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, bod
     is_fluid = np.zeros(s.shape[0], bool)
     is_fluid[fluid] = True
 
+    warm: dict = {}  # best fit so far on the whole sample: the next evaluation's start (nearby gains, few steps)
+
     def terms(theta: np.ndarray, sub: np.ndarray | None = None) -> tuple[float, dict]:
         g = np.exp(np.concatenate([[0.0], theta])).astype(np.float32)
         j = np.arange(s.shape[0]) if sub is None else sub
-        pd, t1, t2, chi2 = fit_voxels(s[j], g, p0[j], a0[j], b0[j], wk[j], sig)
+        start_maps = warm["maps"] if sub is None and "maps" in warm else (p0[j], a0[j], b0[j])
+        pd, t1, t2, chi2 = fit_voxels(s[j], g, *start_maps, wk[j], sig)
         out: dict = {}
         total = 0.0
         if n_distinct >= 3:  # >= 4: the gains' evidence; 3: exact solutions exist, only voxels pushed out of physics misfit
@@ -215,24 +218,28 @@ def estimate_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, bod
         dn = np.array([np.mean(np.log(t1 / a0[j])), np.mean(np.log(t2 / b0[j]))])
         total += float(np.sum((dn / NETWORK_SIGMA_LOG) ** 2))
         out["network_log_disagreement"] = [round(float(x), 4) for x in dn]
+        if sub is None and total < warm.get("total", np.inf):
+            warm.update(total=total, maps=(pd, t1, t2))
         return total, out
 
     theta0 = np.log(np.maximum(np.asarray(start, float)[1:], 1e-6))
     source = "data" if n_distinct >= 4 else "physics"
-    coarse = np.union1d(np.arange(s.shape[0])[:: max(1, s.shape[0] // 1500)],
+    coarse = np.union1d(np.arange(s.shape[0])[:: max(1, s.shape[0] // 1000)],
                         np.concatenate([fat[:: max(1, fat.size // 300)], fluid[:: max(1, fluid.size // 300)]]))
 
-    def search() -> np.ndarray:
-        best = theta0.copy()
-        if k_in - 1 <= 2:  # a coarse grid first: the network's start can be far off
+    def search(best: np.ndarray | None = None) -> np.ndarray:
+        if best is None and k_in - 1 <= 2:  # a coarse grid first: the network's start can be far off
             steps = np.linspace(-0.6, 0.6, 7)
             vals = []
             for d in product(steps, repeat=k_in - 1):
                 th = theta0 + np.array(d)
                 vals.append((terms(th, coarse)[0], tuple(th)))
             best = np.array(min(vals)[1])
+        elif best is None:
+            best = theta0.copy()
+        warm.clear()
         res = minimize(lambda th: terms(th)[0], best, method="Nelder-Mead",
-                       options={"xatol": 2e-3, "fatol": 1e-3, "maxfev": 30 * (k_in - 1),
+                       options={"xatol": 3e-3, "fatol": 1e-2, "maxfev": 25 * (k_in - 1),
                                 "initial_simplex": np.vstack([best] + [best + 0.1 * e for e in np.eye(k_in - 1)])})
         return np.asarray(res.x)
 
@@ -247,7 +254,7 @@ def estimate_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, bod
         use["fluid"] = False
         dropped.append(f"fluid (candidates' T1 {info.get('fluid_t1_ms', 0.0):.0f} ms is not fluid-like)")
     if dropped:
-        theta = search()
+        theta = search(theta)
         _, info = terms(theta)
     anchors = [a for a in ("fat", "fluid") if use[a]]
     if source == "physics":

@@ -155,8 +155,8 @@ class QMapModel:
         need a ``qmap/2`` model; extra inputs beyond its ``max_inputs`` are an error.
         ``consistency``: with two or more inputs, the maps are fitted so that they re-render
         every input (:mod:`rtcontrast.core.consistency`), with the gains between inputs from
-        the data and physics (:mod:`rtcontrast.core.gains`; ``known_gains`` = (gains relative
-        to the first input, what decided them) when DICOM or the protocol says) and the
+        the data and physics (:mod:`rtcontrast.core.gains`; ``known_gains`` = (per input the stored
+        value per common physical unit, what says so) when DICOM says) and the
         network in a canonical input order, so T1/T2 do not depend on which series is first.
         ``valid``: per input, where it is a measurement (a resampled partner's field of view;
         None = all).  ``field_t``: the session's field strength (T) for the reference tissues.
