@@ -33,7 +33,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from rtcontrast.core.gains import PHYS_T1_MS, PHYS_T2_MS, GainResult, background_sigma, distinct_contrasts, estimate_gains
+from rtcontrast.core.gains import (
+    PHYS_T1_MS,
+    PHYS_T2_MS,
+    GainResult,
+    background_sigma,
+    distinct_contrasts,
+    estimate_gains,
+)
 
 #: Noise of an input relative to its series scale (99th percentile): SNR ~ 50.
 DATA_SIGMA = 0.02
@@ -290,4 +297,4 @@ def refine(images: np.ndarray, te_tr: np.ndarray, pd: np.ndarray, t1: np.ndarray
     return out_pd, out_t1, out_t2, gains
 
 
-__all__ = ["Settings", "gain_tissue", "input_gains", "prior_sigma_for", "refine", "volume_gains", "DATA_SIGMA", "PRIOR_SIGMA"]
+__all__ = ["DATA_SIGMA", "PRIOR_SIGMA", "Settings", "gain_tissue", "input_gains", "prior_sigma_for", "refine", "volume_gains"]

@@ -27,7 +27,8 @@ gains come, in this order of precedence, from:
    * physical bounds no voxel may leave (T2 of free water <= 3 s, T1 <= 5 s): voxels the
      gains push beyond them add their misfit;
    * the network only as a weak tie-breaker (its mean log T1/T2 disagreement with the fit,
-     sigma 0.7 in log units), and as the starting point.
+     sigma 1.0 in log units), as the starting point, and as a second opinion
+     that the fat voxels are the body's shortest T1 (by its T1 *contrast*, never its values).
 
 The objective is symmetric in the inputs (no input is special except as the unit of the
 gains), so permuting the inputs permutes the gains and leaves T1/T2 unchanged.
@@ -55,13 +56,16 @@ FAT_T1_SIGMA_LOG = 0.08
 FLUID_T2_MS = 1700.0
 FLUID_T2_SIGMA_LOG = 0.35
 #: Weight of the network's mean log T1/T2 disagreement with the fit (a tie-breaker only).
-NETWORK_SIGMA_LOG = 0.7
+NETWORK_SIGMA_LOG = 1.0
 #: Fraction of the sample taken as fat / fluid candidates (the brightest of one input).
 FAT_FRACTION = 0.03
 FLUID_FRACTION = 0.02
 #: Log-ratio margins that keep the purest candidates (see :func:`_reference_set`).
 FAT_MARGIN_LOG = 0.15
 FLUID_MARGIN_LOG = 0.15
+#: Recognition: the body's 90th-percentile T1 is at least this many times fat's, its 75th-percentile T2 this many times below fluid's.
+FAT_CONTRAST = 1.8
+FLUID_CONTRAST = 4.0
 #: Voxels in the gain search (a fixed, deterministic sample of the body).
 SAMPLE_VOXELS = 4000
 #: How many voxels the residual term counts as independent (texture and bias correlate neighbours).
@@ -218,6 +222,7 @@ def estimate_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, bod
         dn = np.array([np.mean(np.log(t1 / a0[j])), np.mean(np.log(t2 / b0[j]))])
         total += float(np.sum((dn / NETWORK_SIGMA_LOG) ** 2))
         out["network_log_disagreement"] = [round(float(x), 4) for x in dn]
+        out["body_t1_p90_ms"], out["body_t2_p75_ms"] = float(np.percentile(t1, 90)), float(np.percentile(t2, 75))
         if sub is None and total < warm.get("total", np.inf):
             warm.update(total=total, maps=(pd, t1, t2))
         return total, out
@@ -246,13 +251,22 @@ def estimate_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, bod
     theta = search()
     _, info = terms(theta)
     # recognition: an anchor whose tissue does not look like that tissue at the answer is dropped
+    # (fat: fat-like T2 and clearly the shortest T1 in the body, by the fit and by the network's contrast -
+    # a classifier only, its values never enter; fluid: long T1 and far the longest T2 by the fit; the network
+    # is not asked there: off its training anatomy it misjudges CSF, and the fit's check already fails for tissue)
     dropped = []
-    if use["fat"] and not (25.0 <= info.get("fat_t2_ms", 0.0) <= 200.0):
+    net_fat = bool(fat.size) and float(np.median(a0[fat])) * FAT_CONTRAST <= float(np.percentile(a0, 90))
+    info["network_recognises_fat"] = net_fat
+    if use["fat"] and not (25.0 <= info.get("fat_t2_ms", 0.0) <= 200.0 and net_fat
+                           and info["body_t1_p90_ms"] >= FAT_CONTRAST * info.get("fat_t1_ms", np.inf)):
         use["fat"] = False
-        dropped.append(f"fat (candidates' T2 {info.get('fat_t2_ms', 0.0):.0f} ms is not fat-like)")
-    if use["fluid"] and info.get("fluid_t1_ms", 0.0) < 2000.0:
+        dropped.append(f"fat (candidates' T2 {info.get('fat_t2_ms', 0.0):.0f} ms, body T1 p90 "
+                       f"{info['body_t1_p90_ms']:.0f} ms: not a short-T1 fat cluster)")
+    if use["fluid"] and not (info.get("fluid_t1_ms", 0.0) >= 2000.0
+                             and info["body_t2_p75_ms"] * FLUID_CONTRAST <= info.get("fluid_t2_ms", 0.0)):
         use["fluid"] = False
-        dropped.append(f"fluid (candidates' T1 {info.get('fluid_t1_ms', 0.0):.0f} ms is not fluid-like)")
+        dropped.append(f"fluid (candidates' T1 {info.get('fluid_t1_ms', 0.0):.0f} ms, body T2 p75 "
+                       f"{info['body_t2_p75_ms']:.0f} ms: not a long-T2 fluid cluster)")
     if dropped:
         theta = search(theta)
         _, info = terms(theta)
@@ -265,5 +279,12 @@ def estimate_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, bod
     return GainResult(np.exp(np.concatenate([[0.0], theta])), source, info)
 
 
-__all__ = ["GainResult", "PHYS_T1_MS", "PHYS_T2_MS", "background_sigma", "distinct_contrasts", "estimate_gains",
-           "fat_t1_ms"]
+__all__ = [
+    "PHYS_T1_MS",
+    "PHYS_T2_MS",
+    "GainResult",
+    "background_sigma",
+    "distinct_contrasts",
+    "estimate_gains",
+    "fat_t1_ms",
+]
