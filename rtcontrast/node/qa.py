@@ -95,6 +95,10 @@ def fusion_violations(fusion: dict[str, Any] | None, protocol: ProtocolConfig) -
     out = []
     for i, d in enumerate(fusion["inputs"]):
         name = f"input {i + 1} (TE {d.get('te_ms', 0):g}/TR {d.get('tr_ms', 0):g} ms)"
+        sh = d.get("shift_voxels")
+        if sh is not None and sh > t.fusion_max_shift_voxels:
+            out.append(f"fusion: {name} is shifted {sh:.1f} voxels against the target's body outline "
+                       f"> {t.fusion_max_shift_voxels:g} (moved between series?)")
         r = d.get("residual_over_noise")
         if r is not None and r > t.fusion_max_residual_over_noise:
             out.append(f"fusion: {name} not re-rendered by the maps: misfit {r:.2f} x its background noise "

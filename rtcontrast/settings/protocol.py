@@ -211,6 +211,9 @@ class QA(StrictModel):
     fusion_max_residual_over_noise: float = Field(
         4.0, gt=0, description="RMS misfit of each input over the body / that input's background noise sd (ratio); "
                                "a mis-registered or inconsistent partner cannot be re-rendered")
+    fusion_max_shift_voxels: float = Field(
+        1.0, gt=0, description="in-plane shift of a partner's body outline against the target's, voxels "
+                               "(patient motion between series)")
     fusion_max_at_bounds_frac: float = Field(
         0.05, gt=0, le=1, description="fraction of body voxels whose fitted T1 or T2 sits at a physical bound "
                                       "(T1 50-5000 ms, T2 5-3000 ms): gains or registration push them out of physics")
