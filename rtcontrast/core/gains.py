@@ -27,7 +27,7 @@ gains come, in this order of precedence, from:
    * physical bounds no voxel may leave (T2 of free water <= 3 s, T1 <= 5 s): voxels the
      gains push beyond them add their misfit;
    * the network only as a weak tie-breaker (its mean log T1/T2 disagreement with the fit,
-     sigma 1.0 in log units), as the starting point, and as a second opinion
+     sigma 3 in log units: it only breaks ties), as the starting point, and as a second opinion
      that the fat voxels are the body's shortest T1 (by its T1 *contrast*, never its values).
 
 The objective is symmetric in the inputs (no input is special except as the unit of the
@@ -56,7 +56,7 @@ FAT_T1_SIGMA_LOG = 0.08
 FLUID_T2_MS = 1700.0
 FLUID_T2_SIGMA_LOG = 0.35
 #: Weight of the network's mean log T1/T2 disagreement with the fit (a tie-breaker only).
-NETWORK_SIGMA_LOG = 1.0
+NETWORK_SIGMA_LOG = 3.0
 #: Fraction of the sample taken as fat / fluid candidates (the brightest of one input).
 FAT_FRACTION = 0.03
 FLUID_FRACTION = 0.02
