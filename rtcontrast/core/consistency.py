@@ -10,17 +10,22 @@ about every voxel that the textbook fit uses exactly; this step combines the two
       + ((log T1 - log T1_net)^2 + (log T2 - log T2_net)^2) / sigma_prior^2   (the network)
 
 i.e. a maximum-a-posteriori fit whose prior is the network's answer.  With three or more
-distinct contrasts the data determine the maps and the fit reaches least-squares accuracy
+distinct contrasts the data determine the maps (given the gains) and the fit reaches least-squares accuracy
 without its failure modes (no grid search, no wild voxels where the data are flat); with
 two contrasts the data pin two of the three unknowns per voxel (a curve of exact
 solutions, see :mod:`rtcontrast.core.lsq`) and the prior picks the point on that curve nearest
 to the network's answer; with one input it changes nothing and is skipped.
 
 ``S_k`` are the inputs each divided by its own series scale (as the model sees them) and
-``g_k`` the gain between input k and the first input's units (:func:`input_gains`: read
-from S_k / S_0 and the network's T1/T2 where that ratio depends least on them, once per
-volume): series of one session rarely share a stored-value scale, so the gains are not
-assumed unless the protocol says the series do (``shared_scale``).
+``g_k`` the gain between input k and the first input's units.  Series of one session rarely
+share a stored-value scale, and with three contrasts the gains cannot be read from the data,
+so they come from DICOM, the protocol (``shared_scale``) or physics: :func:`volume_gains`
+(reference tissues and bounds, :mod:`rtcontrast.core.gains`).  :func:`input_gains` (the 1.1
+estimate from the network's T1/T2) is kept only as the search's starting point.
+
+The prior's width follows :func:`prior_sigma_for`: with three or more distinct contrasts it
+is wide (the data decide wherever the voxel is well conditioned), with two it is the
+network's typical error.  Bounds are physical (T1 <= 5 s, T2 <= 3 s: free water).
 
 Vectorised numpy (batched 3x3 normal equations, Levenberg-Marquardt damping), on the
 node's CPU after onnxruntime: no torch.

@@ -66,6 +66,8 @@ FLUID_MARGIN_LOG = 0.15
 #: Recognition: the body's 90th-percentile T1 is at least this many times fat's, its 75th-percentile T2 this many times below fluid's.
 FAT_CONTRAST = 1.8
 FLUID_CONTRAST = 4.0
+#: Smallest noise sd (scaled units) the misfit term assumes.
+SIGMA_FLOOR = 0.002
 #: Voxels in the gain search (a fixed, deterministic sample of the body).
 SAMPLE_VOXELS = 4000
 #: How many voxels the residual term counts as independent (texture and bias correlate neighbours).
@@ -190,7 +192,8 @@ def estimate_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, bod
         if k_fluid is not None else np.zeros(0, int)
     fat_ref = fat_t1_ms(field_t)
     use = {"fat": fat.size > 0, "fluid": fluid.size > 0}
-    sig = np.where(np.isfinite(sigma) & (sigma > 0), sigma, 0.02)
+    # noise per input, floored at SNR 500 (noise-free or denoised series would make every misfit infinite)
+    sig = np.maximum(np.where(np.isfinite(sigma) & (sigma > 0), sigma, 0.02), SIGMA_FLOOR)
 
     is_fat = np.zeros(s.shape[0], bool)
     is_fat[fat] = True
