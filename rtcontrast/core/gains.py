@@ -13,7 +13,7 @@ gains come, in this order of precedence, from:
 2. **The data**, with four or more distinct contrasts: three unknowns per voxel plus K-1
    gains for the whole body are over-determined, so the gains that minimise the fit
    residual over the body are the answer (the residual term below dominates).
-3. **Physics**, with two or three contrasts: three contrasts fit every voxel exactly for
+3. **Physics**, with three contrasts: three contrasts fit every voxel exactly for
    *any* gains (a gain change is absorbed voxel by voxel by T1/T2, see
    ``tests/test_gains.py``), so the gains are fixed by what no learned anatomy decides:
 
@@ -29,6 +29,10 @@ gains come, in this order of precedence, from:
    * the network only as a weak tie-breaker (its mean log T1/T2 disagreement with the fit,
      sigma 3 in log units: it only breaks ties), as the starting point, and as a second opinion
      that the fat voxels are the body's shortest T1 (by its T1 *contrast*, never its values).
+
+With **two** contrasts the fit has a curve of exact solutions in every voxel and cannot
+recognise tissues, so the gain is read directly from fat's signal ratio between the inputs
+with the literature fat T1 and T2 (:func:`_two_contrast_gains`; ~9 % on the gain).
 
 The objective is symmetric in the inputs (no input is special except as the unit of the
 gains), so permuting the inputs permutes the gains and leaves T1/T2 unchanged.
