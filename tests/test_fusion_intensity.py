@@ -8,7 +8,11 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from rtcontrast.dicom.grid import PHILIPS_SCALE_SLOPE, field_strength_t, intensity_factors
+from rtcontrast.dicom.grid import (
+    PHILIPS_SCALE_SLOPE,
+    field_strength_t,
+    intensity_factors,
+)
 from rtcontrast.dicom.volume import assemble
 from tests.dicomgen import write_series
 from tests.support import phantom_series

@@ -42,6 +42,7 @@ batched fit of a fixed voxel sample (:func:`rtcontrast.core.consistency.fit_voxe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import product
 
@@ -124,7 +125,7 @@ def background_sigma(images: np.ndarray, valid: np.ndarray, background_frac: flo
 
 def _candidates(values: np.ndarray, frac: float) -> np.ndarray:
     """Indices of the brightest ``frac`` of ``values`` (at least 20 when there are that many)."""
-    n = max(20, int(round(frac * values.size)))
+    n = max(20, round(frac * values.size))
     if values.size < 40:
         return np.zeros(0, int)
     return np.argpartition(values, values.size - n)[values.size - n:]
@@ -189,14 +190,16 @@ def _two_contrast_gains(s: np.ndarray, te: np.ndarray, tr: np.ndarray, fat: np.n
 
 def estimate_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, body: np.ndarray,
                    net_pd: np.ndarray, net_t1: np.ndarray, net_t2: np.ndarray, start: np.ndarray,
-                   field_t: float | None, fit_voxels, sigma: np.ndarray) -> GainResult:
+                   field_t: float | None, fit_voxels: Callable[..., tuple[np.ndarray, ...]],
+                   sigma: np.ndarray) -> GainResult:
     """Gains [K] relative to input 0 from the data and physics (see the module docstring).
 
     ``images`` [K, ...] each divided by its own series scale; ``valid`` [K, ...] where each
     input is a measurement; ``body`` [...] voxels to learn from; ``net_*`` the network's maps
     (start and tie-breaker); ``start`` [K] starting gains (e.g. the network's); ``sigma`` [K]
-    noise per input (scaled units); ``fit_voxels(s [V,K], g [K], pd, t1, t2, wk)`` -> (pd, t1, t2,
-    chi2 [V]) the voxel fit under physical bounds.
+    noise per input (scaled units); ``fit_voxels(s [V,K], g [K], pd, t1, t2, wk [V,K], sigma [K])``
+    -> (pd, t1, t2, chi2 [V]): the voxel fit under physical bounds (a callable, so that this module
+    needs no fitting code of its own: :func:`rtcontrast.core.consistency.volume_gains` passes its fit).
     """
     k_in = images.shape[0]
     gains = np.ones(k_in)

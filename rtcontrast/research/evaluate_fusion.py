@@ -176,9 +176,9 @@ def evaluate_fusion(model_path: str | Path, n_subjects: int = 4, n_slices: int =
 
 def format_fusion_table(report: dict) -> str:
     """Side-by-side table of the fusion report."""
-    tissues = list(next(iter(next(iter(report["sets"].values())).values()))["tissues"])
-    lines = [f"Fusion ({report.get('family', 'pelvis')} phantom, series in different scales): median |error| % "
-             "of T1 / T2 per tissue, and min SSIM of the five rendered contrasts",
+    tissues = next(list(r["tissues"]) for row in report["sets"].values() for r in row.values() if "tissues" in r)
+    lines = [(f"Fusion ({report.get('family', 'pelvis')} phantom, series in different scales): median |error| % "
+              "of T1 / T2 per tissue, and min SSIM of the five rendered contrasts"),
              f"{'inputs':24s} {'method':14s}" + "".join(f"{t:>14s}" for t in tissues) + f"{'minSSIM':>9s}"]
     for set_name, row in report["sets"].items():
         for method, r in row.items():

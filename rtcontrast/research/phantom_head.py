@@ -145,7 +145,7 @@ def render_slice(h: Head, z_mm: float, shape: tuple[int, int] = (128, 128), pixe
     rx = (np.arange(ww, dtype=np.float32) - ww / 2 + 0.5) * pixel_mm / ss
     x, y = np.meshgrid(rx, ry)
     lab = _labels(h, x, y, z_mm)
-    rng = np.random.default_rng((h.seed * 104729 + int(round(z_mm * 10))) % 2**63)
+    rng = np.random.default_rng((h.seed * 104729 + round(z_mm * 10)) % 2**63)
     fields = [_smooth(rng, (hh, ww)) for _ in range(3)]
     pd = np.zeros((hh, ww), np.float32)
     r1 = np.zeros_like(pd)
