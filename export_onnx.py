@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             card["generalisation_table"] = format_generalisation(gen).splitlines()
             print(format_generalisation(gen))
         if fusion:
-            from rtcontrast.research.evaluate import evaluate_fusion, format_fusion_table
+            from rtcontrast.research.evaluate_fusion import evaluate_fusion, format_fusion_table
 
             freport = evaluate_fusion(out, n_subjects=a.eval_subjects)
             card["fusion_evaluation"] = freport

@@ -10,17 +10,22 @@ about every voxel that the textbook fit uses exactly; this step combines the two
       + ((log T1 - log T1_net)^2 + (log T2 - log T2_net)^2) / sigma_prior^2   (the network)
 
 i.e. a maximum-a-posteriori fit whose prior is the network's answer.  With three or more
-distinct contrasts the data determine the maps and the fit reaches least-squares accuracy
+distinct contrasts the data determine the maps (given the gains) and the fit reaches least-squares accuracy
 without its failure modes (no grid search, no wild voxels where the data are flat); with
 two contrasts the data pin two of the three unknowns per voxel (a curve of exact
 solutions, see :mod:`rtcontrast.core.lsq`) and the prior picks the point on that curve nearest
 to the network's answer; with one input it changes nothing and is skipped.
 
 ``S_k`` are the inputs each divided by its own series scale (as the model sees them) and
-``g_k`` the gain between input k and the first input's units (:func:`input_gains`: read
-from S_k / S_0 and the network's T1/T2 where that ratio depends least on them, once per
-volume): series of one session rarely share a stored-value scale, so the gains are not
-assumed unless the protocol says the series do (``shared_scale``).
+``g_k`` the gain between input k and the first input's units.  Series of one session rarely
+share a stored-value scale, and with three contrasts the gains cannot be read from the data,
+so they come from DICOM, the protocol (``shared_scale``) or physics: :func:`volume_gains`
+(reference tissues and bounds, :mod:`rtcontrast.core.gains`).  :func:`input_gains` (the 1.1
+estimate from the network's T1/T2) is kept only as the search's starting point.
+
+The prior's width follows :func:`prior_sigma_for`: with three or more distinct contrasts it
+is wide (the data decide wherever the voxel is well conditioned), with two it is the
+network's typical error.  Bounds are physical (T1 <= 5 s, T2 <= 3 s: free water).
 
 Vectorised numpy (batched 3x3 normal equations, Levenberg-Marquardt damping), on the
 node's CPU after onnxruntime: no torch.
@@ -28,12 +33,19 @@ node's CPU after onnxruntime: no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 
-from rtcontrast.core.lsq import T1_BOUNDS_MS, T2_BOUNDS_MS
+from rtcontrast.core.gains import (
+    PHYS_T1_MS,
+    PHYS_T2_MS,
+    GainResult,
+    background_sigma,
+    distinct_contrasts,
+    estimate_gains,
+)
 
 #: Noise of an input relative to its series scale (99th percentile): SNR ~ 50.
 DATA_SIGMA = 0.02
@@ -62,6 +74,11 @@ class Settings:
     #: the series are stored in one intensity scale (gains = ratios of the series scales) instead of
     #: gains estimated from the maps; true for some scanners' exports, not in general
     shared_scale: bool = False
+    #: prior width where >= 3 distinct contrasts determine the voxel (see :func:`prior_sigma_for`)
+    prior_sigma_determined: float = 2.0
+    #: physical bounds of the fit (free water: T1 <= ~4.5 s, T2 <= ~2.5 s at body temperature)
+    t1_bounds_ms: tuple[float, float] = PHYS_T1_MS
+    t2_bounds_ms: tuple[float, float] = PHYS_T2_MS
 
 
 def input_gains(images: np.ndarray, te_tr: np.ndarray, t1: np.ndarray, t2: np.ndarray, tissue: np.ndarray,
@@ -122,20 +139,65 @@ def gain_tissue(images: np.ndarray, valid: np.ndarray, pd: np.ndarray, t1: np.nd
     return fine & valid[0] & np.all(~valid | (images > 2 * cfg.background_frac), axis=0)
 
 
+def volume_gains(images: np.ndarray, te_tr: np.ndarray, valid: np.ndarray, pd: np.ndarray, t1: np.ndarray,
+                 t2: np.ndarray, cfg: Settings, field_t: float | None = None) -> GainResult:
+    """Gains of the inputs from the data and physics (:func:`rtcontrast.core.gains.estimate_gains`), once per volume.
+
+    ``images`` [K, ...] each divided by its series scale, ``valid`` [K, ...] bool, maps = the
+    network's (start and weak tie-breaker only).  ``detail`` of the result also carries the
+    background noise per input (``sigma``), which the fusion QA uses.
+    """
+    tt = np.asarray(te_tr, np.float64)
+    sigma = background_sigma(images, valid, cfg.background_frac)
+    tissue = gain_tissue(images, valid, pd, t1, t2, cfg)
+    start = input_gains(images, tt, t1, t2, tissue, valid)
+    te32, tr32 = tt[:, 0].astype(np.float32), tt[:, 1].astype(np.float32)
+    ps = prior_sigma_for(tt, cfg)
+
+    def fit_voxels(s: np.ndarray, g: np.ndarray, p: np.ndarray, a: np.ndarray, b: np.ndarray, wk: np.ndarray,
+                   sig: np.ndarray) -> tuple[np.ndarray, ...]:
+        return _fit(s, te32, tr32, g, p, a, b, replace(cfg, n_iter=8), wk, ps, sig)
+
+    res = estimate_gains(images, tt, valid, tissue, pd, t1, t2, start, field_t, fit_voxels, sigma)
+    res.detail["network_gains"] = [round(float(v), 4) for v in start]
+    res.detail["sigma"] = [None if not np.isfinite(v) else float(v) for v in sigma]
+    return res
+
+
 def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
     order = np.argsort(x)
     c = np.cumsum(w[order])
     return float(x[order][np.searchsorted(c, 0.5 * c[-1])])
 
 
+def prior_sigma_for(te_tr: np.ndarray, cfg: Settings) -> float:
+    """The prior's width for this design: the rule of "data over prior where the data decide".
+
+    Three or more distinct contrasts determine (PD, T1, T2) per voxel: the prior then only
+    regularises directions the data leave flat (``prior_sigma_determined``, a factor of ~7:
+    against the data's information in a tissue voxel, (d S / d log T1 / sigma)^2 ~ 10^2-10^3,
+    its weight 1/sigma_p^2 = 0.25 is negligible, so well-conditioned voxels are the data's
+    fit and the answer does not depend on the network or on the order of the inputs).
+    With two contrasts the data pin a curve of exact solutions and the prior
+    (``prior_sigma``, the network's typical error) chooses the point on it.
+    """
+    return cfg.prior_sigma_determined if distinct_contrasts(te_tr) >= 3 else cfg.prior_sigma
+
+
 def _fit(s: np.ndarray, te: np.ndarray, tr: np.ndarray, g: np.ndarray, pd: np.ndarray, t1: np.ndarray,
-         t2: np.ndarray, cfg: Settings, wk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batched Levenberg-Marquardt on (log PD, log T1, log T2) for voxels s [V,K] (wk [V,K]: 1 = measured)."""
-    lo = np.log([1e-6, T1_BOUNDS_MS[0], T2_BOUNDS_MS[0]]).astype(s.dtype)
-    hi = np.log([1e6, T1_BOUNDS_MS[1], T2_BOUNDS_MS[1]]).astype(s.dtype)
-    prior = np.stack([np.log(t1), np.log(t2)], axis=1)  # [V,2]
+         t2: np.ndarray, cfg: Settings, wk: np.ndarray, prior_sigma: float | None = None,
+         sigma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Batched Levenberg-Marquardt on (log PD, log T1, log T2) for voxels s [V,K] (wk [V,K]: 1 = measured).
+
+    ``sigma`` [K]: noise per input (default ``cfg.data_sigma``).  Returns PD, T1, T2 and the
+    data chi^2 per voxel (sum over inputs of (misfit / sigma)^2).
+    """
+    lo = np.log([1e-6, cfg.t1_bounds_ms[0], cfg.t2_bounds_ms[0]]).astype(s.dtype)
+    hi = np.log([1e6, cfg.t1_bounds_ms[1], cfg.t2_bounds_ms[1]]).astype(s.dtype)
+    prior = np.clip(np.stack([np.log(t1), np.log(t2)], axis=1), lo[1:], hi[1:])  # [V,2]
     u = np.stack([np.log(np.maximum(pd, 1e-6)), prior[:, 0], prior[:, 1]], axis=1)
-    inv_d, inv_p = s.dtype.type(1.0 / cfg.data_sigma), s.dtype.type(1.0 / cfg.prior_sigma)
+    inv_d = (1.0 / (np.full(s.shape[1], cfg.data_sigma) if sigma is None else np.asarray(sigma))).astype(s.dtype)[None, :]
+    inv_p = s.dtype.type(1.0 / (cfg.prior_sigma if prior_sigma is None else prior_sigma))
 
     def residual(u: np.ndarray) -> tuple[np.ndarray, ...]:
         p, a1, a2 = np.exp(u[:, 0:1]), np.exp(u[:, 1:2]), np.exp(u[:, 2:3])
@@ -173,7 +235,7 @@ def _fit(s: np.ndarray, te: np.ndarray, tr: np.ndarray, g: np.ndarray, pd: np.nd
         cost = np.where(ok, out_n[2], cost)
         model, r, b = np.where(okc, out_n[3], model), np.where(okc, out_n[4], r), np.where(okc, out_n[5], b)
         p, a1, a2 = np.where(okc, out_n[6], p), np.where(okc, out_n[7], a1), np.where(okc, out_n[8], a2)
-    return np.exp(u[:, 0]), np.exp(u[:, 1]), np.exp(u[:, 2])
+    return np.exp(u[:, 0]), np.exp(u[:, 1]), np.exp(u[:, 2]), np.einsum("vk,vk->v", rd, rd)
 
 
 def _solve3(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, e: np.ndarray, f: np.ndarray,
@@ -219,7 +281,7 @@ def refine(images: np.ndarray, te_tr: np.ndarray, pd: np.ndarray, t1: np.ndarray
     fine = (t1 > 0) & (t2 > 0) & (pd > 0)
     sel = fine & np.any(ok_in & (img > cfg.background_frac), axis=0)
     if gains is None:
-        gains = input_gains(img, tt, t1, t2, gain_tissue(img, ok_in, pd, t1, t2, cfg), ok_in)
+        gains = volume_gains(img, tt, ok_in, pd, t1, t2, cfg).gains
     elif np.shape(gains) != (img.shape[0],):
         raise ValueError(f"gains must be [K] = [{img.shape[0]}], got shape {np.shape(gains)}")
     gains = np.asarray(gains, np.float64)
@@ -231,12 +293,13 @@ def refine(images: np.ndarray, te_tr: np.ndarray, pd: np.ndarray, t1: np.ndarray
     p0, a0, b0 = out_pd[sel], out_t1[sel], out_t2[sel]
     res = [np.empty(len(p0), np.float32) for _ in range(3)]
     te32, tr32, g32 = tt[:, 0].astype(np.float32), tt[:, 1].astype(np.float32), gains.astype(np.float32)
+    ps = prior_sigma_for(tt, cfg)
     for i in range(0, len(p0), _CHUNK):
         j = slice(i, i + _CHUNK)
-        for dst, v in zip(res, _fit(s[j], te32, tr32, g32, p0[j], a0[j], b0[j], cfg, wk[j])):
+        for dst, v in zip(res, _fit(s[j], te32, tr32, g32, p0[j], a0[j], b0[j], cfg, wk[j], ps)[:3]):
             dst[j] = v
     out_pd[sel], out_t1[sel], out_t2[sel] = res[0], res[1], res[2]
     return out_pd, out_t1, out_t2, gains
 
 
-__all__ = ["Settings", "gain_tissue", "input_gains", "refine", "DATA_SIGMA", "PRIOR_SIGMA"]
+__all__ = ["DATA_SIGMA", "PRIOR_SIGMA", "Settings", "gain_tissue", "input_gains", "prior_sigma_for", "refine", "volume_gains"]

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rtcontrast.core.consistency import Settings, gain_tissue, input_gains, refine
+from rtcontrast.core.consistency import Settings
+from rtcontrast.core.fusion import fused_consistent
 from rtcontrast.core.maps import QMaps
 from rtcontrast.core.contract import (
     DEFAULT_FIELD_T,
@@ -168,18 +169,23 @@ class QMapModel:
 
     def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int = 8,
                       consistency: Settings | None = None, valid: list[np.ndarray | None] | None = None,
-                      field_t: float | None = None) -> QMaps:
+                      field_t: float | None = None, known_gains: tuple[list[float], str] | None = None) -> QMaps:
         """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
 
         ``batch_size`` is an upper bound: batches never exceed :data:`MAX_BATCH_PIXELS`.
 
         The first series is the geometric target and defines PD's units.  Several inputs
         need a ``qmap/2`` model; extra inputs beyond its ``max_inputs`` are an error.
-        ``consistency``: with two or more inputs, the network's maps are then refined so
-        that they re-render every input (:func:`rtcontrast.core.consistency.refine`): the gains
-        between inputs once for the volume, then the fit slice by slice.  ``valid``: per
-        input, where it is a measurement (a resampled partner's field of view; None = all).
+        ``consistency``: with two or more inputs, the maps are fitted so that they re-render
+        every input (:mod:`rtcontrast.core.consistency`), with the gains between inputs from
+        the data and physics (:mod:`rtcontrast.core.gains`; ``known_gains`` = (per input the stored
+        value per common physical unit, what says so) when DICOM says) and the
+        network in a canonical input order, so T1/T2 do not depend on which series is first.
+        ``valid``: per input, where it is a measurement (a resampled partner's field of view;
+        None = all).  ``field_t``: the session's field strength (T) for the reference tissues.
         """
+        if consistency is not None and len(inputs) > 1:
+            return fused_consistent(self, inputs, batch_size, consistency, valid, field_t, known_gains)
         if not inputs:
             raise ValueError("no input series")
         if len(inputs) > self.info.max_inputs:
@@ -226,37 +232,6 @@ class QMapModel:
             t1[start:stop] = o["t1"][:, 0, :h, :w]
             t2[start:stop] = o["t2"][:, 0, :h, :w]
             te_tr_pred[start:stop] = o["te_tr_pred"]
-        gains = None
-        if consistency is not None and len(inputs) > 1:
-            gains = self._make_consistent(inputs, scales, QMaps(pd, t1, t2, te_tr_pred, s), consistency, valid)
         return QMaps(pd=pd, t1=t1, t2=t2, te_tr_pred=te_tr_pred, scale=s,
-                     input_gains=[float(v) for v in gains] if gains is not None else None,
                      t1_log_sd=unc.get("t1_log_sd"), t2_log_sd=unc.get("t2_log_sd"), pd_sd=unc.get("pd_sd"),
                      field_t=field_used, field_t_assumed=assumed)
-
-    @staticmethod
-    def _make_consistent(inputs: list[tuple[np.ndarray, float, float]], scales: list[float], maps: QMaps,
-                         settings: Settings, valid: list[np.ndarray | None] | None) -> np.ndarray:
-        """Refine ``maps`` in place (consistency with every input); returns the gains used."""
-        k = len(inputs)
-        tt = np.array([(te, tr) for _, te, tr in inputs], np.float64)
-        masks = [np.ones(inputs[0][0].shape, bool) if v is None else np.asarray(v, bool)
-                 for v in (valid or [None] * k)]
-        if len(masks) != k or any(m.shape != inputs[0][0].shape for m in masks):
-            raise ValueError(f"valid: one mask of shape {inputs[0][0].shape} (or None) per input expected")
-
-        def scaled(sl: slice | int = slice(None)) -> np.ndarray:
-            return np.stack([inputs[j][0][sl] * np.float32(1.0 / scales[j]) for j in range(k)])
-
-        if settings.shared_scale:
-            gains = np.array([scales[0] / sc for sc in scales])
-        else:
-            img, ok = scaled(), np.stack(masks)
-            gains = input_gains(img, tt, maps.t1, maps.t2, gain_tissue(img, ok, maps.pd, maps.t1, maps.t2, settings), ok)
-            del img
-        pd_n = maps.pd / np.float32(maps.scale)
-        for i in range(maps.pd.shape[0]):
-            p, a, b, _ = refine(scaled(i), tt, pd_n[i], maps.t1[i], maps.t2[i], settings, gains=gains,
-                                valid=np.stack([m[i] for m in masks]))
-            maps.pd[i], maps.t1[i], maps.t2[i] = p * np.float32(maps.scale), a, b
-        return gains

@@ -29,3 +29,5 @@ class QMaps:
     #: qmap/3: the field strength (T) given to the model, and whether it was assumed (header had none)
     field_t: float | None = None
     field_t_assumed: bool = False
+    #: with data consistency: the fusion QA figures (rtcontrast.core.fusion; gains' source, misfit per input, bounds)
+    fusion: dict | None = None

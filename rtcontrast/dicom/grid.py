@@ -13,6 +13,11 @@ processed (the geometric target), so the derived images keep the target's geomet
   geometry; outside the partner's field of view -> 0), and the lineage says so.
 * Otherwise the partner is left out, with the reason logged.
 
+:func:`intensity_factors` reads what the headers say about the series' intensity scales
+(Philips' private scale slope, a real-world value mapping), so that the gains between
+inputs come from DICOM where it speaks; :func:`field_strength_t` the field strength the
+reference tissues of :mod:`rtcontrast.core.gains` need.
+
 Which series of a group gets derived series of its own is the protocol's
 ``fusion.target`` rule (:func:`choose_target`): every series (``each``), or only the
 T2w-like, T1w-like or finest-grid one; the others are then inputs only.
@@ -21,6 +26,7 @@ T2w-like, T1w-like or finest-grid one; the others are then inputs only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -157,3 +163,56 @@ def choose_target(group: list[Candidate], rule: str) -> str | None:
         "finest": lambda c: (round(c.voxel_mm3, 3), -c.te_ms, c.series_uid),
     }
     return min(group, key=keys[rule]).series_uid
+
+
+#: Philips' private floating-point scale slope (FP = (SV * RS + RI) / (RS * SS)).
+PHILIPS_SCALE_SLOPE = (0x2005, 0x100E)
+
+
+def _num(ds: Any, tag: Any) -> float | None:
+    try:
+        v = ds.get(tag)
+        v = getattr(v, "value", v)
+        if isinstance(v, (list, tuple)) or hasattr(v, "__len__") and not isinstance(v, (str, bytes)):
+            v = v[0]
+        x = float(v)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return x if np.isfinite(x) and x > 0 else None
+
+
+def intensity_factors(volumes: list[Volume]) -> tuple[list[float], str] | None:
+    """Stored value (after the Modality LUT) per common physical unit, per series, when every header says.
+
+    * Philips private scale slope (2005,100E) in every series: FP = DV / (RS * SS), so the
+      factor is RS * SS;
+    * a real-world value mapping (0040,9096) with one unit in every series: physical =
+      SV * slope (+ intercept, taken as 0), DV = SV * RS + RI, so the factor is RS / slope.
+
+    None when the headers do not all say it (the gains then come from physics).
+    """
+    if len(volumes) < 2:
+        return None
+    heads = [v.first_header for v in volumes]
+    ss = [_num(h, PHILIPS_SCALE_SLOPE) for h in heads]
+    rs = [_num(h, "RescaleSlope") or 1.0 for h in heads]
+    if all(s is not None for s in ss):
+        return [r * s for r, s in zip(rs, ss)], "DICOM: Philips private scale slope (2005,100E)"  # type: ignore[operator]
+    slopes, units = [], set()
+    for h in heads:
+        seq = h.get("RealWorldValueMappingSequence")
+        item = seq[0] if seq else None
+        slope = _num(item, "RealWorldValueSlope") if item is not None else None
+        if slope is None:
+            return None
+        code = item.get("MeasurementUnitsCodeSequence")
+        units.add(str(code[0].get("CodeValue", "")) if code else "")
+        slopes.append(slope)
+    if len(units) != 1:
+        return None
+    return [r / s for r, s in zip(rs, slopes)], "DICOM: real-world value mapping (0040,9096)"
+
+
+def field_strength_t(volume: Volume) -> float | None:
+    """MagneticFieldStrength (T) of the series, None when absent or not positive."""
+    return _num(volume.first_header, "MagneticFieldStrength")

@@ -58,6 +58,8 @@ from rtcontrast.dicom.grid import (
     Aligned,
     Candidate,
     align,
+    field_strength_t,
+    intensity_factors,
     choose_target,
     voxel_volume_mm3,
 )
@@ -473,9 +475,12 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
             maps = model.predict_multi([(volume.pixels, te, tr)] + [(a.pixels, pte, ptr) for a, pte, ptr in partners],
                                        consistency=(Settings(shared_scale=protocol.fusion.shared_scale)
                                                     if protocol.fusion.consistency else None),
-                                       valid=[None] + [a.valid for a, _, _ in partners])
+                                       valid=[None] + [a.valid for a, _, _ in partners],
+                                       field_t=field_strength_t(volume),
+                                       known_gains=intensity_factors([volume] + [a.volume for a, _, _ in partners]))
             if maps.input_gains is not None:
                 qa["fusion"]["input_gains"] = [round(g, 4) for g in maps.input_gains]
+                qa["fusion"].update(maps.fusion or {})  # gains' source, misfit per input, bounds: fusion QA
             if partners:
                 log.info("job %d series %s fused with %s", job_id, series, ", ".join(qa["fusion"]["partners"]))
         else:

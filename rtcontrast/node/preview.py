@@ -72,8 +72,10 @@ def write_preview(
     subtitle = ""
     if qa:
         parts = []
-        if "self_nrmse" in qa:
-            parts.append(f"self NRMSE {qa['self_nrmse']:.3f}")
+        if "self_nrmse" in qa:  # small by construction for a fitted input: a sanity check, not accuracy
+            parts.append(f"self NRMSE {qa['self_nrmse']:.3f} (sanity only)")
+        if (qa.get("fusion") or {}).get("gain_source"):
+            parts.append(f"gains: {qa['fusion']['gain_source']}")
         if "te_pred_ms" in qa:
             parts.append(f"TE img/hdr {qa['te_pred_ms']:.0f}/{qa['te_header_ms']:g} ms")
         if "tr_pred_ms" in qa:

@@ -109,6 +109,49 @@ def qa_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
                 f"(header {qa[f'{what}_header_ms']:g} ms, image says {ms(qa[f'{what}_pred_ms'])} ms); "
                 f"limit {percent(limit)} %"
             )
+    return out + fusion_violations(qa.get("fusion"), protocol)
+
+
+def fusion_violations(fusion: dict[str, Any] | None, protocol: ProtocolConfig) -> list[str]:
+    """Which fusion QA thresholds a fused job exceeds (figures from :mod:`rtcontrast.core.fusion`).
+
+    Each sentence names the input (by TE/TR, never patient data) and the number against its
+    threshold.  With one input there are no figures and nothing to check.
+    """
+    if not fusion or "inputs" not in fusion:
+        return []
+    t = protocol.qa
+    out = []
+    for i, d in enumerate(fusion["inputs"]):
+        name = f"input {i + 1} (TE {d.get('te_ms', 0):g}/TR {d.get('tr_ms', 0):g} ms)"
+        sh = d.get("shift_voxels")
+        if sh is not None and sh > t.fusion_max_shift_voxels:
+            out.append(f"fusion: {name} is shifted {sh:.1f} voxels against the target's body outline "
+                       f"> {t.fusion_max_shift_voxels:g} (moved between series?)")
+        r = d.get("residual_over_noise")
+        if r is not None and r > t.fusion_max_residual_over_noise:
+            out.append(f"fusion: {name} not re-rendered by the maps: misfit {r:.2f} x its background noise "
+                       f"> {t.fusion_max_residual_over_noise:g} (mis-registered or inconsistent series?)")
+    if fusion["at_bounds_frac"] > t.fusion_max_at_bounds_frac:
+        out.append(f"fusion: {100 * fusion['at_bounds_frac']:.1f} % of body voxels at a physical T1/T2 bound "
+                   f"> {100 * t.fusion_max_at_bounds_frac:g} % (gains or registration of an input wrong?)")
+    for p in ("t1", "t2"):
+        dis = 100 * (float(np.exp(fusion["network_fit_log_disagreement"][p])) - 1)
+        if dis > t.fusion_max_network_disagreement_pct:
+            out.append(f"fusion: fitted {p.upper()} differs from the network's by {dis:.0f} % (median) "
+                       f"> {t.fusion_max_network_disagreement_pct:g} %")
+    src = str(fusion.get("gain_source", ""))
+    if not src.startswith("physics") and not src.startswith("data"):
+        worst = max(range(len(fusion["inputs"])), key=lambda j: abs(np.log(
+            max(fusion["inputs"][j].get("gain", 1.0), 1e-9) / max(fusion["physics_gains"][j], 1e-9))))
+        dev = 100 * (float(np.exp(fusion["gain_vs_physics_log"])) - 1)
+        if dev > t.fusion_max_gain_vs_physics_pct and str(fusion.get("physics_source", "")).startswith(("physics", "data")):
+            d = fusion["inputs"][worst]
+            out.append(f"fusion: gain of input {worst + 1} (TE {d.get('te_ms', 0):g}/TR {d.get('tr_ms', 0):g} ms) from "
+                       f"{src} is {d.get('gain', 0):.3g}, the reference tissues say {fusion['physics_gains'][worst]:.3g} "
+                       f"({dev:.0f} % > {t.fusion_max_gain_vs_physics_pct:g} %)")
+    if t.fusion_require_reference_tissue and src.startswith("network"):
+        out.append(f"fusion: gains not verified by physics ({src})")
     return out
 
 

@@ -25,11 +25,11 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from rtcontrast.research import phantom
-from rtcontrast.research.dataset import HELDOUT_SEED_BASE
-from rtcontrast.core.physics import SEED_CONTRAST_NAMES, SEED_CONTRASTS, signal
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.core.maps import QMaps
+from rtcontrast.core.physics import SEED_CONTRAST_NAMES, SEED_CONTRASTS, signal
+from rtcontrast.research import phantom
+from rtcontrast.research.dataset import HELDOUT_SEED_BASE
 
 EVAL_SEED_BASE = HELDOUT_SEED_BASE + 500
 
@@ -233,113 +233,6 @@ def save_figure(path: str | Path, name: str, case: Case, pred: QMaps) -> None:
     plt.close(fig)
 
 
-#: Input sets compared for fusion models (names from SEED_CONTRAST_NAMES).
-FUSION_SETS: dict[str, tuple[str, ...]] = {
-    "1: T2w_75": ("T2w_75",),
-    "1: T1w_400": ("T1w_400",),
-    "2: T1w_400+T2w_75": ("T1w_400", "T2w_75"),
-    "3: T1w_400+PDw+T2w_75": ("T1w_400", "PDw", "T2w_75"),
-    "5: all": tuple(SEED_CONTRAST_NAMES),
-}
-
-
-def evaluate_fusion(model_path: str | Path, n_subjects: int = 6, n_slices: int = 4, provider: str = "cpu",
-                    seed_base: int = EVAL_SEED_BASE, consistency: "Settings | None" = None,
-                    sets: dict[str, tuple[str, ...]] | None = None) -> dict:
-    """Fusion (``qmap/2``) table: 1, 2, 3 and all inputs side by side, with the least-squares fit.
-
-    Every contrast of one subject is acquired in one session: same coil (bias field) and,
-    to give the classical fit its best case, the same gain (so every image, and the truth
-    PD * gain * bias, share units); noise differs per series.  Each network input is
-    still divided by its own series scale inside ``predict_multi``, as the node does.
-    ``seed_base``: other held-out seeds for tuning (e.g. the consistency settings) without
-    touching the reported split; ``consistency``: its settings (default: the node's).
-    """
-    from rtcontrast.core.consistency import Settings
-    from rtcontrast.core.lsq import fit as lsq_fit
-
-    model = QMapModel(model_path, provider=provider)
-    contrasts = dict(zip(SEED_CONTRAST_NAMES, SEED_CONTRASTS))
-    subjects = []
-    for k in range(n_subjects):
-        seed = seed_base + k
-        maps, _ = phantom.volume(seed, n_slices=n_slices, shape=(256, 256), pixel_mm=1.6, slice_mm=12.0,
-                                 field_t=(1.5, 3.0)[k % 2])
-        rng = np.random.default_rng(seed * 17)
-        snr = float(rng.uniform(30, 100))
-        bias = phantom.bias_field(rng, maps.pd.shape, float(rng.uniform(0, 0.25)))
-        imgs = {}
-        for name, (te, tr) in contrasts.items():
-            acq = phantom.acquire(maps, te, tr, rng, snr=snr, bias_strength=0.0, gain=1000.0)
-            imgs[name] = acq.image * bias
-        subjects.append((maps, imgs, (maps.pd * 1000.0 * bias).astype(np.float32)))
-    report: dict = {"model": model.info.name, "version": model.info.version, "contract": model.info.contract,
-                    "sets": {}, "targets": {"fusion_tissue_mae_max_pct": 2.0, "fusion_ssim_min": 0.99}}
-    for set_name, names in (sets or FUSION_SETS).items():
-        row: dict = {}
-        for method in ("network", "network+consistency", "least_squares"):
-            if method.startswith("network") and len(names) > model.info.max_inputs:
-                continue
-            if method == "network+consistency" and len(names) < 2:
-                continue
-            preds = []
-            skipped = None
-            for maps, imgs, truth_pd in subjects:
-                if method.startswith("network"):
-                    qm = model.predict_multi([(imgs[n], *contrasts[n]) for n in names],
-                                             consistency=(consistency or Settings()) if method == "network+consistency" else None)
-                    preds.append((qm.pd, qm.t1, qm.t2))
-                else:
-                    try:
-                        stack_ = np.stack([imgs[n] for n in names])
-                        pd, t1, t2 = lsq_fit(stack_, np.array([contrasts[n] for n in names], np.float32))
-                        preds.append((pd, t1, t2))
-                    except ValueError as exc:
-                        skipped = str(exc)
-                        break
-            if skipped:
-                row[method] = {"not_determined": skipped}
-                continue
-            tissue: dict[str, dict[str, float]] = {}
-            for t in phantom.MAJOR_TISSUES:
-                e1, e2 = [], []
-                for (maps, _, _), (_, t1, t2) in zip(subjects, preds):
-                    lab = ndimage.binary_erosion(maps.labels == phantom.LABELS[t], structure=np.ones((1, 3, 3), bool))
-                    if lab.any():
-                        e1.append(np.abs(t1[lab] / maps.t1[lab] - 1))
-                        e2.append(np.abs(t2[lab] / maps.t2[lab] - 1))
-                if e1:
-                    tissue[t] = {"t1": float(np.median(np.concatenate(e1)) * 100),
-                                 "t2": float(np.median(np.concatenate(e2)) * 100)}
-            ssim = {}
-            for tn, (te, tr) in contrasts.items():
-                truth = np.concatenate([signal(tp, te, tr, m.t1, m.t2) for (m, _, tp) in subjects])
-                # PD comes back in stored-value units of the first input, which here are the truth's units
-                rend = [signal(pd, te, tr, t1, t2) for (pd, t1, t2) in preds]
-                mask = np.concatenate([m.labels > 0 for (m, _, _) in subjects])
-                ssim[tn] = _metrics(np.concatenate(rend).astype(np.float32), truth.astype(np.float32), mask)
-            row[method] = {"tissues": tissue, "render": ssim,
-                           "max_t1_t2_mae_pct": max(max(v.values()) for v in tissue.values()),
-                           "min_ssim": min(v["ssim"] for v in ssim.values())}
-        report["sets"][set_name] = row
-    return report
-
-
-def format_fusion_table(report: dict) -> str:
-    """Side-by-side table of the fusion report."""
-    lines = ["Fusion: median |error| % of T1 / T2 per tissue, and min SSIM of the five rendered contrasts",
-             f"{'inputs':26s} {'method':20s}" + "".join(f"{t:>16s}" for t in phantom.MAJOR_TISSUES) + f"{'minSSIM':>9s}"]
-    for set_name, row in report["sets"].items():
-        for method, r in row.items():
-            if "not_determined" in r:
-                lines.append(f"{set_name:26s} {method:20s} not determined: {r['not_determined']}")
-                continue
-            cells = "".join(f"{r['tissues'][t]['t1']:>8.1f}/{r['tissues'][t]['t2']:<7.1f}" if t in r["tissues"]
-                            else f"{'-':>16s}" for t in phantom.MAJOR_TISSUES)
-            lines.append(f"{set_name:26s} {method:20s}{cells}{r['min_ssim']:>9.4f}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rtcontrast.research.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -348,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figure", default=None, help="PNG path (default: next to the model, NAME.eval.png)")
     ap.add_argument("--json", default=None, help="write the report as JSON here")
     ap.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--fusion", action="store_true", help="also the qmap/2 fusion table (1, 2, 3, all inputs + LSQ)")
+    ap.add_argument("--fusion", action="store_true", help="also the qmap/2 fusion table on the pelvis family (rtcontrast.research.evaluate_fusion)")
     ap.add_argument("--generalisation", choices=["auto", "yes", "no"], default="auto",
                     help="in-domain vs unseen-anatomy tables with the constant-maps floor and calibration "
                          "(rtcontrast.research.evaluate_se); auto = yes for qmap/1 and qmap/3 models")
@@ -362,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         report["generalisation"] = generalisation(a.model, a.subjects, a.slices, a.provider)
         print()
         print(format_generalisation(report["generalisation"]))
-    if a.fusion:
+    if a.fusion:  # the fusion table lives in its own module (python -m rtcontrast.research.evaluate_fusion)
+        from rtcontrast.research.evaluate_fusion import (
+            evaluate_fusion,
+            format_fusion_table,
+        )
+
         report["fusion"] = evaluate_fusion(a.model, a.subjects, a.slices, a.provider)
         print()
         print(format_fusion_table(report["fusion"]))

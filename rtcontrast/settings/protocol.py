@@ -222,6 +222,25 @@ class QA(StrictModel):
     max_self_nrmse: float = Field(0.15, gt=0)
     max_te_error_frac: float = Field(0.6, gt=0)
     max_tr_error_frac: float = Field(0.6, gt=0)
+    # Fusion (several series): figures of rtcontrast.core.fusion; the self NRMSE above is small by construction
+    # for a fitted input and is a sanity check only.
+    fusion_max_residual_over_noise: float = Field(
+        4.0, gt=0, description="RMS misfit of each input over the body / that input's background noise sd (ratio); "
+                               "a mis-registered or inconsistent partner cannot be re-rendered")
+    fusion_max_shift_voxels: float = Field(
+        1.0, gt=0, description="in-plane shift of a partner's body outline against the target's, voxels "
+                               "(patient motion between series)")
+    fusion_max_at_bounds_frac: float = Field(
+        0.05, gt=0, le=1, description="fraction of body voxels whose fitted T1 or T2 sits at a physical bound "
+                                      "(T1 50-5000 ms, T2 5-3000 ms): gains or registration push them out of physics")
+    fusion_max_network_disagreement_pct: float = Field(
+        100.0, gt=0, description="median |fit / network - 1| of T1 or T2 over the body, per cent (off its training "
+                                  "anatomy the network is 60-90 % off while three contrasts still fit well)")
+    fusion_max_gain_vs_physics_pct: float = Field(
+        15.0, gt=0, description="largest |gain used / gain from physics - 1| of an input, per cent (gains taken "
+                                "from DICOM or shared_scale that the reference tissues contradict)")
+    fusion_require_reference_tissue: bool = Field(
+        True, description="with 2-3 contrasts and gains not known from DICOM, fat or free fluid must be recognised")
     action: Literal["send", "warn", "hold"] = "warn"
 
 
@@ -314,6 +333,10 @@ class ProtocolConfig(StrictModel):
             content.pop("model", None)
         if content.get("fusion") == Fusion().model_dump(mode="json"):  # likewise for fusion at its defaults
             content.pop("fusion", None)
+        qa_defaults = QA().model_dump(mode="json")
+        for key in [k for k in content.get("qa", {}) if k.startswith("fusion_")]:  # fusion QA (#11) at its defaults
+            if content["qa"][key] == qa_defaults[key]:
+                content["qa"].pop(key)
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
