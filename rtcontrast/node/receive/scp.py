@@ -19,11 +19,15 @@ What it accepts, and why:
   hears how every association that stored or refused something ended (released or
   aborted) and which instances it refused, so the node can tell a complete series from
   a partial one (:mod:`rtcontrast.node.store.completeness`).
-* Admission happens when the A-ASSOCIATE-RQ arrives (EVT_REQUESTED, the hook pynetdicom
-  leaves for an acceptor to answer A-ASSOCIATE-RJ itself), before any data: a peer
-  address outside ``allowed_networks`` is rejected *permanent, service-user, no reason
-  given* (PS3.8 has no "address not allowed" reason, and telling a stranger why helps
-  nobody), an unknown calling AE title with reason 3 and a wrong called AE title with
+* Admission before cost (:mod:`rtcontrast.node.receive.server` and
+  :mod:`~rtcontrast.node.receive.admission`): at accept, a peer address outside
+  ``allowed_networks`` is closed and one address may hold only so many connections; the
+  complete A-ASSOCIATE-RQ must arrive within a short timer and be well-formed before
+  pynetdicom spends an association on the socket.  Then, when the A-ASSOCIATE-RQ
+  arrives (EVT_REQUESTED, the hook pynetdicom leaves for an acceptor to answer
+  A-ASSOCIATE-RJ itself), before any data: the same admission check (an address outside
+  the list, e.g. on the TLS port, is rejected *permanent, service-user, no reason
+  given*), an unknown calling AE title with reason 3 and a wrong called AE title with
   reason 7.  More than ``max_associations`` at once are rejected *transient,
   service-provider (presentation), local limit exceeded* by pynetdicom: the sender may
   retry later, nothing is queued.  Every refusal is one log line (peer, AE titles, why).
