@@ -25,9 +25,9 @@ What it accepts, and why:
   complete A-ASSOCIATE-RQ must arrive within a short timer and be well-formed before
   pynetdicom spends an association on the socket.  Then, when the A-ASSOCIATE-RQ
   arrives (EVT_REQUESTED, the hook pynetdicom leaves for an acceptor to answer
-  A-ASSOCIATE-RJ itself), before any data: the same admission check (an address outside
-  the list, e.g. on the TLS port, is rejected *permanent, service-user, no reason
-  given*), an unknown calling AE title with reason 3 and a wrong called AE title with
+  A-ASSOCIATE-RJ itself), before any data: the same admission check again (defence in
+  depth: an address outside the list would be rejected *permanent, service-user, no
+  reason given*), an unknown calling AE title with reason 3 and a wrong called AE title with
   reason 7.  More than ``max_associations`` at once are rejected *transient,
   service-provider (presentation), local limit exceeded* by pynetdicom: the sender may
   retry later, nothing is queued.  Every refusal is one log line (peer, AE titles, why).
