@@ -114,7 +114,7 @@ class JobResult:
     """The outcome of :func:`run_job`."""
 
     job_id: int
-    state: str
+    state: JobState
     reason: str | None = None
     qa: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -154,7 +154,7 @@ def node_identity(
 class _Stop(Exception):
     """End the job in ``state`` with ``reason`` (ineligible, failed, held); ``fields`` go to the job row."""
 
-    def __init__(self, state: str, reason: str, **fields: Any) -> None:
+    def __init__(self, state: JobState, reason: str, **fields: Any) -> None:
         super().__init__(reason)
         self.state = JobState(state)
         self.reason = reason
@@ -168,7 +168,7 @@ def _first_header(paths: list[Path]) -> Dataset:
     try:
         return pydicom.dcmread(paths[0], stop_before_pixels=True)
     except Exception as exc:  # the volume stage would fail the same way; say which file
-        raise _Stop("failed", f"{paths[0].name}: unreadable: {type(exc).__name__}: {exc}") from exc
+        raise _Stop(JobState.FAILED, f"{paths[0].name}: unreadable: {type(exc).__name__}: {exc}") from exc
 
 
 def _timing_from(volume: Volume, header: Dataset) -> tuple[float | None, float | None]:
@@ -406,7 +406,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
     mid = ctx.model_identity
     timings: dict[str, float] = {}
     qa: dict[str, Any] = {}
-    result = JobResult(job_id=job_id, state="failed", qa=qa, timings_s=timings)
+    result = JobResult(job_id=job_id, state=JobState.FAILED, qa=qa, timings_s=timings)
     ident = dict(
         protocol_version=protocol.audit_version,
         model_name=mid.name,
@@ -414,7 +414,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         model_sha256=mid.sha256,
     )
 
-    def finish(state: str, reason: str | None, **fields: Any) -> JobResult:
+    def finish(state: JobState, reason: str | None, **fields: Any) -> JobResult:
         if timings:
             qa["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
         fields.setdefault("role", JobRole.TARGET)
@@ -427,27 +427,27 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
     try:
         # -- assemble (incl. eligibility on the first header: cheap, before decoding pixels)
         t0 = time.perf_counter()
-        jobs.set_state(job_id, "assembling", None, **ident)
+        jobs.set_state(job_id, JobState.ASSEMBLING, None, **ident)
         members = jobs.job_instances(job_id)
         if not members:
-            raise _Stop("failed", "the job has no instances")
+            raise _Stop(JobState.FAILED, "the job has no instances")
         paths = [m.path for m in members]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
-            raise _Stop("failed", f"{len(missing)} spooled file(s) missing, e.g. {missing[0]}")
+            raise _Stop(JobState.FAILED, f"{len(missing)} spooled file(s) missing, e.g. {missing[0]}")
         header = _first_header(paths)
         calling_ae = next((m.calling_ae for m in members if m.calling_ae), None)
         ok, why = check_eligibility(header, protocol, calling_ae=calling_ae, own=ctx.node)
         if not ok:
-            raise _Stop("ineligible", why)
+            raise _Stop(JobState.INELIGIBLE, why)
         try:
             volume = assemble(paths)
         except VolumeError as exc:
-            raise _Stop("failed", f"volume: {exc}") from exc
+            raise _Stop(JobState.FAILED, f"volume: {exc}") from exc
         te, tr = _timing_from(volume, header)
         out_of_range = check_range(model, te, tr)
         if out_of_range:
-            raise _Stop("ineligible", out_of_range)
+            raise _Stop(JobState.INELIGIBLE, out_of_range)
         assert te is not None and tr is not None
         qa["slices"] = int(volume.pixels.shape[0])
         qa["matrix"] = [int(volume.pixels.shape[1]), int(volume.pixels.shape[2])]
@@ -455,7 +455,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
 
         # -- infer + QA
         t0 = time.perf_counter()
-        jobs.set_state(job_id, "inferring")
+        jobs.set_state(job_id, JobState.INFERRING)
         co_sources: list[Volume] = []
         if protocol.fusion.enabled and model.info.fusion:
             partners, qa["fusion"] = _fusion_partners(ctx, job_id, volume)
@@ -466,7 +466,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
             if target is not None and target != series:
                 qa["fusion"]["target"] = target
                 if _target_uses(ctx, job.study_uid, target, series):
-                    raise _Stop("ineligible", f"{PARTNER_ONLY} series {target} (fusion.target: "
+                    raise _Stop(JobState.INELIGIBLE, f"{PARTNER_ONLY} series {target} (fusion.target: "
                                               f"{protocol.fusion.target}); no derived series of its own",
                                 role=JobRole.FUSION_INPUT, fusion_target=target)
                 qa["fusion"]["note"] = (f"target series {target} was processed without this series: "
@@ -494,7 +494,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         broken = non_finite_figures(qa) + _non_finite_maps(maps)
         if broken:  # never sent, whatever qa.action says: the images would be blank or wrong
             qa["action"] = "failed"
-            raise _Stop("failed", "non-finite data: " + "; ".join(broken))
+            raise _Stop(JobState.FAILED, "non-finite data: " + "; ".join(broken))
         timings["infer"] = time.perf_counter() - t0
         hold = bool(violations) and protocol.qa.action == "hold"
         if hold and ctx.hold_override:
@@ -503,7 +503,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
 
         # -- render every recipe (also for a held job: its preview shows them)
         t0 = time.perf_counter()
-        jobs.set_state(job_id, "rendering")
+        jobs.set_state(job_id, JobState.RENDERING)
         rendered = {}
         for recipe in protocol.recipes:
             u16 = render_u16(maps, recipe.te_ms, recipe.tr_ms)
@@ -511,7 +511,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         timings["render"] = time.perf_counter() - t0
         _write_preview(ctx, job_id, series, volume, maps, rendered, qa)
         if hold and not ctx.hold_override:
-            raise _Stop("held", "QA hold: " + "; ".join(violations))
+            raise _Stop(JobState.HELD, "QA hold: " + "; ".join(violations))
         # what derivation needs of the maps; then the float maps are released (memory)
         t0 = time.perf_counter()
         classic = {q: classic_map_u16(maps, q) for q in ("T1", "T2", "PD")} if protocol.maps.classic else {}
@@ -523,7 +523,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
 
         # -- derive
         t0 = time.perf_counter()
-        jobs.set_state(job_id, "deriving")
+        jobs.set_state(job_id, JobState.DERIVING)
         per_dest = _derive_all(ctx, volume, rendered, classic, map_values, co_sources, mask,
                                "QA passed" if not violations else None)  # warn: flag_datasets writes it
         if violations and (protocol.qa.action == "warn" or (hold and ctx.hold_override)):
@@ -543,14 +543,14 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         qa["queued"] = dict(result.queued)
         if violations:
             log.warning("job %d series %s: QA %s: %s", job_id, series, protocol.qa.action, "; ".join(violations))
-        finish("queued", "QA warning: " + "; ".join(violations) if violations else None)
+        finish(JobState.QUEUED, "QA warning: " + "; ".join(violations) if violations else None)
     except _Stop as stop:
-        level = logging.INFO if stop.state == "ineligible" else logging.WARNING
+        level = logging.INFO if stop.state == JobState.INELIGIBLE else logging.WARNING
         log.log(level, "job %d series %s %s: %s", job_id, series, stop.state, stop.reason)
         jobs.audit(job_id, stop.state, {"reason": stop.reason})
         finish(stop.state, stop.reason, **stop.fields)
     except Exception as exc:
-        finish("failed", f"unexpected error: {type(exc).__name__}: {exc}")
+        finish(JobState.FAILED, f"unexpected error: {type(exc).__name__}: {exc}")
         raise
     finally:
         if timings:
@@ -560,7 +560,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
             )
     if "self_nrmse" in qa:  # inference ran: QA numbers go to the audit (queued or held)
         jobs.audit(job_id, "qa", dict(qa))
-    if result.state == "queued":
+    if result.state == JobState.QUEUED:
         log.info(
             "job %d series %s queued: %s (self NRMSE %.3f)",
             job_id, series, ", ".join(f"{n} to {d}" for d, n in result.queued.items()), qa.get("self_nrmse", 0.0),

@@ -131,6 +131,7 @@ class Node:
         self._work = WorkQueues(config.small_series_max_instances)
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._handing_out = threading.Event()  # the scheduler is turning due series into jobs
         self._threads: list[threading.Thread] = []
         self._started = False
         self.scp: StorageSCP | None = None
@@ -387,13 +388,8 @@ class Node:
         self._work.put(job_id, job.instance_count if job is not None else 0, lane_allowed=not fusion)
 
     def _pick_up_released(self) -> None:
-        """Jobs put back to run from outside the worker go to it: ``node.py release`` / ``retry``,
-        and transient failures whose backoff has passed (``retry_at``).
-
-        Any job in a re-run state that is not queued or running here is such a job (the
-        worker is the only one that moves jobs through those states, and it keeps a job in
-        ``_enqueued`` until it ends).
-        """
+        """Jobs in a re-run state that no worker holds go to one: ``node.py release`` / ``retry``,
+        and transient failures whose backoff (``retry_at``) has passed."""
         now_iso = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         for j in self.jobs.unfinished_jobs():
             if j.state not in RERUN_STATES:
@@ -444,6 +440,7 @@ class Node:
             self._scheduler_beat = time.monotonic()
             try:
                 now = time.monotonic()
+                self._handing_out.set()  # idle() must not see a series between due() and its job
                 for study, series in self.tracker.due(now):
                     if self._wait_for_partner(study, series, now):
                         continue
@@ -462,6 +459,7 @@ class Node:
                         log.info("series %s complete: job %d created", s, job_id)
                         self.metrics.series_completed.inc()
                         self._enqueue(job_id)
+                self._handing_out.clear()
                 if now - last_monitor >= _MONITOR_INTERVAL_S:
                     last_monitor = now
                     self._check_deliveries()
@@ -470,6 +468,7 @@ class Node:
                     last_prune = now
                     self.purge()
             except Exception:  # keep scheduling; the failure is in the log
+                self._handing_out.clear()
                 log.exception("scheduler iteration failed")
             nxt = self.tracker.next_deadline()
             wait = _MONITOR_INTERVAL_S if nxt is None else min(_MONITOR_INTERVAL_S, max(0.01, nxt - time.monotonic()))
@@ -568,7 +567,7 @@ class Node:
     # ------------------------------------------------------------------ for tests and status
     def idle(self) -> bool:
         """Nothing open, queued, running or pending delivery (tests wait for this)."""
-        if self.tracker.pending() or not self._work.idle():
+        if self._handing_out.is_set() or self.tracker.pending() or not self._work.idle():
             return False
         if any(j.state in RERUN_STATES or j.state == JobState.QUEUED for j in self.jobs.unfinished_jobs()):
             return False

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 
-__all__ = ["Admission", "ConnectionGate", "await_association_request", "safe_text"]
+__all__ = ["Admission", "ConnectionGate", "await_association_request", "rj_text", "safe_text"]
 
 #: A-ASSOCIATE-RQ PDU type (PS3.8 9.3.2).
 _ASSOCIATE_RQ = 0x01
@@ -46,6 +46,25 @@ def safe_text(value: object, limit: int = 80) -> str:
     """
     text = "".join(c if c.isprintable() else "?" for c in str(value))
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# PS3.8 9.3.4: A-ASSOCIATE-RJ (result, source, reason) names for the log.
+_RJ_RESULT = {1: "rejected-permanent", 2: "rejected-transient"}
+_RJ_SOURCE = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
+_RJ_REASON = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+
+
+def rj_text(result: int, source: int, reason: int) -> str:
+    """An A-ASSOCIATE-RJ as words for a log line."""
+    return (
+        f"A-ASSOCIATE-RJ {_RJ_RESULT.get(result, result)}, source {_RJ_SOURCE.get(source, source)}, "
+        f"reason {reason} ({_RJ_REASON.get((source, reason), '?')})"
+    )
 
 
 class Admission:

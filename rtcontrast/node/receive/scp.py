@@ -19,11 +19,15 @@ What it accepts, and why:
   hears how every association that stored or refused something ended (released or
   aborted) and which instances it refused, so the node can tell a complete series from
   a partial one (:mod:`rtcontrast.node.store.completeness`).
-* Admission happens when the A-ASSOCIATE-RQ arrives (EVT_REQUESTED, the hook pynetdicom
-  leaves for an acceptor to answer A-ASSOCIATE-RJ itself), before any data: a peer
-  address outside ``allowed_networks`` is rejected *permanent, service-user, no reason
-  given* (PS3.8 has no "address not allowed" reason, and telling a stranger why helps
-  nobody), an unknown calling AE title with reason 3 and a wrong called AE title with
+* Admission before cost (:mod:`rtcontrast.node.receive.server` and
+  :mod:`~rtcontrast.node.receive.admission`): at accept, a peer address outside
+  ``allowed_networks`` is closed and one address may hold only so many connections; the
+  complete A-ASSOCIATE-RQ must arrive within a short timer and be well-formed before
+  pynetdicom spends an association on the socket.  Then, when the A-ASSOCIATE-RQ
+  arrives (EVT_REQUESTED, the hook pynetdicom leaves for an acceptor to answer
+  A-ASSOCIATE-RJ itself), before any data: the same admission check again (defence in
+  depth: an address outside the list would be rejected *permanent, service-user, no
+  reason given*), an unknown calling AE title with reason 3 and a wrong called AE title with
   reason 7.  More than ``max_associations`` at once are rejected *transient,
   service-provider (presentation), local limit exceeded* by pynetdicom: the sender may
   retry later, nothing is queued.  Every refusal is one log line (peer, AE titles, why).
@@ -73,7 +77,7 @@ from rtcontrast.node.receive.spool import (
     read_header,
     validate_uid,
 )
-from rtcontrast.node.receive.admission import Admission, ConnectionGate, safe_text
+from rtcontrast.node.receive.admission import Admission, ConnectionGate, rj_text, safe_text
 from rtcontrast.node.receive.server import AssociationServer
 from rtcontrast.node.receive.scp_settings import ScpSettings, ScpTls, StoredInstance, server_ssl_context
 
@@ -108,6 +112,10 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     str(RLELossless),
 )
 
+#: How long after a connection closed without a release event the association counts as
+#: aborted (EVT_RELEASED and EVT_CONN_CLOSE come from different threads).
+_RELEASE_RACE_S = 2.0
+
 STATUS_SUCCESS = 0x0000
 STATUS_DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.4.2.1.4: a failure status of C-STORE
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -136,24 +144,6 @@ class _AssocState:
     @property
     def host(self) -> str:
         return self.peer.rsplit(":", 1)[0]
-
-
-# PS3.8 9.3.4: A-ASSOCIATE-RJ (result, source, reason) names for the log.
-_RJ_RESULT = {1: "rejected-permanent", 2: "rejected-transient"}
-_RJ_SOURCE = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
-_RJ_REASON = {
-    (1, 1): "no reason given", (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
-    (2, 1): "no reason given", (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
-}
-
-
-def _rj_text(result: int, source: int, reason: int) -> str:
-    return (
-        f"A-ASSOCIATE-RJ {_RJ_RESULT.get(result, result)}, source {_RJ_SOURCE.get(source, source)}, "
-        f"reason {reason} ({_RJ_REASON.get((source, reason), '?')})"
-    )
 
 
 class _Refusal(Exception):
@@ -388,7 +378,7 @@ class StorageSCP:
             st.refusal_logged = True
         LOG.warning(
             "refused association from %s (AE %s -> %s, %s): %s; %s",
-            st.peer, st.calling_ae, st.called_ae, st.transport, why, _rj_text(1, 1, reason),
+            st.peer, st.calling_ae, st.called_ae, st.transport, why, rj_text(1, 1, reason),
         )
         assoc.acse.send_reject(0x01, 0x01, reason)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
@@ -429,7 +419,7 @@ class StorageSCP:
             why = "refused during negotiation"
         LOG.warning(
             "refused association from %s (AE %s -> %s, %s): %s; %s",
-            st.peer, st.calling_ae, st.called_ae, st.transport, why, _rj_text(*rsd),
+            st.peer, st.calling_ae, st.called_ae, st.transport, why, rj_text(*rsd),
         )
 
     def _report_end(self, st: _AssocState, outcome: str) -> None:
@@ -465,7 +455,17 @@ class StorageSCP:
         if st.outcome == "open" and getattr(event.assoc, "is_aborted", False):
             self._finish(st, outcome="aborted")
         self._finish(st, closed=True)
-        if st.outcome != "released":  # aborted, or the connection dropped without a release
+        if st.outcome == "aborted":
+            self._report_end(st, "aborted")
+        elif st.outcome != "released":
+            # Dropped without a release - or EVT_RELEASED is still on its way from the other
+            # thread (they race): decide a moment later, well inside any idle timeout.
+            timer = threading.Timer(_RELEASE_RACE_S, self._late_end, args=(st,))
+            timer.daemon = True
+            timer.start()
+
+    def _late_end(self, st: _AssocState) -> None:
+        if st.outcome != "released":
             self._report_end(st, "aborted")
 
     # ------------------------------------------------------------------ DIMSE

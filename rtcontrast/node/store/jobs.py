@@ -8,9 +8,13 @@ Why it looks like this:
   :meth:`JobStore.series_with_unconsumed_instances` names every series that still has to
   become a job, and :meth:`JobStore.unfinished_jobs` every job that has to be resumed.
   Nothing acknowledged is forgotten.
-* A re-sent instance (same SOP Instance UID) overwrites its spool file and becomes
-  unconsumed again, so the series is processed again with it (the output UIDs are
-  deterministic, so the TPS sees a replacement, not a duplicate).
+* A re-sent instance (same SOP Instance UID, same series) overwrites its spool file and
+  becomes unconsumed again, so the series is processed again with it (the output UIDs
+  are deterministic, so the TPS sees a replacement, not a duplicate).  The same UID in
+  another series is refused (:class:`DuplicateInstance`), never silently moved.
+* States are :class:`JobState` (a StrEnum); a job's role (its own derived series, or
+  only a fusion input), its hold override and its transient-retry backoff are columns.
+  The tables are created and migrated by :mod:`rtcontrast.node.store.schema`.
 * A job's membership is a snapshot in ``job_instances`` taken when the job is created:
   all instances of the series known at that moment, so a job made for late or re-sent
   instances still covers the whole series.  Later arrivals never change a running job.
