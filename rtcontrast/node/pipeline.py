@@ -68,7 +68,15 @@ from rtcontrast.node.dispatch.outbox import Outbox
 from rtcontrast.node.store.jobs import JobRole, JobState, JobStore
 from rtcontrast.settings.protocol import ProtocolConfig
 from rtcontrast.dicom.eligibility import check_eligibility, header_te_tr
-from rtcontrast.node.qa import compute_qa, flag_datasets, non_finite_figures, qa_violations, review_decision
+from rtcontrast.node.qa import (
+    compute_qa,
+    flag_datasets,
+    non_finite_figures,
+    qa_action,
+    qa_violations,
+    review_decision,
+    uncertainty_violations,
+)
 
 __all__ = ["PipelineContext", "JobResult", "run_job", "node_identity", "model_identity", "STAGES"]
 
@@ -486,17 +494,17 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         else:
             if protocol.fusion.enabled:
                 qa["fusion"] = {"partners": [], "note": f"model contract {model.info.contract}: single input"}
-            maps = model.predict(volume.pixels, te, tr)
+            maps = model.predict(volume.pixels, te, tr, field_t=field_strength_t(volume))
         qa.update(compute_qa(maps, volume.pixels, te, tr))
         violations = qa_violations(qa, protocol)
         qa["violations"] = violations
-        qa["action"] = protocol.qa.action if violations else "none"
+        qa["action"] = qa_action(violations, uncertainty_violations(qa, protocol), protocol)
         broken = non_finite_figures(qa) + _non_finite_maps(maps)
         if broken:  # never sent, whatever qa.action says: the images would be blank or wrong
             qa["action"] = "failed"
             raise _Stop(JobState.FAILED, "non-finite data: " + "; ".join(broken))
         timings["infer"] = time.perf_counter() - t0
-        hold = bool(violations) and protocol.qa.action == "hold"
+        hold = qa["action"] == "hold"
         if hold and ctx.hold_override:
             qa["action"] = "released"
             jobs.audit(job_id, "hold_overridden", {"violations": violations})
@@ -526,7 +534,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         jobs.set_state(job_id, JobState.DERIVING)
         per_dest = _derive_all(ctx, volume, rendered, classic, map_values, co_sources, mask,
                                "QA passed" if not violations else None)  # warn: flag_datasets writes it
-        if violations and (protocol.qa.action == "warn" or (hold and ctx.hold_override)):
+        if violations and (qa["action"] == "warn" or (hold and ctx.hold_override)):
             flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
             flag_datasets(list(flagged.values()), "; ".join(violations),
                           review=review_decision(jobs, job_id) if hold and ctx.hold_override else None)

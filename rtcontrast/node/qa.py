@@ -13,6 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from rtcontrast.core.maps import QMaps
+from rtcontrast.core.uncertainty_qa import series_qa
 from rtcontrast.core.render import (
     self_nrmse,
 )
@@ -66,7 +67,45 @@ def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> d
         "t1_ms": _percentiles(maps.t1, mask),
         "t2_ms": _percentiles(maps.t2, mask),
         "pd": _percentiles(maps.pd, mask, float(maps.scale)),
+        **({"uncertainty": uncertainty_figures(maps, mask)} if maps.t1_log_sd is not None else {}),
     }
+
+
+def uncertainty_figures(maps: QMaps, body: np.ndarray) -> dict[str, float]:
+    """The model's own uncertainty over the body (qmap/3 models): median relative sd of T1, T2, PD.
+
+    Computed by :func:`rtcontrast.core.uncertainty_qa.series_qa` on the voxels that carry
+    signal; TE/TR identification is judged by the figures above, not twice.
+    """
+    res = series_qa(maps, body)
+    return {k: round(v, 4) for k, v in res.values.items()}
+
+
+def uncertainty_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
+    """Sentences for the uncertainty figures over their protocol limits (none for a model without them)."""
+    figures = qa.get("uncertainty") or {}
+    t = protocol.qa
+    out = []
+    for key, limit, what in (("t1_rel_sd", t.max_t1_uncertainty, "T1"), ("t2_rel_sd", t.max_t2_uncertainty, "T2"),
+                             ("pd_rel_sd", t.max_pd_uncertainty, "PD")):
+        v = figures.get(key)
+        if v is not None and v > limit:
+            out.append(f"model uncertain: median {what} ±{percent(v)} % in the body; limit {percent(limit)} % "
+                       "(the maps rest on the model's prior, not on this image: an anatomy or sequence it was not "
+                       "trained on?)")
+    return out
+
+
+def qa_action(violations: list[str], uncertain: list[str], protocol: ProtocolConfig) -> str:
+    """What QA does with a job: ``none``, or the protocol's ``action``, made ``hold`` by an uncertainty
+    finding when ``uncertainty_action`` says so (the stricter of the two wins)."""
+    if not violations:
+        return "none"
+    order = ("send", "warn", "hold")
+    action = protocol.qa.action
+    if uncertain and order.index(protocol.qa.uncertainty_action) > order.index(action):
+        action = protocol.qa.uncertainty_action
+    return action
 
 
 def percent(frac: float) -> str:
@@ -109,7 +148,7 @@ def qa_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
                 f"(header {qa[f'{what}_header_ms']:g} ms, image says {ms(qa[f'{what}_pred_ms'])} ms); "
                 f"limit {percent(limit)} %"
             )
-    return out + fusion_violations(qa.get("fusion"), protocol)
+    return out + uncertainty_violations(qa, protocol) + fusion_violations(qa.get("fusion"), protocol)
 
 
 def fusion_violations(fusion: dict[str, Any] | None, protocol: ProtocolConfig) -> list[str]:

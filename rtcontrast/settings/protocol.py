@@ -241,7 +241,20 @@ class QA(StrictModel):
                                 "from DICOM or shared_scale that the reference tissues contradict)")
     fusion_require_reference_tissue: bool = Field(
         True, description="with 2-3 contrasts and gains not known from DICOM, fat or free fluid must be recognised")
+    # One series through a model with uncertainty outputs (qmap/3): the model's own sd, median over the body.
+    max_t1_uncertainty: float = Field(
+        0.35, gt=0, description="median relative sd of T1 over the body (0.35 = ±35 %); above it the T1 map "
+                                "rests on the model's prior rather than on this image")
+    max_t2_uncertainty: float = Field(0.35, gt=0, description="likewise for T2")
+    max_pd_uncertainty: float = Field(0.35, gt=0, description="likewise for PD")
+    uncertainty_action: Literal["send", "warn", "hold"] = Field(
+        "hold", description="what an uncertainty finding does, whatever ``action`` says: a series the model "
+                            "cannot read (another anatomy, an unusual sequence) is held for a physicist by default")
     action: Literal["send", "warn", "hold"] = "warn"
+
+
+#: QA keys added after protocols were first hashed: at their defaults they leave the audit hash as it was.
+_LATER_QA_KEYS = ("fusion_", "max_t1_uncertainty", "max_t2_uncertainty", "max_pd_uncertainty", "uncertainty_action")
 
 
 def _default_recipes() -> list[Recipe]:
@@ -334,7 +347,7 @@ class ProtocolConfig(StrictModel):
         if content.get("fusion") == Fusion().model_dump(mode="json"):  # likewise for fusion at its defaults
             content.pop("fusion", None)
         qa_defaults = QA().model_dump(mode="json")
-        for key in [k for k in content.get("qa", {}) if k.startswith("fusion_")]:  # fusion QA (#11) at its defaults
+        for key in [k for k in content.get("qa", {}) if k.startswith(_LATER_QA_KEYS)]:  # later QA keys at defaults
             if content["qa"][key] == qa_defaults[key]:
                 content["qa"].pop(key)
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
