@@ -54,10 +54,9 @@ from pydicom.uid import (
 )
 
 from rtcontrast.dicom import uids
-from rtcontrast.dicom.volume import SliceRef, Volume
+from rtcontrast.dicom.volume import MR_IMAGE_STORAGE, SliceRef, Volume
 from rtcontrast.dicom.text import _ds_number, _model_text, _series_name, _sources_text, fit_ds, provenance_comment  # noqa: F401
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 PHYSICS_EQUATION = "S = PD * (1 - exp(-TR/T1)) * exp(-TE/T2)"
 
 #: PD maps as classic MR images: stored value = round(PD_SCALE * PD) (PD relative to the

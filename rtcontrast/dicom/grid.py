@@ -31,11 +31,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from rtcontrast.dicom.volume import Volume
+from rtcontrast.dicom.volume import ORIENTATION_TOL, SPACING_TOL_MM, Volume
 
-#: Tolerances for "the same grid".
-ORIENTATION_TOL = 1e-4
-SPACING_TOL_MM = 1e-3
+#: Tolerance for "the same grid" in position; orientation and spacing tolerances are the volume's (one owner).
 POSITION_TOL_MM = 0.01
 
 

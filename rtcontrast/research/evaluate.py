@@ -67,9 +67,16 @@ def held_out_cases(n_subjects: int, n_slices: int, te: float, tr: float) -> list
     return cases
 
 
+def nrmse(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    """RMS error over ``mask`` divided by the truth's range there (the cards' NRMSE; nan for an empty mask)."""
+    if not mask.any():
+        return float("nan")
+    rng_ = float(truth[mask].max() - truth[mask].min()) or 1.0
+    return float(np.sqrt(np.mean((pred[mask].astype(np.float64) - truth[mask]) ** 2)) / rng_)
+
+
 def _metrics(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     peak = float(truth[mask].max())
-    rng_ = float(truth[mask].max() - truth[mask].min()) or 1.0
     err = (pred - truth)[mask].astype(np.float64)
     mse = float(np.mean(err**2))
     ssims = []
@@ -80,7 +87,7 @@ def _metrics(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str,
     return {
         "ssim": float(np.mean(np.concatenate(ssims))),
         "psnr": float(10 * np.log10(peak**2 / max(mse, 1e-20))),
-        "nrmse": float(np.sqrt(mse) / rng_),
+        "nrmse": nrmse(pred, truth, mask),
     }
 
 

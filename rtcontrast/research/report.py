@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from rtcontrast.research import phantom
-from rtcontrast.research.evaluate import held_out_cases, save_figure
+from rtcontrast.research.evaluate import held_out_cases, nrmse, save_figure
 from rtcontrast.core.physics import SEED_CONTRAST_NAMES, SEED_CONTRASTS, signal
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.core.maps import QMaps
@@ -77,13 +77,6 @@ def _imshow(ax: Any, img: np.ndarray, title: str, unit: str, **kw: Any) -> None:
         cb.set_label(unit, fontsize=7)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
-
-
-def _nrmse(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
-    if not mask.any():
-        return float("nan")
-    rng_ = float(ref[mask].max() - ref[mask].min()) or 1.0
-    return float(np.sqrt(np.mean((pred[mask] - ref[mask]) ** 2)) / rng_)
 
 
 # ----------------------------------------------------------------------------- phantoms
@@ -285,7 +278,7 @@ def real_section(model: QMapModel, folder: Path, out: Path) -> tuple[list[str], 
         idp = np.median(maps.te_tr_pred, axis=0)
         row = {"series_uid": s.series_uid, "patient_hash": s.patient_hash, "te": te, "tr": tr,
                "te_id": float(idp[0]), "tr_id": float(idp[1]), "te_id_slices": maps.te_tr_pred[:, 0].tolist(),
-               "tr_id_slices": maps.te_tr_pred[:, 1].tolist(), "self_nrmse": _nrmse(own, pixels, mask),
+               "tr_id_slices": maps.te_tr_pred[:, 1].tolist(), "self_nrmse": nrmse(own, pixels, mask),
                "in_range": model.info.te_tr_in_range(te, tr)}
         rows.append(row)
         loaded[key] = (pixels, te, tr, maps)
@@ -325,7 +318,7 @@ def real_section(model: QMapModel, folder: Path, out: Path) -> tuple[list[str], 
                 den = np.maximum((pred * pred * mask).sum(axis=(1, 2)), 1e-12)
                 gained = pred * (num / den)[:, None, None]
                 cross.append({"patient_hash": g.patient_hash, "from": list(sa.contrast), "to": list(sb.contrast),
-                              "nrmse": _nrmse(gained, pb, mask)})
+                              "nrmse": nrmse(gained, pb, mask)})
     if cross:
         lines += ["### Paired series: cross-contrast (predict from one, render at the other's TE/TR, per-slice "
                   "least-squares gain)", "", "| patient | from TE/TR | to TE/TR | NRMSE % |", "|---|---|---|---|"]
