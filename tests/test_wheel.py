@@ -51,14 +51,16 @@ def test_installed_wheel_runs_the_console_script(wheel: Path, tmp_path: Path) ->
     # Third-party packages from the test environment, after the venv's own site-packages
     # (a plain path line: the test environment's editable rtcontrast finder is not activated).
     (Path(purelib) / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # Without PYTHONPATH: a checkout on it (with the egg-info the wheel build leaves) would make pip
+    # think rtcontrast is installed already and skip the wheel.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
-                        str(wheel)], capture_output=True, text=True, timeout=300)
+                        str(wheel)], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     exe = venv / "bin" / "rtcontrast"
     assert exe.exists()
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60, cwd=outside, env=env)
     assert r.returncode == 0 and r.stdout.strip().startswith("rtcontrast "), r.stdout + r.stderr
     where = subprocess.run([str(py), "-c", "import rtcontrast.node.receive.scp as m; print(m.__file__)"],
