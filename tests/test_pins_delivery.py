@@ -1,0 +1,283 @@
+"""Pins on delivery and durability: C-STORE failure statuses, dead-letter retention, the
+row generation that protects a re-enqueued file, and the directory fsync of the outbox
+and the spool.
+
+The peer is a real pynetdicom Storage SCP on loopback that answers the status under test
+(Orthanc cannot be made to answer 0xC000 on demand).  Durability is observed through a
+recording/fault-injecting wrapper around ``os.fsync`` and ``os.replace`` (no strace): the
+wrapper sees which directory was synced and after which rename.  Each test names the
+mutation it guards (issue #17).
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import MRImageStorage
+
+from rtcontrast.node.dispatch.destinations import DicomDestination
+from rtcontrast.node.dispatch.outbox import DEAD_LETTER, DELIVERED, PENDING, Outbox, Outcome, RetryPolicy
+from rtcontrast.node.dispatch.sender import Sender
+from rtcontrast.node.receive.spool import Spool, SpoolError
+from rtcontrast.node.store.db import connect
+from tests.conftest import free_port
+
+THREE = RetryPolicy(max_attempts=3, base_delay_s=10.0, max_delay_s=100.0, jitter=0.0)
+
+
+def mr_series(n: int) -> list[pydicom.Dataset]:
+    base = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        ds.InstanceNumber = i + 1
+        out.append(ds)
+    return out
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Outbox:
+    return Outbox(connect(tmp_path / "node.db"), tmp_path / "outbox")
+
+
+class Peer:
+    """A loopback C-STORE SCP (AE TPS) answering each request with the next of ``statuses``
+    (the last one repeats); ``received`` lists the SOP Instance UIDs it was sent."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.received: list[str] = []
+        ae = AE(ae_title="TPS")
+        ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._handle)])
+
+    def _handle(self, event: evt.Event) -> int:
+        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return self.statuses[min(len(self.received), len(self.statuses)) - 1]
+
+    def dest(self) -> DicomDestination:
+        return DicomDestination("tps", "127.0.0.1", self.port, "TPS", connect_timeout_s=3,
+                                acse_timeout_s=5, dimse_timeout_s=5, network_timeout_s=5)
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    p = Peer()
+    try:
+        yield p
+    finally:
+        p.server.shutdown()
+
+
+# ----------------------------------------------------------------------------- C-STORE statuses
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("status", [0xC000, 0xC211, 0xB001, 0xA900, 0x0122, 0xFE00])
+def test_failure_statuses_are_failed_attempts_then_dead_letters(outbox: Outbox, peer: Peer, status: int) -> None:
+    """Guards: failure statuses (0xCxxx "cannot understand", 0xA9xx, any status >= 0xB000 that
+    is not one of the three PS3.4 warnings, 0x0122 SOP class not supported, 0xFE00 cancel)
+    treated as delivered/warnings.  Each answer is one failed attempt with its status
+    recorded; after ``max_attempts`` the row is a dead letter with its file kept."""
+    peer.statuses.append(status)
+    sender = Sender(outbox, {"tps": peer.dest()}, THREE)
+    [ds] = mr_series(1)
+    outbox.enqueue("j", "tps", [ds], now=0.0)
+    now = 0.0
+    for attempt in range(1, THREE.max_attempts + 1):
+        assert sender.run_once(now) == 0
+        [item] = outbox.items()
+        assert item.attempts == attempt and item.last_status == status, item
+        assert f"0x{status:04X}" in (item.last_error or "")
+        assert item.delivered_at is None
+        now = item.next_attempt_at
+    assert item.state == DEAD_LETTER and item.path.exists()
+    assert peer.received == [str(ds.SOPInstanceUID)] * THREE.max_attempts
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xB006, 0xB007])
+def test_success_and_the_three_warnings_are_delivered_once(outbox: Outbox, peer: Peer, status: int) -> None:
+    """Guards the other side: success and the PS3.4 warnings (stored, possibly coerced) are
+    delivered, recorded with their status, and never sent again."""
+    peer.statuses.append(status)
+    sender = Sender(outbox, {"tps": peer.dest()}, THREE)
+    outbox.enqueue("j", "tps", mr_series(1), now=0.0)
+    assert sender.run_once(0.0) == 1
+    [item] = outbox.items()
+    assert item.state == DELIVERED and item.last_status == status and item.attempts == 1
+    assert (item.last_error is None) == (status == 0)
+    assert sender.run_once(1e6) == 0
+    assert len(peer.received) == 1
+
+
+# ----------------------------------------------------------------------------- retention, generations
+
+
+def _outcomes(outbox: Outbox, policy: RetryPolicy, now: float, delivered: bool, status: int | None) -> None:
+    due = [it for items in outbox.due(now).values() for it in items]
+    outbox.record([(it, Outcome(delivered, status, None if delivered else "refused")) for it in due], policy, now)
+
+
+def test_prune_keeps_dead_letters_and_pending_with_their_files(outbox: Outbox) -> None:
+    """Guards: ``prune()`` deleting dead letters (or pending rows) and their files: they are
+    work still owed and ``retry_dead`` needs the file."""
+    one = RetryPolicy(max_attempts=1, base_delay_s=1, max_delay_s=1)
+    outbox.enqueue("dead", "tps", mr_series(2), now=0.0)
+    _outcomes(outbox, one, 0.0, False, 0xC000)
+    outbox.enqueue("done", "tps", mr_series(2), now=1.0)
+    _outcomes(outbox, one, 1.0, True, 0)
+    outbox.enqueue("late", "tps", mr_series(1), now=2.0)
+    dead_files = [d.path for d in outbox.dead_letters()]
+    assert len(dead_files) == 2 and all(p.exists() for p in dead_files)
+
+    assert outbox.prune(delivered_before=1.0) == 0  # delivered at 1.0: not before 1.0
+    assert outbox.prune(delivered_before=1e9) == 2  # the two delivered rows only
+    assert outbox.counts()["tps"] == {PENDING: 1, DELIVERED: 0, DEAD_LETTER: 2}
+    assert all(p.exists() for p in dead_files)
+    assert outbox.items(job_id="late")[0].path.exists()
+    assert outbox.retry_dead(now=3.0) == 2  # still possible after retention ran
+    assert outbox.prune(delivered_before=1e9) == 0
+
+
+def test_delivered_record_of_an_old_generation_leaves_the_new_file_pending(outbox: Outbox) -> None:
+    """Guards: the "delivered" update ignoring the row generation.  An instance re-enqueued
+    (a newer file) while the old one was on the wire must stay pending, its new file kept,
+    and be sent next time."""
+    [ds] = mr_series(1)
+    outbox.enqueue("j", "tps", [ds], now=0.0)
+    [(_, [in_flight])] = outbox.due(0.0).items()
+    ds.SeriesDescription = "newer"
+    outbox.enqueue("j", "tps", [ds], now=0.5)  # the job re-run while the sender was busy
+    outbox.record([(in_flight, Outcome(True, 0, None))], THREE, now=1.0)
+    [row] = outbox.items()
+    assert row.state == PENDING and row.generation == in_flight.generation + 1 and row.delivered_at is None
+    assert row.path.exists() and pydicom.dcmread(row.path).SeriesDescription == "newer"
+    [(_, [again])] = outbox.due(1.0).items()
+    outbox.record([(again, Outcome(True, 0, None))], THREE, now=2.0)
+    [row] = outbox.items()
+    assert row.state == DELIVERED and row.delivered_at == 2.0 and not row.path.exists()
+
+
+def test_failed_record_of_an_old_generation_changes_nothing(outbox: Outbox) -> None:
+    """Guards: a failure of the old file counting against (or dead-lettering) the newer one."""
+    [ds] = mr_series(1)
+    outbox.enqueue("j", "tps", [ds], now=0.0)
+    [(_, [old])] = outbox.due(0.0).items()
+    outbox.enqueue("j", "tps", [ds], now=0.5)
+    outbox.record([(old, Outcome(False, 0xC000, "refused"))], RetryPolicy(max_attempts=1), now=1.0)
+    [row] = outbox.items()
+    assert row.state == PENDING and row.attempts == 0 and row.last_status is None and row.next_attempt_at == 0.5
+
+
+def test_retry_dead_starts_a_new_generation(outbox: Outbox) -> None:
+    """Guards: a stale outcome (recorded after an admin's resend) landing on the resent row."""
+    outbox.enqueue("j", "tps", mr_series(1), now=0.0)
+    [(_, [first])] = outbox.due(0.0).items()
+    outbox.record([(first, Outcome(False, 0xA700, "full"))], RetryPolicy(max_attempts=1), now=1.0)
+    assert outbox.retry_dead(now=2.0) == 1
+    outbox.record([(first, Outcome(True, 0, None))], THREE, now=3.0)  # late duplicate of the old outcome
+    [row] = outbox.items()
+    assert row.state == PENDING and row.attempts == 0 and row.path.exists()
+
+
+# ----------------------------------------------------------------------------- directory fsync
+
+
+class FsyncRecorder:
+    """Wraps ``os.fsync``/``os.replace``: records the order of renames and of file/directory
+    syncs (by path), and can make directory syncs fail with EIO."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_dirs: bool = False) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.fail_dirs = fail_dirs
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd: int) -> None:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            self.events.append(("fsync-dir" if is_dir else "fsync-file", path))
+            if is_dir and self.fail_dirs:
+                raise OSError(errno.EIO, "injected I/O error on directory fsync")
+            real_fsync(fd)
+
+        def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+            real_replace(src, dst)
+            self.events.append(("replace", str(Path(dst).resolve())))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def index(self, kind: str, path: Path) -> int:
+        want = str(path.resolve())
+        hits = [i for i, (k, p) in enumerate(self.events) if k == kind and p == want]
+        assert hits, f"no {kind} of {want} in {self.events}"
+        return hits[-1]
+
+
+def test_outbox_syncs_the_job_directory_after_the_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: the directory fsync of :meth:`Outbox.enqueue` (without it a power cut after the
+    rows commit can leave rows whose files never reached the disk)."""
+    outbox = Outbox(connect(tmp_path / "node.db"), tmp_path / "outbox")
+    rec = FsyncRecorder(monkeypatch)
+    dss = mr_series(3)
+    outbox.enqueue("j", "tps", dss, now=0.0)
+    folder = tmp_path / "outbox" / "tps" / "j"
+    synced = rec.index("fsync-dir", folder)
+    for ds in dss:
+        f = folder / f"{ds.SOPInstanceUID}.dcm"
+        assert rec.index("replace", f) < synced
+        assert any(k == "fsync-file" for k, _ in rec.events[: rec.index("replace", f)])
+
+
+def test_outbox_directory_fsync_failure_records_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: rows committed although the files' directory could not be made durable."""
+    outbox = Outbox(connect(tmp_path / "node.db"), tmp_path / "outbox")
+    FsyncRecorder(monkeypatch, fail_dirs=True)
+    with pytest.raises(OSError, match="injected"):
+        outbox.enqueue("j", "tps", mr_series(2), now=0.0)
+    assert outbox.items() == []
+
+
+def test_spool_syncs_file_then_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: the spool's file fsync, its rename, and the fsync of the series directory (and of
+    the new study/series directories' parents) before ``store`` returns (i.e. before the
+    SCP answers success)."""
+    spool = Spool(tmp_path / "spool")
+    rec = FsyncRecorder(monkeypatch)
+    [ds] = mr_series(1)
+    final = spool.store(ds)
+    series_dir, study_dir = final.parent, final.parent.parent
+    i_rename = rec.index("replace", final)
+    assert rec.events[i_rename - 1][0] == "fsync-file"  # the temp file's data before the rename
+    assert rec.index("fsync-dir", series_dir) > i_rename
+    rec.index("fsync-dir", study_dir)  # the new series directory's entry
+    rec.index("fsync-dir", tmp_path / "spool")  # the new study directory's entry
+
+
+def test_spool_directory_fsync_failure_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: a failed directory fsync swallowed (the SCP would answer success for an
+    instance a power cut can lose)."""
+    spool = Spool(tmp_path / "spool")
+    [ds] = mr_series(1)
+    spool.store(ds)  # directories exist now: only the rename's directory sync is left
+    rec = FsyncRecorder(monkeypatch, fail_dirs=True)
+    ds2 = copy.deepcopy(ds)
+    ds2.SOPInstanceUID = generate_uid()
+    with pytest.raises(SpoolError):
+        spool.store(ds2)
+    assert any(k == "fsync-dir" for k, _ in rec.events)
