@@ -383,10 +383,6 @@ def _series_uids(items: list[Any]) -> set[str]:
 # ----------------------------------------------------------------------------- the table
 
 
-def test_corpus_is_big_enough() -> None:
-    assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(case: Case, node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     items = case.build(tmp_path)
