@@ -192,3 +192,25 @@ def test_padding_and_batching_do_not_change_the_maps(model: QMapModel) -> None:
     np.testing.assert_allclose(one.pd, whole.pd, rtol=1e-4, atol=1e-3 * whole.scale)
     flipped = model.predict(img[::-1].copy(), 90.0, 4000.0, batch_size=3)  # same voxels, slices reversed
     np.testing.assert_allclose(flipped.pd[::-1], whole.pd, rtol=1e-4, atol=1e-3 * whole.scale)
+
+
+def test_self_nrmse_skips_empty_blocks_and_counts_every_body_voxel() -> None:
+    """Guards: a block without body (the first slices of a stack are often air) ending the
+    accumulation instead of being skipped, and the empty-body / single-voxel edge cases."""
+    scale = 400.0
+    rng = np.random.default_rng(2)
+    n = 6
+    pd = rng.uniform(100, 900, (n, 3, 3)).astype(np.float32)
+    pd[:2] = 0.0  # two slices of air first
+    maps = QMaps(pd=pd, t1=np.full((n, 3, 3), 900.0, np.float32), t2=np.full((n, 3, 3), 80.0, np.float32),
+                 te_tr_pred=np.zeros((n, 2), np.float32), scale=scale)
+    exact = render(maps, 90.0, 4000.0)
+    off = np.where(exact > 0.05 * scale, exact + 8.0, exact).astype(np.float32)
+    for b in (1, 2, 16):
+        assert self_nrmse(maps, off, 90.0, 4000.0, block_slices=b) == pytest.approx(8.0 / scale, rel=1e-4)
+    # one body voxel only: its own error
+    single = np.zeros_like(exact)
+    single[4, 1, 1] = exact[4, 1, 1] + 20.0
+    assert self_nrmse(maps, single, 90.0, 4000.0, block_slices=1) == pytest.approx(
+        abs(float(single[4, 1, 1] - exact[4, 1, 1])) / scale, rel=1e-4)
+    assert self_nrmse(maps, np.zeros_like(exact), 90.0, 4000.0) == 0.0
