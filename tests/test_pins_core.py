@@ -214,3 +214,56 @@ def test_self_nrmse_skips_empty_blocks_and_counts_every_body_voxel() -> None:
     assert self_nrmse(maps, single, 90.0, 4000.0, block_slices=1) == pytest.approx(
         abs(float(single[4, 1, 1] - exact[4, 1, 1])) / scale, rel=1e-4)
     assert self_nrmse(maps, np.zeros_like(exact), 90.0, 4000.0) == 0.0
+
+
+# ----------------------------------------------------------------------------- contract metadata
+
+_META = {"rtcontrast.contract": "qmap/1", "name": "m", "version": "1", "input_percentile": "99.0",
+         "spatial_multiple": "16", "te_range_ms": "8,150", "tr_range_ms": "300,6000", "field_strengths_t": "1.5,3"}
+
+
+def test_contract_metadata_parsed_exactly() -> None:
+    """Guards: the numbers the node takes from a model file (percentile, multiple, ranges)."""
+    from rtcontrast.core.contract import parse_metadata
+
+    info = parse_metadata(dict(_META))
+    assert (info.input_percentile, info.spatial_multiple) == (99.0, 16)
+    assert (info.te_range_ms, info.tr_range_ms, info.field_strengths_t) == ((8.0, 150.0), (300.0, 6000.0), (1.5, 3.0))
+    assert (info.contract, info.max_inputs, info.fusion) == ("qmap/1", 1, False)
+    two = parse_metadata({**_META, "rtcontrast.contract": "qmap/2", "max_inputs": "3"})
+    assert (two.max_inputs, two.fusion) == (3, True)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"input_percentile": None, "te_range_ms": None}, "lacks input_percentile, te_range_ms"),
+    ({"te_range_ms": "150"}, "'te_range_ms' must be 'low,high' in ms, got '150'"),
+    ({"tr_range_ms": "300,300"}, "'tr_range_ms' must have low < high"),
+    ({"tr_range_ms": "6000,300"}, "'tr_range_ms' must have low < high"),
+    ({"input_percentile": "0"}, "input_percentile must be in (0, 100]"),
+    ({"input_percentile": "100.5"}, "input_percentile must be in (0, 100]"),
+    ({"spatial_multiple": "0"}, "spatial_multiple must be >= 1"),
+    ({"spatial_multiple": "x"}, "malformed number"),
+    ({"rtcontrast.contract": "qmap/9"}, "declares contract 'qmap/9'"),
+    ({"rtcontrast.contract": "qmap/2"}, "needs an integer 'max_inputs'"),
+    ({"rtcontrast.contract": "qmap/2", "max_inputs": "0"}, "max_inputs must be >= 1"),
+])
+def test_contract_metadata_refusals_say_what(change: dict[str, str | None], message: str) -> None:
+    """Guards: a model whose metadata the node would misread is refused, with the reason."""
+    from rtcontrast.core.contract import ContractError, parse_metadata
+
+    meta = {k: v for k, v in {**_META, **change}.items() if v is not None}
+    with pytest.raises(ContractError) as info:
+        parse_metadata(meta)
+    assert message in str(info.value), str(info.value)
+    assert parse_metadata({**_META, "input_percentile": "100"}).input_percentile == 100.0  # inclusive upper end
+
+
+def test_pad_amounts_reach_the_next_multiple() -> None:
+    """Guards: padding to the model's multiple (under-padding crashes, over-padding shifts nothing
+    but wastes memory; both pinned)."""
+    from rtcontrast.core.contract import pad_amounts
+
+    assert pad_amounts(64, 64, 16) == (0, 0)
+    assert pad_amounts(58, 55, 16) == (6, 9)
+    assert pad_amounts(1, 17, 16) == (15, 15)
+    assert pad_amounts(7, 9, 1) == (0, 0)

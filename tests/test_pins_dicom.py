@@ -165,3 +165,15 @@ def test_derived_uids_differ_per_recipe_model_and_source_and_are_stable() -> Non
     assert i1 != uids.instance_uid(root, "1.2.3", None, "t2w", "1.1")
     for u in {base, i1} | others:
         assert u.startswith(root + ".") and len(u) <= 64 and pydicom.uid.UID(u).is_valid
+
+
+def test_uid_root_length_limit_is_54_with_the_dot() -> None:
+    """Guards: the root length check (a root leaving no room for the suffix gives UIDs over 64
+    characters, which a TPS refuses)."""
+    ok = "1.2.826.0.1.3680043.10." + "1" * 30  # 53 characters, 54 with the dot added
+    assert len(ok) == 53
+    u = uids.series_uid(ok, "1.2.3", "t2w", "1.0")
+    assert u.startswith(ok + ".") and len(u) <= 64
+    with pytest.raises(uids.UIDRootError, match="longer than 54"):
+        uids.series_uid(ok + "1", "1.2.3", "t2w", "1.0")
+    assert uids.series_uid(ok + ".", "1.2.3", "t2w", "1.0") == u  # a trailing dot is the same root

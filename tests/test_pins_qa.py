@@ -176,3 +176,25 @@ def test_hold_on_a_mislabelled_series_sends_nothing(tmp_path: Path, model: QMapM
     res = run_job(ctx, job_id)
     assert res.state == "held" and res.reason is not None and res.reason.startswith("QA hold: TE from image"), res.reason
     assert outbox.items(job_id=job_id) == []
+
+
+def test_flag_datasets_exact_text() -> None:
+    """Guards the QA-warning marks a planner sees: ' QA!' appended once, within 64 characters,
+    on a series without description too, and the ImageComments text (bounded to 10240)."""
+    from pydicom.dataset import Dataset
+
+    from rtcontrast.node.qa import flag_datasets
+
+    plain, full, done, none = Dataset(), Dataset(), Dataset(), Dataset()
+    plain.SeriesDescription = "SYNTH T2w TE100 TR4000"
+    full.SeriesDescription = "S" * 64
+    done.SeriesDescription = "SYNTH T1w QA!"
+    flag_datasets([plain, full, done, none], "self NRMSE 0.200 > 0.15")
+    assert plain.SeriesDescription == "SYNTH T2w TE100 TR4000 QA!"
+    assert full.SeriesDescription == "S" * 60 + " QA!"
+    assert done.SeriesDescription == "SYNTH T1w QA!"
+    assert none.SeriesDescription == " QA!"
+    assert plain.ImageComments == "QA WARNING: self NRMSE 0.200 > 0.15"
+    long = Dataset()
+    flag_datasets([long], "x" * 20000)
+    assert len(long.ImageComments) == 10240 and long.ImageComments.startswith("QA WARNING: xxx")
