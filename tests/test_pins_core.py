@@ -232,6 +232,7 @@ def test_contract_metadata_parsed_exactly() -> None:
     assert (info.contract, info.max_inputs, info.fusion) == ("qmap/1", 1, False)
     two = parse_metadata({**_META, "rtcontrast.contract": "qmap/2", "max_inputs": "3"})
     assert (two.max_inputs, two.fusion) == (3, True)
+    assert parse_metadata({**_META, "rtcontrast.contract": "qmap/2", "max_inputs": "1"}).max_inputs == 1
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -243,7 +244,7 @@ def test_contract_metadata_parsed_exactly() -> None:
     ({"input_percentile": "100.5"}, "input_percentile must be in (0, 100]"),
     ({"spatial_multiple": "0"}, "spatial_multiple must be >= 1"),
     ({"spatial_multiple": "x"}, "malformed number"),
-    ({"rtcontrast.contract": "qmap/9"}, "declares contract 'qmap/9'"),
+    ({"rtcontrast.contract": "qmap/9"}, "declares contract 'qmap/9'; this node knows 'qmap/1' and 'qmap/2'"),
     ({"rtcontrast.contract": "qmap/2"}, "needs an integer 'max_inputs'"),
     ({"rtcontrast.contract": "qmap/2", "max_inputs": "0"}, "max_inputs must be >= 1"),
 ])
