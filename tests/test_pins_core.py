@@ -233,6 +233,9 @@ def test_contract_metadata_parsed_exactly() -> None:
     two = parse_metadata({**_META, "rtcontrast.contract": "qmap/2", "max_inputs": "3"})
     assert (two.max_inputs, two.fusion) == (3, True)
     assert parse_metadata({**_META, "rtcontrast.contract": "qmap/2", "max_inputs": "1"}).max_inputs == 1
+    # the lowest legal values are accepted (bounds are exactly those of the contract)
+    assert parse_metadata({**_META, "spatial_multiple": "1"}).spatial_multiple == 1
+    assert parse_metadata({**_META, "input_percentile": "0.5"}).input_percentile == 0.5
 
 
 @pytest.mark.parametrize(("change", "message"), [

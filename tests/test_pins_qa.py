@@ -198,3 +198,24 @@ def test_flag_datasets_exact_text() -> None:
     long = Dataset()
     flag_datasets([long], "x" * 20000)
     assert len(long.ImageComments) == 10240 and long.ImageComments.startswith("QA WARNING: xxx")
+
+
+def test_qa_map_statistics_are_over_the_body() -> None:
+    """Guards: the QA percentiles of T1/T2/PD taken over the body (input above 5 % of the series
+    scale), over every voxel when there is no body, and PD relative to the series scale."""
+    from rtcontrast.core.maps import QMaps
+
+    n = 2
+    t1 = np.full((n, 4, 4), 3000.0, np.float32)
+    t1[:, :2] = 800.0  # the body: the first two rows
+    pixels = np.zeros((n, 4, 4), np.float32)
+    pixels[:, :2] = 400.0
+    maps = QMaps(pd=np.where(pixels > 0, 200.0, 0.0).astype(np.float32), t1=t1, t2=np.full_like(t1, 80.0),
+                 te_tr_pred=np.tile(np.float32([90.0, 4000.0]), (n, 1)), scale=400.0)
+    qa = compute_qa(maps, pixels, 90.0, 4000.0)
+    assert qa["body_voxels"] == 16
+    assert qa["t1_ms"] == {"p5": 800.0, "p50": 800.0, "p95": 800.0}
+    assert qa["pd"] == {"p5": 0.5, "p50": 0.5, "p95": 0.5}
+    empty = compute_qa(maps, np.zeros_like(pixels), 90.0, 4000.0)  # no body: every voxel counts
+    assert empty["body_voxels"] == 0
+    assert empty["t1_ms"]["p5"] == 800.0 and empty["t1_ms"]["p95"] == 3000.0 and empty["t1_ms"]["p50"] == 1900.0
