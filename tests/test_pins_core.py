@@ -271,3 +271,27 @@ def test_pad_amounts_reach_the_next_multiple() -> None:
     assert pad_amounts(58, 55, 16) == (6, 9)
     assert pad_amounts(1, 17, 16) == (15, 15)
     assert pad_amounts(7, 9, 1) == (0, 0)
+
+
+def test_predict_refuses_what_it_cannot_map(model: QMapModel) -> None:
+    """Guards: the input checks of ``predict_multi`` (each bad call an error that says what)."""
+    img = phantom_image(2, 64, 90.0, 4000.0)
+    with pytest.raises(ValueError, match="^no input series$"):
+        model.predict_multi([])
+    with pytest.raises(ValueError, match="^2 input series, model qmap-pelvis takes at most 1$"):
+        model.predict_multi([(img, 90.0, 4000.0), (img, 10.0, 500.0)])
+    with pytest.raises(ValueError, match=r"^pixels must be \[N,H,W\], got shape \(64, 64\)$"):
+        model.predict(img[0], 90.0, 4000.0)
+
+
+def test_fusion_inputs_must_share_the_grid() -> None:
+    """Guards: a partner series on another grid fed to a qmap/2 model (its voxels would be
+    read as the target's)."""
+    from tests.support import REPO
+
+    fusion = QMapModel(REPO / "models" / "qmap-pelvis-fusion.onnx", "cpu")
+    img = phantom_image(2, 64, 90.0, 4000.0)
+    with pytest.raises(ValueError, match=r"^input series shapes differ: \(2, 64, 48\) vs \(2, 64, 64\)$"):
+        fusion.predict_multi([(img, 90.0, 4000.0), (img[:, :, :48].copy(), 10.0, 500.0)])
+    with pytest.raises(ValueError, match="input series shapes differ"):
+        fusion.predict_multi([(img, 90.0, 4000.0), (img, 10.0, 500.0), (img[:1].copy(), 8.0, 4500.0)])
