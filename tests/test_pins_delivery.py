@@ -281,3 +281,100 @@ def test_spool_directory_fsync_failure_is_an_error(tmp_path: Path, monkeypatch: 
     with pytest.raises(SpoolError):
         spool.store(ds2)
     assert any(k == "fsync-dir" for k, _ in rec.events)
+
+
+# ----------------------------------------------------------------------------- queue bookkeeping
+
+
+def test_due_groups_by_destination_oldest_first_and_bounded(outbox: Outbox) -> None:
+    """Guards: what the sender is given: pending rows that are due, per destination, by job
+    then insertion order, at most ``limit_per_destination``."""
+    a = outbox.enqueue("j2", "tps", mr_series(2), now=5.0)
+    b = outbox.enqueue("j1", "tps", mr_series(2), now=5.0)
+    c = outbox.enqueue("j1", "archive", mr_series(1), now=10.0)
+    assert outbox.due(4.9) == {}
+    got = outbox.due(5.0)
+    assert list(got) == ["tps"] and [it.id for it in got["tps"]] == b + a  # job j1 before j2
+    got = outbox.due(10.0, limit_per_destination=3)
+    assert [it.id for it in got["tps"]] == (b + a)[:3] and [it.id for it in got["archive"]] == c
+    _outcomes(outbox, THREE, 10.0, True, 0)
+    assert outbox.due(1e9) == {}
+
+
+def test_counts_and_job_counts(outbox: Outbox) -> None:
+    """Guards: the numbers `status` and the job state come from (a job is done when nothing is pending)."""
+    one = RetryPolicy(max_attempts=1, base_delay_s=1, max_delay_s=1)
+    outbox.enqueue("j", "tps", mr_series(3), now=0.0)
+    outbox.enqueue("j", "archive", mr_series(1), now=0.0)
+    outbox.enqueue("k", "tps", mr_series(1), now=100.0)
+    [(_, items)] = [(d, v) for d, v in outbox.due(0.0).items() if d == "tps"]
+    outbox.record([(items[0], Outcome(True, 0, None)), (items[1], Outcome(False, 0xC000, "x"))], one, now=1.0)
+    assert outbox.counts() == {"tps": {PENDING: 2, DELIVERED: 1, DEAD_LETTER: 1},
+                               "archive": {PENDING: 1, DELIVERED: 0, DEAD_LETTER: 0}}
+    assert outbox.job_counts("j") == {PENDING: 2, DELIVERED: 1, DEAD_LETTER: 1}
+    assert outbox.pending_for_job("j") == 2 and outbox.pending_for_job("k") == 1 and outbox.pending_for_job("z") == 0
+    assert [i.state for i in outbox.items(job_id="j", destination="tps", state=DEAD_LETTER)] == [DEAD_LETTER]
+    assert len(outbox.items(destination="archive")) == 1 and len(outbox.items(state=PENDING)) == 3
+    with pytest.raises(ValueError, match="unknown outbox state 'lost'"):
+        outbox.items(state="lost")
+
+
+def test_failed_attempt_backs_off_and_keeps_the_error(outbox: Outbox) -> None:
+    """Guards: attempts counted, next attempt = now + base * 2**(n-1) (no jitter here), status
+    and error kept for the admin."""
+    policy = RetryPolicy(max_attempts=5, base_delay_s=10.0, max_delay_s=25.0, jitter=0.0)
+    outbox.enqueue("j", "tps", mr_series(1), now=0.0)
+    expected = [10.0, 20.0, 25.0]  # capped at max_delay_s
+    now = 0.0
+    for n, wait in enumerate(expected, start=1):
+        [(_, [it])] = outbox.due(now).items()
+        outbox.record([(it, Outcome(False, 0xA700, "out of resources"))], policy, now)
+        [row] = outbox.items()
+        assert (row.state, row.attempts, row.last_status, row.last_error) == (PENDING, n, 0xA700, "out of resources")
+        assert row.next_attempt_at == pytest.approx(now + wait) and row.updated_at == now
+        now = row.next_attempt_at
+    assert policy.delay(1) == 10.0 and policy.delay(2) == 20.0 and policy.delay(60) == 25.0
+
+
+def test_reenqueue_resets_the_row_and_replaces_the_file(outbox: Outbox, tmp_path: Path) -> None:
+    """Guards: re-sending a job (same instances) makes each row pending again with attempts,
+    status and delivery time reset, and the new file in place; a file path is copied, not moved."""
+    one = RetryPolicy(max_attempts=1, base_delay_s=1, max_delay_s=1)
+    [ds] = mr_series(1)
+    outbox.enqueue("j", "tps", [ds], now=0.0)
+    _outcomes(outbox, one, 0.0, False, 0xC000)
+    [dead] = outbox.dead_letters()
+    ds.SeriesDescription = "again"
+    src = tmp_path / "again.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    [rid] = outbox.enqueue("j", "tps", [src], now=7.0)
+    [row] = outbox.items()
+    assert row.id == rid == dead.id
+    assert (row.state, row.attempts, row.last_status, row.last_error, row.delivered_at) == (PENDING, 0, None, None, None)
+    assert row.next_attempt_at == 7.0 and row.generation == dead.generation + 1
+    assert row.study_instance_uid == ds.StudyInstanceUID and row.series_instance_uid == ds.SeriesInstanceUID
+    assert row.sop_class_uid == ds.SOPClassUID and row.transfer_syntax_uid == str(ds.file_meta.TransferSyntaxUID)
+    assert pydicom.dcmread(row.path).SeriesDescription == "again" and src.exists()
+
+
+def test_retry_dead_needs_the_file(outbox: Outbox) -> None:
+    """Guards: a dead letter whose file is gone is not put back (re-sending it cannot work)."""
+    one = RetryPolicy(max_attempts=1, base_delay_s=1, max_delay_s=1)
+    outbox.enqueue("j", "tps", mr_series(2), now=0.0)
+    _outcomes(outbox, one, 0.0, False, 0xC000)
+    first, second = outbox.dead_letters()
+    first.path.unlink()
+    assert outbox.retry_dead(now=5.0) == 1
+    assert outbox.items(state=DEAD_LETTER)[0].id == first.id
+    [back] = outbox.items(state=PENDING)
+    assert back.id == second.id and back.attempts == 0 and back.next_attempt_at == 5.0
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", ".hidden", "a/b", "a\\b", "a\0b"])
+def test_names_that_escape_the_outbox_are_refused(outbox: Outbox, bad: str) -> None:
+    """Guards: job/destination names used as directory names (path traversal)."""
+    with pytest.raises(ValueError, match="cannot be used"):
+        outbox.enqueue(bad, "tps", mr_series(1))
+    with pytest.raises(ValueError, match="cannot be used"):
+        outbox.enqueue("j", bad, mr_series(1))
+    assert outbox.items() == [] and not any(outbox.root.rglob("*.dcm"))
