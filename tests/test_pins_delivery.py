@@ -378,3 +378,60 @@ def test_names_that_escape_the_outbox_are_refused(outbox: Outbox, bad: str) -> N
     with pytest.raises(ValueError, match="cannot be used"):
         outbox.enqueue("j", bad, mr_series(1))
     assert outbox.items() == [] and not any(outbox.root.rglob("*.dcm"))
+
+
+# ----------------------------------------------------------------------------- spool guards
+
+
+class _FixedFree(Spool):
+    """A spool on a file system with exactly 1000 bytes free (the guard's arithmetic, not the disk)."""
+
+    def free_bytes(self) -> int:
+        return 1000
+
+
+class _BigFree(Spool):
+    """A spool with exactly 1 MB free."""
+
+    def free_bytes(self) -> int:
+        return 10**6
+
+
+def test_spool_free_space_guard_boundary(tmp_path: Path) -> None:
+    """Guards: the guard's arithmetic: refused only when free - incoming would fall BELOW the
+    guard (an off-by-one turns 'Out of Resources' into a full disk, or refuses needlessly)."""
+    spool = _FixedFree(tmp_path, min_free_bytes=400)
+    spool.check_space(600)  # exactly down to the guard: allowed
+    with pytest.raises(SpoolError, match="free space 1000 bytes minus incoming 601 .* guard of 400 bytes"):
+        spool.check_space(601)
+    _FixedFree(tmp_path, min_free_bytes=0).check_space(10**12)  # guard off
+
+
+def test_spool_raw_bytes_size_counts_against_the_guard(tmp_path: Path) -> None:
+    """Guards: the size of raw received bytes passed to the guard (a 0 would never refuse)."""
+    [ds] = mr_series(1)
+    raw_path = tmp_path / "in.dcm"
+    ds.save_as(raw_path, enforce_file_format=True)
+    raw = raw_path.read_bytes()
+    spool = _BigFree(tmp_path / "spool", min_free_bytes=10**6 - len(raw) + 1)
+    with pytest.raises(SpoolError, match=f"incoming {len(raw)} "):
+        spool.store(raw)
+    with pytest.raises(SpoolError, match=f"incoming {len(raw)} "):
+        spool.store(raw_path)
+    assert spool.iter_all_files() == []
+    ok = _BigFree(tmp_path / "spool2", min_free_bytes=10**6 - len(raw))
+    assert ok.store(raw).read_bytes() == raw
+
+
+@pytest.mark.parametrize(("uid", "ok"), [("1.2.3", True), ("1.2.0.3", True), ("0", True), ("1." + "2" * 62, True),
+                                         ("1." + "2" * 63, False), ("1.02", False), ("1..2", False), (".1.2", False),
+                                         ("1.2.", False), ("1.2.3a", False), (" 1.2", False)])
+def test_uid_rule(uid: str, ok: bool) -> None:
+    """Guards: the UID syntax the spool uses for file names (64 characters, no leading zeros)."""
+    from rtcontrast.node.receive.spool import InvalidUID, validate_uid
+
+    if ok:
+        assert validate_uid(uid, "SOPInstanceUID") == uid
+    else:
+        with pytest.raises(InvalidUID, match="SOPInstanceUID"):
+            validate_uid(uid, "SOPInstanceUID")
