@@ -435,3 +435,111 @@ def test_uid_rule(uid: str, ok: bool) -> None:
     else:
         with pytest.raises(InvalidUID, match="SOPInstanceUID"):
             validate_uid(uid, "SOPInstanceUID")
+
+
+# ----------------------------------------------------------------------------- retry policy, quarantine
+
+
+class _Fixed:
+    """A random source returning one fixed value (to read the jitter formula exactly)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_retry_delay_formula_with_jitter() -> None:
+    """Guards: base * 2**(n-1) scaled by 1 +- jitter (uniform over [1 - j, 1 + j]), capped."""
+    p = RetryPolicy(max_attempts=5, base_delay_s=10.0, max_delay_s=1000.0, jitter=0.2)
+    assert p.delay(1, _Fixed(0.0)) == pytest.approx(8.0)  # type: ignore[arg-type]
+    assert p.delay(1, _Fixed(0.5)) == pytest.approx(10.0)  # type: ignore[arg-type]
+    assert p.delay(1, _Fixed(1.0)) == pytest.approx(12.0)  # type: ignore[arg-type]
+    assert p.delay(3, _Fixed(0.25)) == pytest.approx(40.0 * 0.9)  # type: ignore[arg-type]
+    assert p.delay(0, _Fixed(0.5)) == pytest.approx(10.0)  # type: ignore[arg-type]
+    huge = RetryPolicy(max_attempts=5, base_delay_s=1e-300, max_delay_s=1e300, jitter=0.0)
+    assert huge.delay(1000) == pytest.approx(1e-300 * 2.0**60)  # exponent capped at 60: no overflow
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"max_attempts": 0}, "max_attempts must be >= 1"),
+    ({"base_delay_s": -1.0}, "need 0 <= base_delay_s <= max_delay_s"),
+    ({"base_delay_s": 10.0, "max_delay_s": 9.0}, "need 0 <= base_delay_s <= max_delay_s"),
+    ({"jitter": 1.0}, r"jitter must be in \[0, 1\)"),
+    ({"jitter": -0.1}, r"jitter must be in \[0, 1\)"),
+])
+def test_retry_policy_refuses_nonsense(kw: dict[str, float], message: str) -> None:
+    """Guards: the policy's own checks (a zero max_attempts would dead-letter before any send)."""
+    with pytest.raises(ValueError, match=message):
+        RetryPolicy(**kw)  # type: ignore[arg-type]
+    RetryPolicy(max_attempts=1, base_delay_s=0.0, max_delay_s=0.0, jitter=0.0)  # the edges are legal
+
+
+def test_retry_dead_is_due_now_by_default(outbox: Outbox) -> None:
+    """Guards: an admin's resend without a time is due at once (not at epoch 0 or never)."""
+    import time
+
+    one = RetryPolicy(max_attempts=1, base_delay_s=1, max_delay_s=1)
+    outbox.enqueue("j", "tps", mr_series(1), now=0.0)
+    _outcomes(outbox, one, 0.0, False, 0xC000)
+    t0 = time.time()
+    assert outbox.retry_dead() == 1
+    [row] = outbox.items()
+    assert t0 - 1 <= row.next_attempt_at <= time.time() + 1 and row.updated_at == row.next_attempt_at
+
+
+def test_quarantine_keeps_bytes_and_reason_and_logs_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Guards: "nothing received is lost": a refused instance kept under a unique, dated name
+    with its reason (non-UTF-8 safe) and a log line naming file and reason."""
+    import logging
+    import re
+
+    spool = Spool(tmp_path)
+    with caplog.at_level(logging.INFO):
+        a = spool.quarantine(b"\x00bad", "cannot parse \udcff")
+        src = tmp_path / "received.part"
+        src.write_bytes(b"\x01bad too")
+        b = spool.quarantine(src, "wrong SOP class")
+    assert a is not None and b is not None and a != b
+    assert re.fullmatch(r"\d{8}T\d{6}-[0-9a-f]{12}\.dcm", a.name), a.name
+    assert a.read_bytes() == b"\x00bad" and b.read_bytes() == b"\x01bad too"
+    assert a.with_suffix(".reason").read_bytes() == b"cannot parse ?\n"
+    assert b.with_suffix(".reason").read_text() == "wrong SOP class\n"
+    assert f"quarantined a refused instance as {b.name}: wrong SOP class" in caplog.text
+    full = _FixedFree(tmp_path / "full", min_free_bytes=10**6)  # no room even for quarantine
+    with caplog.at_level(logging.INFO):
+        assert full.quarantine(b"\x00" * 10, "refused") is None
+    assert "could not quarantine a refused instance (refused): " in caplog.text and "below the guard" in caplog.text
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 131 + b"D", b"\x00" * 128 + b"DICX" + b"\x00" * 100,
+                                  b"DICM" + b"\x00" * 200])
+def test_not_part10_refused_from_bytes_and_files(tmp_path: Path, data: bytes) -> None:
+    """Guards: the Part 10 check on raw bytes and on a streamed file (preamble + DICM at 128)."""
+    from rtcontrast.node.receive.spool import UnreadableInstance, _check_part10
+
+    with pytest.raises(UnreadableInstance, match=r"not a DICOM Part 10 stream \(no DICM prefix\)"):
+        _check_part10(data)
+    f = tmp_path / "x.bin"
+    f.write_bytes(data)
+    with pytest.raises(UnreadableInstance, match="no DICM prefix"):
+        _check_part10(f)
+    _check_part10(b"\x00" * 128 + b"DICM")  # exactly the prefix: passes this check
+
+
+def test_remove_partial_logs_how_many(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Guards: the start-up clean-up of interrupted writes (temp files only) and its log line."""
+    import logging
+
+    spool = Spool(tmp_path)
+    [ds] = mr_series(1)
+    kept = spool.store(ds)
+    for name in (".a.dcm.tmp", ".b.dcm.tmp"):
+        (kept.parent / name).write_bytes(b"x")
+    (kept.parent / "c.dcm.tmp").write_bytes(b"x")  # not hidden: not ours, kept
+    with caplog.at_level(logging.INFO):
+        assert spool.remove_partial() == 2
+        assert spool.remove_partial() == 0
+    assert "removed 2 partial spool file(s) left by an interrupted write" in caplog.text
+    assert kept.exists() and (kept.parent / "c.dcm.tmp").exists()
