@@ -543,3 +543,26 @@ def test_remove_partial_logs_how_many(tmp_path: Path, caplog: pytest.LogCaptureF
         assert spool.remove_partial() == 0
     assert "removed 2 partial spool file(s) left by an interrupted write" in caplog.text
     assert kept.exists() and (kept.parent / "c.dcm.tmp").exists()
+
+
+def test_retry_dead_filters_and_logs_the_missing_file(outbox: Outbox, caplog: pytest.LogCaptureFixture) -> None:
+    """Guards: an admin's resend restricted to one job or destination puts back only those, and a
+    dead letter whose file is gone is named in the log (UID and path, no patient data)."""
+    import logging
+
+    one = RetryPolicy(max_attempts=1, base_delay_s=1, max_delay_s=1)
+    outbox.enqueue("a", "tps", mr_series(1), now=0.0)
+    outbox.enqueue("b", "tps", mr_series(1), now=0.0)
+    outbox.enqueue("a", "archive", mr_series(1), now=0.0)
+    _outcomes(outbox, one, 0.0, False, 0xC000)
+    assert len(outbox.dead_letters()) == 3
+    assert outbox.dead_letters(destination="archive")[0].job_id == "a"
+    assert [d.destination for d in outbox.dead_letters(job_id="b")] == ["tps"]
+    assert outbox.retry_dead(job_id="a", destination="tps", now=1.0) == 1
+    assert {(d.job_id, d.destination) for d in outbox.dead_letters()} == {("b", "tps"), ("a", "archive")}
+    [gone] = outbox.dead_letters(job_id="b")
+    gone.path.unlink()
+    with caplog.at_level(logging.INFO):
+        assert outbox.retry_dead(destination="tps", now=2.0) == 0
+    assert f"cannot retry {gone.sop_instance_uid}: file {gone.path} is gone" in caplog.text
+    assert "0 dead letter(s) put back to pending (destination=tps job=None)" in caplog.text
