@@ -63,4 +63,4 @@ MUTANTS ?= rtcontrast.core.physics.* rtcontrast.core.render.* rtcontrast.core.ma
 	rtcontrast.dicom.derive.* rtcontrast.node.receive.spool.* rtcontrast.node.store.jobs.*
 mutate: setup-test
 	env -u PYTHONPATH timeout $(MUTATE_BUDGET_S) nice -n 10 $(MUTMUT) run --max-children $(MUTATE_CHILDREN) $(MUTANTS) || true
-	env -u PYTHONPATH $(PY) tests/mutation/score.py --fail-under 85
+	env -u PYTHONPATH $(PY) tests/mutation/score.py --fail-under 85 $(MUTANTS)
