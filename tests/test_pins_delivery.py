@@ -566,3 +566,21 @@ def test_retry_dead_filters_and_logs_the_missing_file(outbox: Outbox, caplog: py
         assert outbox.retry_dead(destination="tps", now=2.0) == 0
     assert f"cannot retry {gone.sop_instance_uid}: file {gone.path} is gone" in caplog.text
     assert "0 dead letter(s) put back to pending (destination=tps job=None)" in caplog.text
+
+
+def test_record_uses_the_senders_random_source_and_logs_dead_letters(outbox: Outbox,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Guards: the sender's (seedable) random source reaching the backoff, and the log line an
+    admin greps for when an instance is dead-lettered (UID, destination, attempts, error)."""
+    import logging
+
+    policy = RetryPolicy(max_attempts=2, base_delay_s=10.0, max_delay_s=100.0, jitter=0.2)
+    [ds] = mr_series(1)
+    outbox.enqueue("j", "tps", [ds], now=0.0)
+    [(_, [it])] = outbox.due(0.0).items()
+    outbox.record([(it, Outcome(False, 0xC000, "refused"))], policy, now=0.0, rng=_Fixed(0.0))  # type: ignore[arg-type]
+    [row] = outbox.items()
+    assert row.next_attempt_at == pytest.approx(8.0)
+    with caplog.at_level(logging.INFO):
+        outbox.record([(row, Outcome(False, 0xC000, "refused again"))], policy, now=8.0, rng=_Fixed(1.0))  # type: ignore[arg-type]
+    assert f"outbox: {ds.SOPInstanceUID} -> tps dead-lettered after 2 attempts: refused again" in caplog.text
