@@ -177,3 +177,47 @@ def test_uid_root_length_limit_is_54_with_the_dot() -> None:
     with pytest.raises(uids.UIDRootError, match="longer than 54"):
         uids.series_uid(ok + "1", "1.2.3", "t2w", "1.0")
     assert uids.series_uid(ok + ".", "1.2.3", "t2w", "1.0") == u  # a trailing dot is the same root
+
+
+def _value_range(rw: pydicom.Dataset) -> tuple[float, float]:
+    """First/last value mapped (the float form for float pixel data, else the integer form)."""
+    if "DoubleFloatRealWorldValueFirstValueMapped" in rw:
+        return float(rw.DoubleFloatRealWorldValueFirstValueMapped), float(rw.DoubleFloatRealWorldValueLastValueMapped)
+    return float(rw.RealWorldValueFirstValueMapped), float(rw.RealWorldValueLastValueMapped)
+
+
+def test_parametric_map_header_pins(oblique: Volume) -> None:
+    """Guards the Parametric Map header a TPS or PACS files it by: deterministic UIDs per
+    (source series, quantity, model), slice spacing and thickness, real-world value range and
+    units, labels, window, and the synthesizing equipment (no patient data beyond the source's)."""
+    root = "1.2.826.0.1.3680043.10.999"
+    node = NodeIdentity(model_name="rtcontrast test node", software_versions="9.9", device_serial_number="N-1",
+                        station_name="RTC-ST", uid_root=root)
+    t1 = np.linspace(100.0, 3000.0, oblique.pixels.size, dtype=np.float32).reshape(oblique.pixels.shape)
+    flat = np.full(oblique.pixels.shape, 0.8, np.float32)
+    [pm, pd] = derive_parametric_maps(oblique, {"T1": t1, "PD": flat}, node, MODEL, {"T1": 991, "PD": 990}, now=NOW)
+    assert pm.SOPInstanceUID == uids.instance_uid(root, oblique.series_uid, None, "pmap-T1", MODEL.version)
+    assert pm.SeriesInstanceUID == uids.series_uid(root, oblique.series_uid, "pmap-T1", MODEL.version)
+    assert (pm.SeriesNumber, pm.InstanceNumber, pm.SeriesDescription) == (991, 1, "SYNTH T1 parametric map")
+    assert (pm.ContentLabel, pm.ContentDescription) == ("T1MAP", "T1 map, qmap-unet 1.2.0")
+    assert (pm.StationName, pm.DeviceSerialNumber, pm.ManufacturerModelName) == ("RTC-ST", "N-1", "rtcontrast test node")
+    measures = pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(oblique.slice_spacing)
+    assert float(measures.SliceThickness) == pytest.approx(float(oblique.slices[0].slice_thickness))
+    rw = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert _value_range(rw) == pytest.approx((100.0, 3000.0))
+    assert rw.LUTLabel == "T1MAP" and rw.LUTExplanation == "T1 (millisecond)"
+    assert (float(rw.RealWorldValueSlope), float(rw.RealWorldValueIntercept)) == (1.0, 0.0)
+    voi = pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    lo, hi = np.percentile(t1[t1 > 0], [1.0, 99.0])  # maps: 1st..99th percentile
+    assert float(voi.WindowWidth) == pytest.approx(hi - lo, rel=1e-4) and float(voi.WindowCenter) == pytest.approx((lo + hi) / 2, rel=1e-4)
+    from pydicom.sr.codedict import codes
+
+    synth = [e for e in pm.ContributingEquipmentSequence
+             if e.PurposeOfReferenceCodeSequence[0].CodeValue == codes.DCM.SynthesizingEquipment.value]
+    assert len(synth) == 1 and synth[0].StationName == "RTC-ST" and synth[0].DeviceSerialNumber == "N-1"
+    assert synth[0].ContributionDescription == "T1 map qmap-unet 1.2.0"
+    # a constant map still gets a valid (non-empty) value range
+    rw_pd = pd.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert _value_range(rw_pd) == pytest.approx((0.8, 1.8))
+    assert rw_pd.MeasurementUnitsCodeSequence[0].CodeValue == "1"
