@@ -295,3 +295,16 @@ def test_fusion_inputs_must_share_the_grid() -> None:
         fusion.predict_multi([(img, 90.0, 4000.0), (img[:, :, :48].copy(), 10.0, 500.0)])
     with pytest.raises(ValueError, match="input series shapes differ"):
         fusion.predict_multi([(img, 90.0, 4000.0), (img, 10.0, 500.0), (img[:1].copy(), 8.0, 4500.0)])
+
+
+def test_weighting_keeps_the_precision_it_is_given() -> None:
+    """Guards: the dtype rule of the numpy path: float32 maps render in float32 (a 512x512x200
+    series would double its memory in float64), float64 inputs stay float64 (exact to 1e-12)."""
+    t1, t2 = np.array([870.0, 2400.0]), np.array([47.0, 1200.0])
+    e64 = weighting(15.0, 500.0, t1, t2)
+    assert e64.dtype == np.float64
+    np.testing.assert_allclose(e64, [(1 - math.exp(-500 / 870)) * math.exp(-15 / 47),
+                                     (1 - math.exp(-500 / 2400)) * math.exp(-15 / 1200)], rtol=1e-12)
+    assert weighting(15.0, 500.0, t1.astype(np.float32), t2.astype(np.float32)).dtype == np.float32
+    assert weighting(15.0, 500.0, t1.astype(np.float32), t2).dtype == np.float32  # T2 follows T1
+    assert render(_maps(), 90.0, 4000.0).dtype == np.float32
