@@ -305,6 +305,7 @@ def test_weighting_keeps_the_precision_it_is_given() -> None:
     assert e64.dtype == np.float64
     np.testing.assert_allclose(e64, [(1 - math.exp(-500 / 870)) * math.exp(-15 / 47),
                                      (1 - math.exp(-500 / 2400)) * math.exp(-15 / 1200)], rtol=1e-12)
-    assert weighting(15.0, 500.0, t1.astype(np.float32), t2.astype(np.float32)).dtype == np.float32
-    assert weighting(15.0, 500.0, t1.astype(np.float32), t2).dtype == np.float32  # T2 follows T1
+    te32, tr32 = np.float32(15.0), np.float32(500.0)  # as render passes them
+    assert weighting(te32, tr32, t1.astype(np.float32), t2.astype(np.float32)).dtype == np.float32
+    assert weighting(te32, tr32, t1.astype(np.float32), t2).dtype == np.float32  # T2 follows T1
     assert render(_maps(), 90.0, 4000.0).dtype == np.float32
