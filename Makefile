@@ -1,7 +1,7 @@
 # rtcontrast: the two commands a newcomer needs are `make run` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: run test test-full setup setup-test check-config bench train export evaluate install test-reliability test-reliability-full
+.PHONY: run test test-full setup setup-test check-config bench train export evaluate install test-reliability test-reliability-full mutate
 
 setup:
 	bash scripts/setup.sh
@@ -50,3 +50,17 @@ test-reliability: setup-test
 
 test-reliability-full: setup-test
 	RTC_FULL=1 $(PY) -m pytest tests/reliability -q -s
+
+## Mutation testing of the clinical modules with mutmut (docs/testing.md); not part of CI: the
+## whole set (~4400 mutants) needs hours on 2 cores.  MUTATE_BUDGET_S bounds the run (what is
+## not reached is reported "not checked"); MUTANTS narrows it (fnmatch patterns of mutant names).
+MUTMUT := .venv/bin/mutmut
+MUTATE_BUDGET_S ?= 3600
+MUTATE_CHILDREN ?= 2
+MUTANTS ?= rtcontrast.core.physics.* rtcontrast.core.render.* rtcontrast.core.maps.* rtcontrast.core.contract.* \
+	rtcontrast.core.inference.xǁQMapModelǁpredict* rtcontrast.node.qa.* rtcontrast.dicom.uids.* \
+	rtcontrast.dicom.map_series.* rtcontrast.node.dispatch.outbox.* rtcontrast.dicom.volume.* \
+	rtcontrast.dicom.derive.* rtcontrast.node.receive.spool.* rtcontrast.node.store.jobs.*
+mutate: setup-test
+	env -u PYTHONPATH timeout $(MUTATE_BUDGET_S) nice -n 10 $(MUTMUT) run --max-children $(MUTATE_CHILDREN) $(MUTANTS) || true
+	env -u PYTHONPATH $(PY) tests/mutation/score.py --fail-under 85 $(MUTANTS)

@@ -34,7 +34,11 @@ def _series(tmp: Path, te: float, tr: float, number: int, size: int = 64, n: int
 
 
 def _protocol(version: str, orthanc_port: int, **fusion: object) -> dict:
-    """One T2w recipe to the TPS (Orthanc), lenient QA, fusion on with the given settings."""
+    """One T2w recipe to the TPS (Orthanc), lenient QA, fusion on with the given settings.
+
+    Lenient QA: these tests check which partners are fused and where the result goes; the
+    coarse 6 mm phantom is not a QA case (QA is pinned in tests/test_pins_qa.py).
+    """
     return {
         "version": version,
         "qa": LENIENT_QA,

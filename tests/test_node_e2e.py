@@ -35,7 +35,7 @@ from rtcontrast.node.receive.spool import Spool
 from tests.conftest import free_port
 from tests.dicomgen import write_series
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
-from tests.support import LENIENT_QA, MODEL_PATH, REPO, dciodvfy_errors, node_settings, phantom_series, storescu, wait_for
+from tests.support import MODEL_PATH, REPO, dciodvfy_errors, node_settings, phantom_series, storescu, wait_for
 
 GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 
@@ -52,11 +52,14 @@ def recipes(n: int, dest: str) -> list[dict[str, Any]]:
     ]
 
 
-#: QA that the provisional model always passes (tests must not depend on its numbers).
+#: The protocol's default QA thresholds: the phantom series sent here pass them (tests/test_pins_qa.py).
+DEFAULT_QA = {"action": "warn"}
+
+
 def tps_protocol(dicom_port: int, n_recipes: int = 3) -> dict[str, Any]:
     return {
         "version": "e2e",
-        "qa": LENIENT_QA,
+        "qa": DEFAULT_QA,
         "destinations": {"tps": {"dicom": {"host": "127.0.0.1", "port": dicom_port, "ae_title": "ORTHANC",
                                            "connect_timeout_s": 2, "acse_timeout_s": 5}}},
         "recipes": recipes(n_recipes, "tps"),
@@ -64,7 +67,7 @@ def tps_protocol(dicom_port: int, n_recipes: int = 3) -> dict[str, Any]:
 
 
 def folder_protocol(path: Path, n_recipes: int = 1) -> dict[str, Any]:
-    return {"version": "e2e", "qa": LENIENT_QA, "destinations": {"out": {"folder": {"path": str(path)}}},
+    return {"version": "e2e", "qa": DEFAULT_QA, "destinations": {"out": {"folder": {"path": str(path)}}},
             "recipes": recipes(n_recipes, "out")}
 
 
@@ -97,7 +100,7 @@ def test_scanner_to_tps_geometry_lineage_and_resend(tmp_path: Path, make_node: C
     assert node.wait_idle(120), "node did not finish"
     first_latency = time.monotonic() - t0
     (job,) = node.jobs.recent_jobs()
-    assert job.state == "delivered", (job.state, job.reason)
+    assert job.state == "delivered" and job.reason is None, (job.state, job.reason)  # no QA warning
     assert job.instance_count == 12 and job.protocol_version and job.protocol_version.startswith("e2e+sha256:")
 
     series = orthanc.series()

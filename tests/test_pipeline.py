@@ -1,9 +1,9 @@
 """The per-job pipeline without the network: spool + job store + outbox on disk, the real model.
 
 Series come from the pelvis phantom (rtcontrast.research.phantom) written as DICOM by
-tests/dicomgen.py.  Nothing here depends on the model's exact numbers (the shipped model
-is provisional): only on the contract (shapes, QA keys, ranges) and on the pipeline's
-decisions (eligible or not, failed, held, warned, what was queued where).
+tests/dicomgen.py.  QA runs with the protocol's default thresholds, which a good phantom
+series passes (the QA tests that need a violation lower one threshold to 1e-9 and say so);
+the pixel checks use tolerances from the model card, not its exact numbers.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def small_protocol(**overrides: Any) -> ProtocolConfig:
             {"key": "T1w", "label": "T1w TE10 TR500", "te_ms": 10, "tr_ms": 500, "series_number": 902,
              "destinations": ["out"]},
         ],
-        "qa": {"max_self_nrmse": 10.0, "max_te_error_frac": 100.0, "max_tr_error_frac": 100.0, "action": "warn"},
+        "qa": {"action": "warn"},  # default thresholds: the phantom series here pass them (tests/test_pins_qa.py)
     }
     for k, v in overrides.items():
         raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
@@ -114,9 +114,9 @@ def test_eligible_series_is_queued_with_qa_and_identity(env: Env) -> None:
     qa = job.qa or {}
     for key in ("self_nrmse", "te_pred_ms", "tr_pred_ms", "te_error_frac", "tr_error_frac", "t1_ms", "t2_ms", "pd"):
         assert key in qa, key
-    assert np.isfinite(qa["self_nrmse"]) and qa["self_nrmse"] >= 0
+    assert 0 < qa["self_nrmse"] < 0.05  # the phantom re-renders within 5 % (model card target 2 % at 256x256)
     assert set(qa["t1_ms"]) == {"p5", "p50", "p95"} and qa["t1_ms"]["p5"] <= qa["t1_ms"]["p95"]
-    assert set(qa["timings_s"]) == set(STAGES) and all(v >= 0 for v in qa["timings_s"].values())
+    assert set(qa["timings_s"]) == set(STAGES) and sum(qa["timings_s"].values()) > 0
     assert qa["slices"] == 6 and qa["violations"] == []
     events = [e.event for e in env.jobs.audit_events(job_id)]
     assert "qa" in events and events.count("state") >= 5
@@ -134,7 +134,17 @@ def test_eligible_series_is_queued_with_qa_and_identity(env: Env) -> None:
         assert ds.StudyInstanceUID == src[0].StudyInstanceUID
         assert ds.FrameOfReferenceUID == src[0].FrameOfReferenceUID
         assert ds.ImageComments.endswith(", QA passed") and "QA WARNING" not in ds.ImageComments  # provenance (#16)
-        assert ds.pixel_array.dtype == np.uint16 and float(ds.WindowWidth) >= 1
+    # pixel values, not just types: the T2w recipe (TE100/TR4000) of a TE90/TR4000 input is the
+    # input a little darker (e^(-10/T2), T2 ~ 30-300 ms), slice by slice at the source position
+    t2w = sorted(by_series[next(u for u, v in by_series.items() if v[0].SeriesNumber == 901)],
+                 key=lambda d: float(d.ImagePositionPatient[2]))
+    inp = sorted(src, key=lambda d: float(d.ImagePositionPatient[2]))
+    got = np.stack([d.pixel_array for d in t2w]).astype(np.float64)
+    ref = np.stack([d.pixel_array for d in inp]).astype(np.float64)
+    body = ref > 0.2 * np.percentile(ref, 99)
+    assert 0.8 < float(np.median(got[body] / ref[body])) < 1.0
+    lo, hi = np.percentile(got[got > 0], [1.0, 99.5])  # the stored window spans these
+    assert float(t2w[0].WindowWidth) == pytest.approx(hi - lo, rel=1e-3, abs=0.5)
 
 
 def test_rerun_gives_the_same_uids(env: Env) -> None:

@@ -38,7 +38,9 @@ MODEL_PATH = REPO / "models" / "qmap-pelvis.onnx"
 #: Full form of the suites (long outages, many kills, big loads).
 FULL = os.environ.get("RTC_FULL", "") not in ("", "0")
 
-#: QA that the provisional model always passes (tests must not depend on its numbers).
+#: Lenient QA on purpose: this suite tests crash, outage, load and bad-input behaviour, not QA; a QA hold or warning would hide the
+#: behaviour under test.  QA itself is pinned with the default thresholds in tests/test_pins_qa.py,
+#: tests/test_pipeline.py and tests/test_node_e2e.py.
 LENIENT_QA = {"max_self_nrmse": 10.0, "max_te_error_frac": 100.0, "max_tr_error_frac": 100.0, "action": "warn"}
 RECIPES = [("T2w", 100, 4000), ("T1w", 10, 500), ("PDw", 10, 4000)]
 

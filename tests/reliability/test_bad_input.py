@@ -313,7 +313,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                              limits={"min_free_disk_bytes": 0, "max_instance_bytes": MAX_INSTANCE_BYTES})
     protocol = {
         "version": "bad-input",
-        "qa": LENIENT_QA,
+        "qa": LENIENT_QA,  # the malformed inputs are the subject, not QA (see helpers.LENIENT_QA)
         "destinations": {"out": {"folder": {"path": str(root / "export")}}},
         "recipes": [{"key": "T2w", "label": "T2w", "te_ms": 100, "tr_ms": 4000, "series_number": 901,
                      "destinations": ["out"]}],
@@ -383,10 +383,6 @@ def _series_uids(items: list[Any]) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- the table
-
-
-def test_corpus_is_big_enough() -> None:
-    assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
