@@ -274,6 +274,25 @@ class Outbox:
         log.info("outbox: queued %d instance(s) of job %s for %s", len(ids), job, destination)
         return ids
 
+    def withdraw_pending(self, job_id: int | str) -> int:
+        """Drop the job's rows not yet delivered (pending or dead), with their files; returns how many.
+
+        Why: a streamed job queues its series slab by slab; when it fails midway the rest
+        of the series never comes, so what is still queued would only put more of an
+        incomplete series on the TPS.  Delivered rows (and the deliveries log) stay: they
+        say what the TPS holds.  A row the sender is sending right now may still arrive
+        (its outcome then updates nothing).  A re-run of the job queues everything again.
+        """
+        with self.lock, transaction(self.conn) as c:
+            rows = c.execute("SELECT id, path FROM outbox_items WHERE job_id = ? AND state != 'delivered'",
+                             (str(job_id),)).fetchall()
+            c.executemany("DELETE FROM outbox_items WHERE id = ?", [(r["id"],) for r in rows])
+        for r in rows:
+            Path(r["path"]).unlink(missing_ok=True)
+        if rows:
+            log.warning("outbox: %d undelivered instance(s) of job %s withdrawn", len(rows), job_id)
+        return len(rows)
+
     def _write(self, item: Dataset | str | os.PathLike[str], folder: Path) -> _Prepared:
         if isinstance(item, Dataset):
             ds = item
