@@ -59,9 +59,9 @@ MAP_QUANTITIES = ("T1", "T2", "PD")
 WindowCW = tuple[float, float]
 
 
-def slabs(n: int, h: int, w: int, voxels: int = SLAB_VOXELS) -> Iterator[tuple[int, int]]:
-    """``(a, b)`` slice ranges covering ``0..n`` of about ``voxels`` voxels each (at least one slice)."""
-    step = max(1, voxels // max(1, h * w))
+def slabs(n: int, h: int, w: int, voxels: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(a, b)`` slice ranges covering ``0..n`` of about ``voxels`` (default :data:`SLAB_VOXELS`) each."""
+    step = max(1, (SLAB_VOXELS if voxels is None else voxels) // max(1, h * w))
     for a in range(0, n, step):
         yield a, min(n, a + step)
 
@@ -85,7 +85,7 @@ def classic_slab(maps: QMaps, quantity: str, a: int, b: int, mask: np.ndarray | 
 
 
 def series_windows(
-    maps: QMaps, recipes: list[RecipeInfo], classic: bool, mask: np.ndarray | None, voxels: int = SLAB_VOXELS,
+    maps: QMaps, recipes: list[RecipeInfo], classic: bool, mask: np.ndarray | None, voxels: int | None = None,
 ) -> tuple[dict[str, WindowCW], dict[str, WindowCW]]:
     """(center, width) of every recipe's series and of every classic map series, from one slab-wise pass."""
     n, h, w = maps.pd.shape
@@ -137,7 +137,7 @@ def stream_outputs(
     qa_note: str | None,
     flag: Callable[[list[Dataset]], None] | None,
     done: Streamed,
-    voxels: int = SLAB_VOXELS,
+    voxels: int | None = None,
 ) -> Streamed:
     """Render, derive and queue the job's outputs slab by slab; wake the sender after each slab.
 
