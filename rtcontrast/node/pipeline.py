@@ -346,7 +346,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
 
     try:
         # -- assemble (incl. eligibility on the first header: cheap, before decoding pixels)
-        t0 = time.perf_counter()
+        t0 = t_job = time.perf_counter()
         jobs.set_state(job_id, "assembling", None, **ident)
         members = jobs.job_instances(job_id)
         if not members:
@@ -420,7 +420,6 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
 
         # -- after the QA decision: windows over the whole series, preview, then (unless held) stream
         # render -> derive -> outbox -> TPS slab by slab (rtcontrast/node/stream.py)
-        t0 = time.perf_counter()
         jobs.set_state(job_id, "rendering")
         infos = [(RecipeInfo(key=r.key, te_ms=r.te_ms, tr_ms=r.tr_ms, series_number=r.series_number,
                              series_description=r.series_description), list(r.destinations))
@@ -428,6 +427,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         _write_preview(ctx, job_id, series, volume, maps, middle_slices(maps, [i for i, _ in infos]), qa)
         if hold and not ctx.hold_override:
             raise _Stop("held", "QA hold: " + "; ".join(violations))
+        t0 = time.perf_counter()
         mask = body_mask(volume.pixels, maps.scale) if (protocol.maps.classic or protocol.maps.parametric) else None
         windows, map_windows = series_windows(maps, [i for i, _ in infos], protocol.maps.classic, mask)
         timings["render"] = time.perf_counter() - t0
@@ -444,9 +444,8 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
             timings[k] = timings.get(k, 0.0) + v
         result.queued = dict(streamed.queued)
         qa["slabs"] = streamed.slabs
-        if streamed.first_queued_s is not None:
-            qa["first_queued_s"] = round(timings["infer"] + timings["assemble"] + timings["render"]
-                                         + streamed.first_queued_s, 3)
+        if streamed.first_queued_at is not None:  # job start -> first slab in the outbox
+            qa["first_queued_s"] = round(streamed.first_queued_at - t_job, 3)
         qa["queued"] = dict(result.queued)
         if violations:
             log.warning("job %d series %s: QA %s: %s", job_id, series, protocol.qa.action, "; ".join(violations))

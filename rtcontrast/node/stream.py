@@ -119,7 +119,7 @@ class Streamed:
 
     queued: dict[str, int] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=lambda: {"render": 0.0, "derive": 0.0, "enqueue": 0.0})
-    first_queued_s: float | None = None
+    first_queued_at: float | None = None  # time.perf_counter() when the first slab was in the outbox
     slabs: int = 0
 
 
@@ -148,7 +148,6 @@ def stream_outputs(
     how far it got).  Parametric Maps, if the protocol asks for them, follow the slabs.
     """
     p, node, model = ctx.protocol, ctx.node, ctx.model_identity
-    t_start = time.perf_counter()
     t0 = time.perf_counter()
     co = tuple(co_sources)
     templates = {r.key: contrast_template(volume, r, node, model, windows[r.key], co_sources=co, qa_note=qa_note)
@@ -180,8 +179,8 @@ def stream_outputs(
         done.timings_s["derive"] += time.perf_counter() - t0
         _enqueue(ctx, job_id, per_dest, done)
         done.slabs += 1
-        if done.first_queued_s is None:
-            done.first_queued_s = time.perf_counter() - t_start
+        if done.first_queued_at is None:
+            done.first_queued_at = time.perf_counter()
     if p.maps.parametric:
         t0 = time.perf_counter()
         pn = p.maps.parametric_series_numbers
