@@ -39,6 +39,7 @@ SLAB = 2 * 64 * 64  # two slices of the phantom
 @pytest.fixture
 def small_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stream, "SLAB_VOXELS", SLAB)
+    monkeypatch.setattr(stream, "FIRST_SLAB_VOXELS", SLAB)
 
 
 def _maps_protocol() -> Any:
@@ -60,10 +61,12 @@ def test_histogram_percentiles_are_numpys(seed: int) -> None:
     assert window_from_histogram(h) == window_from_percentiles(v)
 
 
-def test_slabs_cover_the_volume_once() -> None:
-    got = list(stream.slabs(7, 64, 64, SLAB))
-    assert got == [(0, 2), (2, 4), (4, 6), (6, 7)]
+def test_slabs_cover_the_volume_once_with_a_small_first_slab() -> None:
+    assert list(stream.slabs(7, 64, 64, SLAB, first=SLAB)) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert list(stream.slabs(7, 64, 64, SLAB, first=64 * 64)) == [(0, 1), (1, 3), (3, 5), (5, 7)]
     assert list(stream.slabs(3, 2048, 2048, SLAB)) == [(0, 1), (1, 2), (2, 3)]  # at least one slice
+    assert list(stream.slabs(100, 256, 256))[:3] == [(0, 2), (2, 18), (18, 34)]  # the node's defaults
+    assert list(stream.slabs(0, 64, 64)) == []
 
 
 # ----------------------------------------------------------------------------- the streamed job

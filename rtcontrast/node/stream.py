@@ -47,7 +47,7 @@ from rtcontrast.dicom.volume import Volume
 if TYPE_CHECKING:  # the pipeline imports this module
     from rtcontrast.node.pipeline import PipelineContext
 
-__all__ = ["SLAB_VOXELS", "slabs", "series_windows", "middle_slices", "stream_outputs", "Streamed"]
+__all__ = ["SLAB_VOXELS", "FIRST_SLAB_VOXELS", "slabs", "series_windows", "middle_slices", "stream_outputs", "Streamed"]
 
 #: Voxels per slab (16 slices of 256x256; 4 of 512x512).  Small enough that the first
 #: slab reaches the TPS soon and a slab's datasets are a few MB; large enough that the
@@ -59,11 +59,23 @@ MAP_QUANTITIES = ("T1", "T2", "PD")
 WindowCW = tuple[float, float]
 
 
-def slabs(n: int, h: int, w: int, voxels: int | None = None) -> Iterator[tuple[int, int]]:
-    """``(a, b)`` slice ranges covering ``0..n`` of about ``voxels`` (default :data:`SLAB_VOXELS`) each."""
-    step = max(1, (SLAB_VOXELS if voxels is None else voxels) // max(1, h * w))
-    for a in range(0, n, step):
-        yield a, min(n, a + step)
+#: Voxels of the first slab (2 slices of 256x256): it is what the time to the first image at
+#: the TPS waits for, so it is small; the following slabs amortise their per-slab costs.
+FIRST_SLAB_VOXELS = 1 << 17
+
+
+def slabs(n: int, h: int, w: int, voxels: int | None = None, first: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(a, b)`` slice ranges covering ``0..n``: a first slab of about ``first`` voxels (default
+    :data:`FIRST_SLAB_VOXELS`, never more than ``voxels``), then about ``voxels`` (:data:`SLAB_VOXELS`) each."""
+    hw = max(1, h * w)
+    step = max(1, (SLAB_VOXELS if voxels is None else voxels) // hw)
+    a = 0
+    if n:
+        b = min(n, max(1, min(step, (FIRST_SLAB_VOXELS if first is None else first) // hw)))
+        yield 0, b
+        a = b
+    for start in range(a, n, step):
+        yield start, min(n, start + step)
 
 
 def _slab_maps(maps: QMaps, a: int, b: int) -> QMaps:
