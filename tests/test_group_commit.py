@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -94,10 +94,10 @@ def test_a_failed_round_fails_every_caller_of_it_and_not_the_next() -> None:
     assert gc.submit("d") == "d"  # the next round works
 
 
-def _inst(ds, path: Path) -> StoredInstance:  # noqa: ANN001
+def _inst(ds, path: Path) -> StoredInstance:
     return StoredInstance(path=path, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
                           sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, calling_ae="S",
-                          peer_address="127.0.0.1:1", received_at=datetime.now(timezone.utc))
+                          peer_address="127.0.0.1:1", received_at=datetime.now(UTC))
 
 
 def test_concurrent_receives_are_all_durable_and_recorded_with_fewer_commits(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_concurrent_receives_are_all_durable_and_recorded_with_fewer_commits(tmp
     barrier = threading.Barrier(8)
     failures: list[BaseException] = []
 
-    def receive(dss: list) -> None:  # noqa: ANN001
+    def receive(dss: list) -> None:
         try:
             barrier.wait(10)
             for ds in dss:

@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtcontrast.core.inference import GPU_MAX_BATCH_PIXELS, MAX_BATCH_PIXELS, QMapModel, choose_providers, cuda_present
+from rtcontrast.core.inference import (
+    GPU_MAX_BATCH_PIXELS,
+    MAX_BATCH_PIXELS,
+    QMapModel,
+    choose_providers,
+    cuda_present,
+)
 from tests.support import phantom_image
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "qmap-pelvis.onnx"

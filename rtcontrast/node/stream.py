@@ -39,15 +39,26 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from rtcontrast.core.maps import QMaps
-from rtcontrast.core.render import render, to_uint16, u16_histogram, window_from_histogram
+from rtcontrast.core.render import (
+    render,
+    to_uint16,
+    u16_histogram,
+    window_from_histogram,
+)
 from rtcontrast.dicom.derive import RecipeInfo, contrast_template, derive_slab
-from rtcontrast.dicom.map_series import derive_parametric_maps, map_slab_u16, map_template, map_to_u16, map_window
+from rtcontrast.dicom.map_series import (
+    derive_parametric_maps,
+    map_slab_u16,
+    map_template,
+    map_to_u16,
+    map_window,
+)
 from rtcontrast.dicom.volume import Volume
 
 if TYPE_CHECKING:  # the pipeline imports this module
     from rtcontrast.node.pipeline import PipelineContext
 
-__all__ = ["SLAB_VOXELS", "FIRST_SLAB_VOXELS", "slabs", "series_windows", "middle_slices", "stream_outputs", "Streamed"]
+__all__ = ["FIRST_SLAB_VOXELS", "SLAB_VOXELS", "Streamed", "middle_slices", "series_windows", "slabs", "stream_outputs"]
 
 #: Voxels per slab (16 slices of 256x256; 4 of 512x512).  Small enough that the first
 #: slab reaches the TPS soon and a slab's datasets are a few MB; large enough that the

@@ -67,7 +67,7 @@ class GroupCommit(Generic[Req, Res]):
                     if len(rnd.results) != len(rnd.requests):
                         raise RuntimeError(f"group work returned {len(rnd.results)} results for "
                                            f"{len(rnd.requests)} requests")
-                except BaseException as exc:  # every caller of the round sees it
+                except BaseException as exc:  # noqa: BLE001 - stored, raised in every caller of the round
                     rnd.error = exc
                 finally:
                     self._cv.acquire()
