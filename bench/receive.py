@@ -11,7 +11,8 @@ Repetitions are interleaved (node, pynetdicom, dcmtk, node, ...) and medians rep
 The node never starts a job during the benchmark (idle timeout and release grace of
 10^6 s): this measures the receive path only.
 
-Targets: node >= 1.0x pynetdicom storescp, >= 0.5x dcmtk storescp (single sender).
+Targets: node >= 1.0x pynetdicom storescp with 1 sender and >= 1.5x with 4 (#13; the durable
+writes of concurrent associations are group-committed), >= 0.5x dcmtk storescp (single sender).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def main() -> int:
           f"median of {args.reps} interleaved reps")
     print(table(["receiver", "slices/s (1 sender)", "MB/s", f"slices/s ({args.senders} senders)"], rows))
     print(f"node / pynetdicom storescp: {r_py:.2f}x (target >= 1.0x: {verdict(r_py >= 1.0)}); "
-          f"{args.senders} senders {r_py_m:.2f}x")
+          f"{args.senders} senders {r_py_m:.2f}x (target >= 1.5x: {verdict(r_py_m >= 1.5)})")
     print(f"node / dcmtk storescp:      {r_dc:.2f}x (target >= 0.5x: {verdict(r_dc >= 0.5)}); "
           f"{args.senders} senders {r_dc_m:.2f}x")
     out = write_result("receive", {
@@ -150,7 +151,8 @@ def main() -> int:
         "median_single": med_s, "median_concurrent": med_m,
         "ratios": {"node_vs_pynetdicom": round(r_py, 3), "node_vs_dcmtk": round(r_dc, 3),
                    "node_vs_pynetdicom_concurrent": round(r_py_m, 3), "node_vs_dcmtk_concurrent": round(r_dc_m, 3)},
-        "targets": {"node_vs_pynetdicom>=1.0": r_py >= 1.0, "node_vs_dcmtk>=0.5": r_dc >= 0.5},
+        "targets": {"node_vs_pynetdicom>=1.0": r_py >= 1.0, "node_vs_pynetdicom_concurrent>=1.5": r_py_m >= 1.5,
+                    "node_vs_dcmtk>=0.5": r_dc >= 0.5},
         "node_rss_kb": {"rss": rss_kb[0], "hwm": rss_kb[1]},
     })
     print(f"results: {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")

@@ -21,7 +21,7 @@ from rtcontrast.dicom import uids
 from rtcontrast.dicom.derive import ModelIdentity, NodeIdentity, RecipeInfo, Window, derive_contrast_series, save_all
 from rtcontrast.dicom.map_series import derive_map_images, derive_parametric_maps
 from rtcontrast.dicom.volume import Volume, VolumeError, assemble
-from rtcontrast.node.pipeline import classic_map_u16
+from rtcontrast.node.stream import classic_slab
 from tests.dicomgen import Geometry, make_series, phantom, write_series
 from tests.support import phantom_series
 
@@ -109,7 +109,7 @@ def test_classic_maps_round_trip_the_input(predicted: tuple[Volume, object], tmp
     with s the contract's series scale) and PD's un-scaling.  Read back from DICOM and
     re-rendered at the input's TE/TR with s computed here by hand, they give the input."""
     v, maps = predicted
-    back = {q: _back(derive_map_images(v, classic_map_u16(maps, q), q, 980 + k, NODE, MODEL, now=NOW), tmp_path / q, v)
+    back = {q: _back(derive_map_images(v, classic_slab(maps, q, 0, v.pixels.shape[0], None), q, 980 + k, NODE, MODEL, now=NOW), tmp_path / q, v)
             for k, q in enumerate(("PD", "T1", "T2"))}
     s = float(np.percentile(v.pixels[v.pixels > 0], 99.0))
     body = v.pixels > 0.05 * s

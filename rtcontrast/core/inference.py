@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 #: Runtime's arena keeps its peak for the life of the session (8 slices of 512x512 held
 #: over 1 GB), so larger matrices run in smaller batches; per-slice speed is no worse.
 MAX_BATCH_PIXELS = 8 * 256 * 256
+#: The same bound on a GPU (CUDA provider): 64 slices of 256x256 per run keep an H100/H200
+#: busy (a kernel launch per layer costs the same for 8 slices or 64) while the
+#: activations stay a few GB, far below the device's memory.  Not measured here (no GPU).
+GPU_MAX_BATCH_PIXELS = 64 * 256 * 256
+#: CUDA provider options: grow the device arena by what is asked (not by powers of two),
+#: and pick convolution algorithms once per shape (the node runs the same shapes again).
+CUDA_OPTIONS: dict[str, object] = {"device_id": 0, "arena_extend_strategy": "kSameAsRequested",
+                                   "cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True}
 
 
 def cuda_present() -> bool:
@@ -118,8 +126,10 @@ class QMapModel:
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        providers: list[str | tuple[str, dict[str, object]]] = [
+            (p, CUDA_OPTIONS) if p == "CUDAExecutionProvider" else p for p in choose_providers(provider)]
         try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=choose_providers(provider))
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ContractError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -130,6 +140,15 @@ class QMapModel:
         _check_io(self.session, self.path, self.info)
         self.sha256 = file_sha256(self.path)
         self.provider = self.session.get_providers()[0]
+        on_gpu = self.provider == "CUDAExecutionProvider"
+        #: bound on pixels per run and the default slices per batch (larger on a GPU)
+        self.max_batch_pixels = GPU_MAX_BATCH_PIXELS if on_gpu else MAX_BATCH_PIXELS
+        self.batch_slices = 64 if on_gpu else 8
+        #: where :meth:`run_normalised` binds inputs and outputs (I/O binding): on the GPU the
+        #: inputs are copied to the device once per batch and the outputs come back in one
+        #: copy, instead of ORT staging every tensor itself; None = plain ``session.run``
+        #: (CPU: binding saves nothing there; tests set "cpu" to check the binding code).
+        self.io_device: str | None = "cuda" if on_gpu else None
         exported = {o.name for o in self.session.get_outputs()}
         #: the optional uncertainty outputs this model exports (qmap/3), in contract order
         self.uncertainty_outputs: tuple[str, ...] = tuple(n for n in UNCERTAINTY_OUTPUT_NAMES if n in exported)
@@ -154,10 +173,23 @@ class QMapModel:
                 raise ValueError(f"{self.info.contract} model needs 'field_t'")
             feeds["field_t"] = np.asarray(field_t, np.float32).reshape(-1, 1)
         names = list(OUTPUT_NAMES) + list(self.uncertainty_outputs)
-        outs = self.session.run(names, feeds)
+        if self.io_device is None:
+            outs = self.session.run(names, feeds)
+        else:
+            outs = self._run_bound(names, feeds, self.io_device)
         return dict(zip(names, outs))
 
-    def predict(self, pixels: np.ndarray, te_ms: float, tr_ms: float, batch_size: int = 8,
+    def _run_bound(self, names: list[str], feeds: dict[str, np.ndarray], device: str) -> list[np.ndarray]:
+        """``session.run`` through I/O binding: inputs placed on ``device`` once, outputs allocated there."""
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0))
+        for name in names:
+            binding.bind_output(name, device)
+        self.session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
+
+    def predict(self, pixels: np.ndarray, te_ms: float, tr_ms: float, batch_size: int | None = None,
                 field_t: float | None = None) -> QMaps:
         """Maps of a series ``pixels`` [N,H,W] (stored values after Modality LUT).
 
@@ -167,12 +199,13 @@ class QMapModel:
         """
         return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size, field_t=field_t)
 
-    def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int = 8,
+    def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int | None = None,
                       consistency: Settings | None = None, valid: list[np.ndarray | None] | None = None,
                       field_t: float | None = None, known_gains: tuple[list[float], str] | None = None) -> QMaps:
         """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
 
-        ``batch_size`` is an upper bound: batches never exceed :data:`MAX_BATCH_PIXELS`.
+        ``batch_size`` (default 8 on the CPU, 64 on a GPU) is an upper bound: batches never exceed
+        :data:`MAX_BATCH_PIXELS` (:data:`GPU_MAX_BATCH_PIXELS` on a GPU).
 
         The first series is the geometric target and defines PD's units.  Several inputs
         need a ``qmap/2`` model; extra inputs beyond its ``max_inputs`` are an error.
@@ -201,7 +234,7 @@ class QMapModel:
         s = scales[0]
         ph, pw = pad_amounts(h, w, self.info.spatial_multiple)
         k = self.info.max_inputs if self.info.fusion else 1
-        batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // ((h + ph) * (w + pw) * k)))
+        batch_size = max(1, min(batch_size or self.batch_slices, self.max_batch_pixels // ((h + ph) * (w + pw) * k)))
         pd = np.empty((n, h, w), np.float32)
         t1 = np.empty_like(pd)
         t2 = np.empty_like(pd)

@@ -68,3 +68,53 @@ def self_nrmse(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float, bloc
     if count == 0:
         return 0.0
     return float(np.sqrt(total / count) / maps.scale)
+
+
+# -- windows of a streamed series: exact percentiles from a histogram of uint16 pixels --------------
+#: Bins of a histogram of uint16 pixels (one per value).
+U16_BINS = U16_MAX + 1
+
+
+def u16_histogram(pixels: np.ndarray) -> np.ndarray:
+    """Counts of every uint16 value in ``pixels`` (add the histograms of a series' slabs).
+
+    Why: a streamed job sends its first slab before the last is rendered, yet every
+    instance of a series carries the series' one window; the histogram gives the exact
+    percentiles of the whole series from one slab-wise pass, without holding the volume.
+    """
+    return np.bincount(np.asarray(pixels, dtype=np.uint16).ravel(), minlength=U16_BINS).astype(np.int64)
+
+
+def percentiles_from_histogram(hist: np.ndarray, qs: list[float]) -> list[float] | None:
+    """``np.percentile(v[v > 0], qs)`` (linear method) for the values counted in ``hist``; None when none is > 0.
+
+    The arithmetic follows numpy's own (virtual index q/100*(n-1), lerp from the nearer
+    side), so the windows are the same numbers as the whole-volume ones.
+    """
+    counts = np.asarray(hist, dtype=np.int64).copy()
+    counts[0] = 0
+    n = int(counts.sum())
+    if n == 0:
+        return None
+    cum = np.cumsum(counts)
+    out = []
+    for q in qs:
+        virtual = (np.float64(q) / 100.0) * (n - 1)
+        below = int(np.floor(virtual))
+        above = min(below + 1, n - 1)
+        a = float(np.searchsorted(cum, below, side="right"))  # value of the sorted element #below
+        b = float(np.searchsorted(cum, above, side="right"))
+        t = virtual - below
+        diff = b - a
+        out.append(float(b - diff * (1.0 - t)) if t >= 0.5 else float(a + diff * t))
+    return out
+
+
+def window_from_histogram(hist: np.ndarray, low: float = 1.0, high: float = 99.5) -> Window:
+    """:func:`window_from_percentiles` of the pixels counted in ``hist`` (same numbers)."""
+    p = percentiles_from_histogram(hist, [low, high])
+    if p is None:
+        return Window(center=0.5, width=1.0)
+    lo, hi = p
+    width = max(hi - lo, 1.0)
+    return Window(center=lo + width / 2, width=width)

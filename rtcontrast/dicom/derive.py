@@ -176,8 +176,6 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
     ds[tag] = DataElement(tag, dictionary_VR(tag), value)
 
 
-
-
 def _take(dst: Dataset, src: Dataset, keyword: str) -> None:
     """Copy one element from the source (a deep copy: the source header is never changed).
 
@@ -330,8 +328,6 @@ def _equipment(template: Dataset, src: Dataset, node: NodeIdentity, when: _dt.da
     template.ContributingEquipmentSequence = [*contributing, scanner, synth]
 
 
-
-
 def _series_template(
     volume: Volume,
     *,
@@ -438,8 +434,9 @@ def _instances(
     recipe_key: str,
     model: ModelIdentity,
     co_sources: Sequence[Volume] = (),
+    start: int = 0,
 ) -> list[Dataset]:
-    """One dataset per slice: the template's elements plus the slice's own.
+    """One dataset per slice of ``pixels`` (volume slices ``start``..): the template's elements plus the slice's own.
 
     Co-source slices are referenced per slice only from co-sources on the very same
     grid (same slice count and positions): a resampled partner has no one source slice
@@ -449,7 +446,9 @@ def _instances(
     impl_uid = _implementation_uid(node)
     le = pixels.astype("<u2", copy=False)
     out = []
-    for i, ref in enumerate(volume.slices):
+    if pixels.shape[1:] != volume.pixels.shape[1:] or not 0 <= start <= start + len(pixels) <= len(volume.slices):
+        raise DeriveError(f"slab {start}+{pixels.shape} does not fit the source volume {volume.pixels.shape}")
+    for i, ref in enumerate(volume.slices[start:start + len(pixels)], start):
         # New element objects (cheap shallow copies), so that setting an attribute on one
         # output never changes the others; sequence values stay shared (read-only).
         ds = Dataset({tag: copy.copy(elem) for tag, elem in template.items()})
@@ -464,7 +463,7 @@ def _instances(
             _take(ds, hdr, "SliceThickness")
         _put(ds, "SourceImageSequence",
              DicomSequence([_source_image_item(ref)] + [_source_image_item(v.slices[i]) for v in same_grid_partners]))
-        _put(ds, "PixelData", le[i].tobytes())
+        _put(ds, "PixelData", le[i - start].tobytes())
         fm = FileMetaDataset()
         fm.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
         fm.MediaStorageSOPInstanceUID = sop_uid
@@ -483,8 +482,6 @@ def _same_positions(a: Volume, b: Volume) -> bool:
     pa = np.stack([np.asarray(s.image_position, float) for s in a.slices])
     pb = np.stack([np.asarray(s.image_position, float) for s in b.slices])
     return bool(np.max(np.abs(pa - pb)) <= 0.01)
-
-
 
 
 def _check_pixels(volume: Volume, arr: np.ndarray, what: str) -> np.ndarray:
@@ -529,7 +526,17 @@ def derive_contrast_series(
     pixels = _check_pixels(volume, np.asarray(pixels_u16), "pixels_u16")
     if pixels.dtype != np.uint16:
         raise DeriveError(f"pixels_u16 must be uint16, got {pixels.dtype}")
-    win = _percentile_window(pixels) if window is None else (window if isinstance(window, Window) else Window(*window))
+    win = _percentile_window(pixels) if window is None else window
+    template = contrast_template(volume, recipe, node, model, win, now=now, co_sources=co_sources, qa_note=qa_note)
+    return _instances(volume, template, pixels, node=node, recipe_key=recipe.key, model=model, co_sources=co_sources)
+
+
+def contrast_template(
+    volume: Volume, recipe: RecipeInfo, node: NodeIdentity, model: ModelIdentity, window: Window | tuple[float, float],
+    *, now: _dt.datetime | None = None, co_sources: Sequence[Volume] = (), qa_note: str | None = None,
+) -> Dataset:
+    """What every slice of one contrast series shares; slabs of it: :func:`derive_slab` (streamed jobs)."""
+    win = window if isinstance(window, Window) else Window(*window)
     when = _now(now)
     te, tr = recipe.te_ms, recipe.tr_ms
     description = (
@@ -537,26 +544,24 @@ def derive_contrast_series(
         f"PD/T1/T2 maps estimated by {_model_text(model)} from {_sources_text(volume, co_sources)}. "
         "Not an acquired image."
     )
-    template = _series_template(
-        volume,
-        node=node,
-        series_uid=uids.series_uid(node.uid_root, volume.series_uid, recipe.key, model.version),
-        series_number=recipe.series_number,
-        series_description=recipe.series_description,
-        image_type=["DERIVED", "SECONDARY", "OTHER"],
-        scanning_sequence="SE",
-        sequence_variant="NONE",
-        te_ms=te,
-        tr_ms=tr,
-        derivation_description=description,
-        window=win,
-        when=when,
-        contribution=f"Synthetic SE TE {te:g} TR {tr:g} {model.name} {model.version}",
-        co_sources=co_sources,
+    return _series_template(
+        volume, node=node, series_uid=uids.series_uid(node.uid_root, volume.series_uid, recipe.key, model.version),
+        series_number=recipe.series_number, series_description=recipe.series_description,
+        image_type=["DERIVED", "SECONDARY", "OTHER"], scanning_sequence="SE", sequence_variant="NONE", te_ms=te,
+        tr_ms=tr, derivation_description=description, window=win, when=when,
+        contribution=f"Synthetic SE TE {te:g} TR {tr:g} {model.name} {model.version}", co_sources=co_sources,
         image_comments=provenance_comment(f"synthetic spin echo TE {te:g} TR {tr:g}", volume, co_sources, model,
                                           qa_note),
     )
-    return _instances(volume, template, pixels, node=node, recipe_key=recipe.key, model=model, co_sources=co_sources)
+
+
+def derive_slab(volume: Volume, template: Dataset, pixels_u16: np.ndarray, start: int, *, node: NodeIdentity,
+                key: str, model: ModelIdentity, co_sources: Sequence[Volume] = ()) -> list[Dataset]:
+    """Slices ``start``.. of a series from its template: exactly the datasets the whole-volume writer gives them."""
+    if np.asarray(pixels_u16).dtype != np.uint16:
+        raise DeriveError(f"pixels_u16 must be uint16, got {np.asarray(pixels_u16).dtype}")
+    return _instances(volume, template, np.asarray(pixels_u16), node=node, recipe_key=key, model=model,
+                      co_sources=co_sources, start=start)
 
 
 MAP_QUANTITIES = ("T1", "T2", "PD")
@@ -584,6 +589,8 @@ __all__: Sequence[str] = (
     "DeriveError",
     "PD_SCALE",
     "derive_contrast_series",
+    "contrast_template",
+    "derive_slab",
     "fit_ds",
     "provenance_comment",
     "save",

@@ -19,6 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from rtcontrast.core.render import percentiles_from_histogram
 from rtcontrast.dicom import uids
 from rtcontrast.dicom.volume import MULTIFRAME_MR, Volume
 from rtcontrast.dicom.derive import (
@@ -78,17 +79,49 @@ def derive_map_images(
     if quantity not in MAP_QUANTITIES:
         raise DeriveError(f"quantity must be one of {MAP_QUANTITIES}, got {quantity!r}")
     arr = _check_pixels(volume, np.asarray(values), f"{quantity} map")
-    pixels = _masked(arr if arr.dtype == np.uint16 else map_to_u16(arr, quantity), mask, f"{quantity} map")
-    win = _percentile_window(pixels) if window is None else (window if isinstance(window, Window) else Window(*window))
+    pixels = map_slab_u16(arr, quantity, mask)
+    win = _percentile_window(pixels) if window is None else window
+    template = map_template(volume, quantity, series_number, node, model, win, now=now, co_sources=co_sources,
+                            masked=mask is not None, qa_note=qa_note)
+    return _instances(volume, template, pixels, node=node, recipe_key=f"map-{quantity}", model=model,
+                      co_sources=co_sources)
+
+
+def map_slab_u16(values: np.ndarray, quantity: str, mask: np.ndarray | None) -> np.ndarray:
+    """Stored pixels of (a slab of) a classic map image: :func:`map_to_u16`, 0 outside the body ``mask``."""
+    arr = np.asarray(values)
+    return _masked(arr if arr.dtype == np.uint16 else map_to_u16(arr, quantity), mask, f"{quantity} map")
+
+
+def map_window(hist: np.ndarray) -> Window:
+    """The window :func:`derive_map_images` gives the stored map pixels counted in ``hist``
+    (:func:`rtcontrast.core.render.u16_histogram` of every slab): the same numbers, for a streamed series."""
+    p = percentiles_from_histogram(hist, [1.0, 99.0])
+    if p is None:
+        return Window(1.0, 2.0)
+    lo, hi = p
+    return Window(float((lo + hi) / 2), float(max(hi - lo, 1.0)))
+
+
+def map_template(
+    volume: Volume, quantity: str, series_number: int, node: NodeIdentity, model: ModelIdentity,
+    window: Window | tuple[float, float], *, now: _dt.datetime | None = None, co_sources: Sequence[Volume] = (),
+    masked: bool = True, qa_note: str | None = None,
+) -> Dataset:
+    """What every slice of one classic map series shares (slabs: :func:`rtcontrast.dicom.derive.derive_slab`
+    with key ``map-<quantity>``); ``masked``: the pixels are 0 outside the body (said in the description)."""
+    if quantity not in MAP_QUANTITIES:
+        raise DeriveError(f"quantity must be one of {MAP_QUANTITIES}, got {quantity!r}")
+    win = window if isinstance(window, Window) else Window(*window)
     unit = "ms" if quantity != "PD" else f"x{PD_SCALE:g} relative"
     key = f"map-{quantity}"
     scaling = "pixel value = T in ms" if quantity != "PD" else f"pixel value = round({PD_SCALE:g} * PD), PD relative to the series scale"
     description = (
         f"{quantity} map estimated by {_model_text(model)} from {_sources_text(volume, co_sources)} "
-        f"assuming {PHYSICS_EQUATION}; {scaling}{'; ' + _MASK_TEXT if mask is not None else ''}. "
+        f"assuming {PHYSICS_EQUATION}; {scaling}{'; ' + _MASK_TEXT if masked else ''}. "
         "Not an acquired image."
     )
-    template = _series_template(
+    return _series_template(
         volume,
         node=node,
         series_uid=uids.series_uid(node.uid_root, volume.series_uid, key, model.version),
@@ -106,7 +139,6 @@ def derive_map_images(
         co_sources=co_sources,
         image_comments=provenance_comment(f"synthetic {quantity} map [{unit}]", volume, co_sources, model, qa_note),
     )
-    return _instances(volume, template, pixels, node=node, recipe_key=key, model=model, co_sources=co_sources)
 
 
 _PM_CODES = {"T1": codes.DCM.T1, "T2": codes.DCM.T2, "PD": codes.DCM.ProtonDensity}

@@ -22,6 +22,14 @@ Outcomes (the job's final state here):
 * ``queued``: the derived instances are in the outbox for every destination; the node
   marks the job ``delivered`` once the outbox has delivered them all.
 
+Streaming (issue #13): inference and QA run over the whole series first (QA decides
+hold/warn/send from the whole series' maps; a held series sends nothing); then the
+outputs flow slab by slab, render -> derive -> outbox, and the sender is woken after
+each slab, so the TPS receives the first instances while later slabs are computed
+(:mod:`rtcontrast.node.stream`).  While streaming the job is ``deriving``; it becomes
+``queued`` after its last slab, and only a ``queued`` job can become ``delivered``.  A job
+that fails midway withdraws its undelivered instances and says how far it got.
+
 QA numbers (stored in ``job.qa`` and audited): ``self_nrmse`` (re-rendering the input
 from the maps), the TE/TR identified from the image against the header (relative
 error), map percentiles over the body, and the per-stage durations in seconds.
@@ -31,6 +39,7 @@ Logs carry the series UID and job id, never patient data.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -47,13 +56,8 @@ from rtcontrast import __version__
 from rtcontrast.core.consistency import Settings
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.core.maps import QMaps
-from rtcontrast.core.render import (
-    render,
-    to_uint16,
-    window_from_percentiles,
-)
-from rtcontrast.dicom.derive import ModelIdentity, NodeIdentity, RecipeInfo, derive_contrast_series
-from rtcontrast.dicom.map_series import body_mask, derive_map_images, derive_parametric_maps, map_to_u16
+from rtcontrast.dicom.derive import ModelIdentity, NodeIdentity, RecipeInfo
+from rtcontrast.dicom.map_series import body_mask
 from rtcontrast.dicom.grid import (
     Aligned,
     Candidate,
@@ -77,6 +81,7 @@ from rtcontrast.node.qa import (
     review_decision,
     uncertainty_violations,
 )
+from rtcontrast.node.stream import Streamed, middle_slices, series_windows, stream_outputs
 
 __all__ = ["PipelineContext", "JobResult", "run_job", "node_identity", "model_identity", "STAGES"]
 
@@ -84,10 +89,6 @@ log = logging.getLogger(__name__)
 
 #: Stages timed for every job (seconds in ``qa["timings_s"]``).
 STAGES: tuple[str, ...] = ("assemble", "infer", "render", "derive", "enqueue")
-#: Voxels per block when whole-volume arrays are rendered or converted: a whole-volume
-#: numpy expression allocates several temporaries of the volume's size (float64 in
-#: map_to_u16), which for a 512x512x200 series alone exceeded 1.5 GB.
-_BLOCK_VOXELS = 1 << 22
 #: Reason prefix of a job whose series is only an input to another series' fused job
 #: (``fusion.target``); such a series still counts as a partner.
 PARTNER_ONLY = "fusion input to"
@@ -295,89 +296,9 @@ def _non_finite_maps(maps: QMaps) -> list[str]:
             for name, a in (("PD", maps.pd), ("T1", maps.t1), ("T2", maps.t2)) if not np.isfinite(a).all()]
 
 
-def _blockwise_u16(shape: tuple[int, ...], fill: Callable[[int, int], np.ndarray]) -> np.ndarray:
-    """A uint16 volume filled slice block by slice block (``fill(a, b)`` gives slices a..b-1)."""
-    n, h, w = shape
-    out = np.empty((n, h, w), np.uint16)
-    step = max(1, _BLOCK_VOXELS // max(1, h * w))
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        out[a:b] = fill(a, b)
-    return out
-
-
-def _slab(maps: QMaps, a: int, b: int) -> QMaps:
-    return QMaps(pd=maps.pd[a:b], t1=maps.t1[a:b], t2=maps.t2[a:b], te_tr_pred=maps.te_tr_pred[a:b], scale=maps.scale)
-
-
-def render_u16(maps: QMaps, te_ms: float, tr_ms: float) -> np.ndarray:
-    """``to_uint16(render(maps, te, tr))`` computed in slice blocks (same values, bounded memory)."""
-    return _blockwise_u16(maps.pd.shape, lambda a, b: to_uint16(render(_slab(maps, a, b), te_ms, tr_ms)))
-
-
-def classic_map_u16(maps: QMaps, quantity: str) -> np.ndarray:
-    """The stored pixels of a classic T1/T2/PD map image (as derive's map_to_u16), in slice blocks."""
-    src = {"T1": maps.t1, "T2": maps.t2, "PD": maps.pd}[quantity]
-    scale = np.float32(maps.scale)
-    if quantity == "PD":
-        return _blockwise_u16(src.shape, lambda a, b: map_to_u16(src[a:b] / scale, quantity))
-    return _blockwise_u16(src.shape, lambda a, b: map_to_u16(src[a:b], quantity))
-
-
-def _derive_all(
-    ctx: PipelineContext, volume: Volume, rendered: dict[str, tuple[np.ndarray, Any]],
-    classic: dict[str, np.ndarray], map_values: dict[str, np.ndarray] | None,
-    co_sources: list[Volume] | None = None, mask: np.ndarray | None = None, qa_note: str | None = None,
-) -> dict[str, list[Dataset]]:
-    """Datasets per destination: one series per recipe, plus maps as the protocol says.
-
-    ``classic``: stored pixels of the classic T1/T2/PD map images (:func:`classic_map_u16`);
-    ``map_values``: float maps for Parametric Maps (None when not produced).  Pixel
-    arrays are dropped from ``rendered``/``classic`` once their series is derived (the
-    datasets hold a copy), so a large series does not hold both at once.
-    """
-    p = ctx.protocol
-    model = ctx.model_identity
-    per_dest: dict[str, list[Dataset]] = {}
-    for recipe in p.recipes:
-        u16, win = rendered.pop(recipe.key)
-        info = RecipeInfo(
-            key=recipe.key,
-            te_ms=recipe.te_ms,
-            tr_ms=recipe.tr_ms,
-            series_number=recipe.series_number,
-            series_description=recipe.series_description,
-        )
-        dss = derive_contrast_series(volume, u16, info, ctx.node, model, (win.center, win.width),
-                                     co_sources=co_sources or (), qa_note=qa_note)
-        del u16
-        for dest in recipe.destinations:
-            per_dest.setdefault(dest, []).extend(dss)
-    if p.maps.classic or p.maps.parametric:
-        extra: list[Dataset] = []
-        if p.maps.classic:
-            nums = p.maps.classic_series_numbers
-            for q in ("T1", "T2", "PD"):
-                extra.extend(derive_map_images(volume, classic.pop(q), q, getattr(nums, q), ctx.node, model,
-                                               co_sources=co_sources or (), mask=mask, qa_note=qa_note))
-        if p.maps.parametric:
-            assert map_values is not None
-            nums = p.maps.parametric_series_numbers
-            extra.extend(
-                derive_parametric_maps(
-                    volume, map_values, ctx.node, model, {"T1": nums.T1, "T2": nums.T2, "PD": nums.PD},
-                    content_qualification=p.maps.content_qualification,
-                    co_sources=co_sources or (), mask=mask, qa_note=qa_note,
-                )
-            )
-        for dest in p.maps.destinations:
-            per_dest.setdefault(dest, []).extend(extra)
-    return per_dest
-
-
 def _write_preview(
     ctx: PipelineContext, job_id: int, series: str, volume: Volume, maps: QMaps,
-    rendered: dict[str, tuple[np.ndarray, Any]], qa: dict[str, Any],
+    rendered: dict[str, np.ndarray], qa: dict[str, Any],
 ) -> None:
     """The QA montage in the job folder; a failure is logged, never fails the job."""
     if ctx.job_dir is None:
@@ -390,7 +311,7 @@ def _write_preview(
             ctx.job_dir(job_id) / PREVIEW_NAME,
             volume.pixels,
             {"PD (rel.)": maps.pd / np.float32(maps.scale), "T1 [ms]": maps.t1, "T2 [ms]": maps.t2},
-            {labels.get(k, k): u16 for k, (u16, _) in rendered.items()},
+            {labels.get(k, k): u16 for k, u16 in rendered.items()},
             f"job {job_id} series {series}",
             qa,
         )
@@ -415,6 +336,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
     timings: dict[str, float] = {}
     qa: dict[str, Any] = {}
     result = JobResult(job_id=job_id, state=JobState.FAILED, qa=qa, timings_s=timings)
+    streamed = Streamed()
     ident = dict(
         protocol_version=protocol.audit_version,
         model_name=mid.name,
@@ -434,7 +356,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
 
     try:
         # -- assemble (incl. eligibility on the first header: cheap, before decoding pixels)
-        t0 = time.perf_counter()
+        t0 = t_job = time.perf_counter()
         jobs.set_state(job_id, JobState.ASSEMBLING, None, **ident)
         members = jobs.job_instances(job_id)
         if not members:
@@ -509,45 +431,34 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
             qa["action"] = "released"
             jobs.audit(job_id, "hold_overridden", {"violations": violations})
 
-        # -- render every recipe (also for a held job: its preview shows them)
-        t0 = time.perf_counter()
+        # -- after the QA decision: windows over the whole series, preview, then (unless held) stream
+        # render -> derive -> outbox -> TPS slab by slab (rtcontrast/node/stream.py)
         jobs.set_state(job_id, JobState.RENDERING)
-        rendered = {}
-        for recipe in protocol.recipes:
-            u16 = render_u16(maps, recipe.te_ms, recipe.tr_ms)
-            rendered[recipe.key] = (u16, window_from_percentiles(u16))
-        timings["render"] = time.perf_counter() - t0
-        _write_preview(ctx, job_id, series, volume, maps, rendered, qa)
+        infos = [(RecipeInfo(key=r.key, te_ms=r.te_ms, tr_ms=r.tr_ms, series_number=r.series_number,
+                             series_description=r.series_description), list(r.destinations))
+                 for r in protocol.recipes]
+        _write_preview(ctx, job_id, series, volume, maps, middle_slices(maps, [i for i, _ in infos]), qa)
         if hold and not ctx.hold_override:
             raise _Stop(JobState.HELD, "QA hold: " + "; ".join(violations))
-        # what derivation needs of the maps; then the float maps are released (memory)
         t0 = time.perf_counter()
-        classic = {q: classic_map_u16(maps, q) for q in ("T1", "T2", "PD")} if protocol.maps.classic else {}
-        map_values = ({"T1": maps.t1, "T2": maps.t2, "PD": maps.pd / np.float32(maps.scale)}
-                      if protocol.maps.parametric else None)
         mask = body_mask(volume.pixels, maps.scale) if (protocol.maps.classic or protocol.maps.parametric) else None
-        del maps
-        timings["render"] += time.perf_counter() - t0
+        windows, map_windows = series_windows(maps, [i for i, _ in infos], protocol.maps.classic, mask)
+        timings["render"] = time.perf_counter() - t0
 
-        # -- derive
-        t0 = time.perf_counter()
         jobs.set_state(job_id, JobState.DERIVING)
-        per_dest = _derive_all(ctx, volume, rendered, classic, map_values, co_sources, mask,
-                               "QA passed" if not violations else None)  # warn: flag_datasets writes it
+        flag = None  # the QA warning, written on every slab before it is queued
         if violations and (qa["action"] == "warn" or (hold and ctx.hold_override)):
-            flagged = {id(ds): ds for dss in per_dest.values() for ds in dss}
-            flag_datasets(list(flagged.values()), "; ".join(violations),
-                          review=review_decision(jobs, job_id) if hold and ctx.hold_override else None)
-        timings["derive"] = time.perf_counter() - t0
-
-        # -- enqueue
-        t0 = time.perf_counter()
-        for dest, dss in per_dest.items():
-            ctx.outbox.enqueue(job_id, dest, dss)
-            result.queued[dest] = len(dss)
-        timings["enqueue"] = time.perf_counter() - t0
-        if ctx.on_enqueued is not None:
-            ctx.on_enqueued()
+            flag = functools.partial(flag_datasets, warning="; ".join(violations),
+                                     review=review_decision(jobs, job_id) if hold and ctx.hold_override else None)
+        stream_outputs(ctx, job_id, volume, maps, infos, windows, map_windows, mask, co_sources=co_sources,
+                       qa_note="QA passed" if not violations else None,  # warn: flag_datasets writes it
+                       flag=flag, done=streamed)
+        for k, v in streamed.timings_s.items():
+            timings[k] = timings.get(k, 0.0) + v
+        result.queued = dict(streamed.queued)
+        qa["slabs"] = streamed.slabs
+        if streamed.first_queued_at is not None:  # job start -> first slab in the outbox
+            qa["first_queued_s"] = round(streamed.first_queued_at - t_job, 3)
         qa["queued"] = dict(result.queued)
         if violations:
             log.warning("job %d series %s: QA %s: %s", job_id, series, protocol.qa.action, "; ".join(violations))
@@ -558,7 +469,13 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         jobs.audit(job_id, stop.state, {"reason": stop.reason})
         finish(stop.state, stop.reason, **stop.fields)
     except Exception as exc:
-        finish(JobState.FAILED, f"unexpected error: {type(exc).__name__}: {exc}")
+        reason = f"unexpected error: {type(exc).__name__}: {exc}"
+        if streamed.queued:  # failed midway through streaming: no half series stays queued as if complete
+            withdrawn = ctx.outbox.withdraw_pending(job_id)
+            reason += (f" (after {sum(streamed.queued.values())} instance(s) were queued in {streamed.slabs} slab(s); "
+                       f"{withdrawn} not yet delivered were withdrawn: a destination may hold an incomplete series)")
+            jobs.audit(job_id, "withdrawn", {"queued": dict(streamed.queued), "withdrawn": withdrawn})
+        finish(JobState.FAILED, reason)
         raise
     finally:
         if timings:

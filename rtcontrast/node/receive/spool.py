@@ -28,13 +28,15 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, RE_VALID_UID
+
+from rtcontrast.node.store.group import GroupCommit
 
 __all__ = [
     "Spool",
@@ -98,6 +100,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_dirs(dirs: Sequence[Path]) -> list[None]:
+    """One fsync per distinct directory of a group-commit round (a rename is durable once its directory is)."""
+    for d in dict.fromkeys(dirs):
+        _fsync_dir(d)
+    return [None] * len(dirs)
+
+
 def _wrap_oserror(exc: OSError, action: str) -> SpoolError:
     if exc.errno in _FULL_ERRNOS:
         return SpoolFull(f"{action}: {exc.strerror or exc}")
@@ -115,6 +124,8 @@ class Spool:
     def __init__(self, root: Path | str, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.min_free_bytes = int(min_free_bytes)
+        #: directory fsyncs of concurrent writes done once per round (rtcontrast/node/store/group.py)
+        self._dirsync: GroupCommit[Path, None] = GroupCommit(_sync_dirs)
         self.root.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir = self.root / QUARANTINE_DIR
         self.quarantine_dir.mkdir(exist_ok=True)
@@ -264,7 +275,7 @@ class Spool:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            self._dirsync.submit(final.parent)  # shared with concurrent associations (group commit)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _wrap_oserror(exc, f"cannot write {final.name}") from exc

@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from enum import StrEnum
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from rtcontrast.node.store.db import transaction
+from rtcontrast.node.store.group import GroupCommit
 from rtcontrast.node.store.schema import ensure_schema
 
 __all__ = [
@@ -246,6 +248,8 @@ class JobStore:
         self.conn.row_factory = sqlite3.Row
         ensure_schema(self.conn)  # a no-op on connections from db.connect
         self._lock = threading.RLock()
+        #: concurrent associations' instances share one transaction (one WAL fsync): store/group.py
+        self._recorder: GroupCommit[_StoredInstanceLike, tuple[bool, str | None]] = GroupCommit(self._record_round)
 
     # ------------------------------------------------------------------ instances
     def record_instance(self, inst: _StoredInstanceLike) -> bool:
@@ -257,22 +261,29 @@ class JobStore:
         changes nothing: replacing the row would silently drop an acknowledged instance
         from the first series (the SCP answers 0x0111 Duplicate SOP Instance).
         """
-        with self._lock, transaction(self.conn):
-            prev = self.conn.execute(
-                "SELECT job_id, study_uid, series_uid, path FROM instances WHERE sop_instance_uid=?",
-                (inst.sop_instance_uid,),
-            ).fetchone()
-            if prev is not None and (prev["study_uid"], prev["series_uid"]) != (inst.study_uid, inst.series_uid):
-                self._audit(None, "instance_refused_duplicate_uid",
-                            {"sop_instance_uid": inst.sop_instance_uid, "recorded_series": prev["series_uid"]},
-                            inst.study_uid, inst.series_uid)
-                duplicate_of: str | None = str(prev["series_uid"])
-            else:
-                duplicate_of = None
-                self._upsert_instance(inst, prev)
+        new, duplicate_of = self._recorder.submit(inst)
         if duplicate_of is not None:  # raised after the commit, so the audit row stays
             raise DuplicateInstance(inst.sop_instance_uid, duplicate_of, inst.series_uid)
-        return prev is None
+        return new
+
+    def _record_round(self, insts: Sequence[_StoredInstanceLike]) -> list[tuple[bool, str | None]]:
+        """One transaction for the instances of concurrent callers: (new?, series it duplicates) each, in order."""
+        out: list[tuple[bool, str | None]] = []
+        with self._lock, transaction(self.conn):
+            for inst in insts:
+                prev = self.conn.execute(
+                    "SELECT job_id, study_uid, series_uid, path FROM instances WHERE sop_instance_uid=?",
+                    (inst.sop_instance_uid,),
+                ).fetchone()
+                if prev is not None and (prev["study_uid"], prev["series_uid"]) != (inst.study_uid, inst.series_uid):
+                    self._audit(None, "instance_refused_duplicate_uid",
+                                {"sop_instance_uid": inst.sop_instance_uid, "recorded_series": prev["series_uid"]},
+                                inst.study_uid, inst.series_uid)
+                    out.append((False, str(prev["series_uid"])))
+                else:
+                    self._upsert_instance(inst, prev)
+                    out.append((prev is None, None))
+        return out
 
     def _upsert_instance(self, inst: _StoredInstanceLike, prev: sqlite3.Row | None) -> None:
         """Insert or (re-send) update the row, inside the caller's transaction."""
