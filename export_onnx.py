@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             gen = generalisation(out, n_subjects=a.eval_subjects)
             card["generalisation"] = gen
             card["generalisation_table"] = format_generalisation(gen).splitlines()
+            from rtcontrast.research.evaluate_se import measured_limitations
+
+            card["limitations_measured"] = measured_limitations(gen, report["summary"])
             print(format_generalisation(gen))
         if fusion:
             from rtcontrast.research.evaluate_fusion import evaluate_fusion, format_fusion_table

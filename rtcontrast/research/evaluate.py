@@ -12,6 +12,11 @@ Reported per input contrast (the seed's five):
 * per major tissue (eroded masks): median absolute % error of PD (input units, bias
   included: bias is indistinguishable from PD), T1 and T2;
 * TE/TR identified from the image alone: median absolute % error.
+
+``qmap/3`` models get each subject's field strength.  After this table, ``main`` prints the
+generalisation tables of :mod:`rtcontrast.research.evaluate_se` (in-domain pelvis vs the unseen head
+anatomy, beside the constant-maps floor, with uncertainty calibration) unless
+``--generalisation no``.
 """
 
 from __future__ import annotations

@@ -237,3 +237,37 @@ def format_generalisation(report: dict) -> str:
         s = data["summary"]
         lines.append("summary: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
     return "\n".join(lines)
+
+
+def measured_limitations(report: dict, pelvis_summary: dict | None = None) -> list[str]:
+    """Sentences for the model card: every target of the issue, met or missed and by how much (from the report)."""
+    t = report["targets"]
+    out: list[str] = []
+    for split, data in report["splits"].items():
+        s = data["summary"]
+        kind = "unseen anatomy (head phantoms)" if split.startswith("unseen") else "in-domain (held-out pelvis)"
+        limit = t["unseen_tissue_max_pct"] if split.startswith("unseen") else t["pelvis_tissue_max_pct"]
+        for m in ("t1", "t2"):
+            worst = s[f"network_max_{m}_pct"]
+            verdict = "meets" if worst <= limit else f"misses by {worst - limit:.0f} points"
+            out.append(f"{kind}: worst per-tissue median {m.upper()} error {worst:.0f} % (median over tissues and "
+                       f"inputs {s[f'network_median_{m}_pct']:.0f} %; constant maps {s[f'floor_median_{m}_pct']:.0f} %); "
+                       f"target <= {limit:.0f} %: {verdict}")
+        out.append(f"{kind}: worse than constant maps in {s['tissue_cells_worse_than_floor']} of {s['tissue_cells']} "
+                   f"tissue/map/input cells and in {s['cross_ssim_cells_worse_than_floor']} of {s['cross_cells']} "
+                   f"cross-contrast SSIM cells; min cross SSIM {s['network_min_cross_ssim']:.3f} "
+                   f"(floor {s['floor_min_cross_ssim']:.3f}), min PSNR {s['network_min_cross_psnr_db']:.1f} dB")
+        out.append(f"{kind}: TE identified within {s['max_te_id_err_pct']:.0f} % and TR within "
+                   f"{s['max_tr_id_err_pct']:.0f} % (worst input; targets {t['te_id_max_pct']:.0f} % / "
+                   f"{t['tr_id_max_pct']:.0f} %)")
+        if "mean_t1_coverage90_pct" in s:
+            lo, hi = t["coverage90"]
+            out.append(f"{kind}: 90 % intervals cover {s['mean_t1_coverage90_pct']:.0f} % (T1) / "
+                       f"{s['mean_t2_coverage90_pct']:.0f} % (T2) of voxels (target {lo:.0f}-{hi:.0f} %); Spearman of "
+                       f"predicted sd vs |error| {s['mean_t1_spearman']:.2f} / {s['mean_t2_spearman']:.2f} (target >= "
+                       f"{t['spearman_min']}); QA flagged {s['qa_flagged']} series")
+    if pelvis_summary:
+        out.append(f"in-domain pelvis table: min cross SSIM {pelvis_summary['min_cross_ssim']:.3f} (target >= "
+                   f"{t['pelvis_ssim_min']}), min cross PSNR {pelvis_summary['min_cross_psnr_db']:.1f} dB (target >= "
+                   f"{t['pelvis_psnr_min_db']:.0f})")
+    return out

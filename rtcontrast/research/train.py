@@ -193,6 +193,16 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
         dd.barrier()
         if not dd.main:
             bank = training_bank(cfg)
+    if cfg.init_onnx and not resume:
+        from rtcontrast.research.warmstart import load_from_onnx
+
+        calib = batch_to_torch(make_batch(bank, np.random.default_rng(cfg.seed + 99).integers(0, len(bank), 16),
+                                          np.random.default_rng(cfg.seed + 98), cfg), dev)  # type: ignore[arg-type]
+        args = (calib["image"], calib["te_tr"]) + ((calib["field_t"],) if cfg.contract == "qmap/3" else ())
+        load_from_onnx(core, cfg.init_onnx, args)
+        if dd.world > 1:  # every rank starts from rank 0's calibration
+            for t in core.state_dict().values():
+                dist.broadcast(t, 0)
     val = validation_batches(cfg) if dd.main else []
     real_val = real.validation_pairs() if (real is not None and dd.main) else []
     if step == 0 and dd.main:

@@ -86,6 +86,9 @@ class TrainConfig:
     #: elapsed/budget, and training stops (validated, checkpointed) when the budget is spent, so a run on a slow or
     #: shared machine still ends with a decayed learning rate.  Elapsed time carries over --resume.
     time_budget_s: float | None = None
+    #: warm start from an exported ONNX model of the same widths (rtcontrast.research.warmstart: folded BatchNorms are
+    #: re-derived on a training batch; new input/output channels start fresh); ignored on --resume
+    init_onnx: str | None = None
     #: qmap/3: phantom slices per source {pelvis, random, abdomen} (rtcontrast.research.dataset_se); the mix is by count
     se_sources: dict[str, int] = field(default_factory=lambda: {"pelvis": 2000, "random": 2000, "abdomen": 1000})
     #: qmap/3: validation slices per source (held-out seeds)
