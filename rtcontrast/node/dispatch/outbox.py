@@ -29,25 +29,26 @@ import io
 import logging
 import os
 import random
-import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 
+from rtcontrast.node.durable import atomic_copy  # noqa: F401  (re-exported for the sender)
+from rtcontrast.node.durable import atomic_write as _atomic_write
+from rtcontrast.node.durable import ensure_file_meta as _ensure_file_meta
+from rtcontrast.node.durable import fsync_dir as _fsync_dir
 from rtcontrast.node.store.db import transaction
 from rtcontrast.node.store.schema import ensure_schema
 
@@ -151,55 +152,6 @@ def _safe_name(text: str, what: str) -> str:
 
 #: Threads that write and fsync one enqueue's files together (see :meth:`Outbox._write_all`).
 FSYNC_THREADS = 8
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(dest: Path, write: Callable[[BinaryIO], None], sync_dir: bool = True) -> None:
-    """Write ``dest`` via a hidden temp file in the same directory, fsync, rename.
-
-    ``sync_dir=False`` leaves the directory fsync (which makes the rename durable) to
-    the caller, who writes many files into one folder and syncs it once.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        _fsync_dir(dest.parent)
-
-
-def atomic_copy(src: Path, dest: Path) -> None:
-    """Copy ``src`` to ``dest`` so that ``dest`` is either absent or complete."""
-    with open(src, "rb") as fin:
-        _atomic_write(dest, lambda fh: shutil.copyfileobj(fin, fh, 1 << 20))
-
-
-def _ensure_file_meta(ds: Dataset) -> None:
-    """Give a dataset built in memory the file meta a Part 10 file needs."""
-    meta = getattr(ds, "file_meta", None)
-    if meta is None:
-        meta = FileMetaDataset()
-        ds.file_meta = meta
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if "TransferSyntaxUID" not in meta:
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    if "ImplementationClassUID" not in meta:
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
 
 
 @dataclass

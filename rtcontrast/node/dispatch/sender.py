@@ -23,6 +23,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
+from rtcontrast.node.durable import set_nodelay
 from rtcontrast.node.dispatch.destinations import (
     Destination,
     DicomDestination,
@@ -38,9 +39,7 @@ log = logging.getLogger(__name__)
 # -- sending -----------------------------------------------------------------------
 def _set_nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler: turn Nagle off (DCMTK peers otherwise stall ~40 ms per PDU)."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_nodelay(event)
 
 
 def _contexts_for(ts: str) -> list[str]:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -66,6 +65,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification
 
+from rtcontrast.node.durable import set_nodelay
 from rtcontrast.node.receive.spool import (
     InflationLimit,
     InvalidUID,
@@ -351,9 +351,7 @@ class StorageSCP:
     def _on_conn_open(self, event: evt.Event) -> None:
         # Nagle + delayed ACK costs ~40 ms per C-STORE response round trip.
         try:
-            sock = event.assoc.dul.socket.socket
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_nodelay(event)
         except (AttributeError, OSError) as exc:  # pragma: no cover - platform specific
             LOG.warning("could not set TCP_NODELAY on accepted socket: %s", exc)
 

@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, RE_VALID_UID
+from pydicom.dataset import Dataset
+from pydicom.uid import RE_VALID_UID
 
+from rtcontrast.node.durable import ensure_file_meta
+from rtcontrast.node.durable import fsync_dir as _fsync_dir
 from rtcontrast.node.store.group import GroupCommit
 
 __all__ = [
@@ -89,15 +91,6 @@ def validate_uid(value: object, what: str) -> str:
         shown = text if len(text) <= 64 else text[:64] + "..."
         raise InvalidUID(f"{what} {shown!r} is not a valid DICOM UID (digits and dots only)")
     return text
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename/creation inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sync_dirs(dirs: Sequence[Path]) -> list[None]:
@@ -383,12 +376,5 @@ def _write_payload(fh: BinaryIO, data: Dataset | bytes | Path) -> None:
         with open(data, "rb") as src:
             shutil.copyfileobj(src, fh, _COPY_CHUNK)
     else:
-        ds = data
-        if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = ds.SOPClassUID
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            ds.file_meta = meta
-        ds.save_as(fh, enforce_file_format=True)
+        ensure_file_meta(data)
+        data.save_as(fh, enforce_file_format=True)
