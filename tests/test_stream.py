@@ -96,7 +96,7 @@ def test_streamed_outputs_equal_the_whole_volume_writers(tmp_path: Path, model: 
         win = window_from_percentiles(u16)
         info = RecipeInfo(key=r.key, te_ms=r.te_ms, tr_ms=r.tr_ms, series_number=r.series_number,
                           series_description=r.series_description)
-        want += derive_contrast_series(volume, u16, info, node, mid, (win.center, win.width), qa_note="QA passed")
+        want += derive_contrast_series(volume, u16, info, node, mid, win, qa_note="QA passed")
     mask = body_mask(volume.pixels, maps.scale)
     nums = env.ctx.protocol.maps.classic_series_numbers
     for q, values in (("T1", maps.t1), ("T2", maps.t2), ("PD", maps.pd / np.float32(maps.scale))):

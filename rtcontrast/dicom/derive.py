@@ -53,6 +53,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
+from rtcontrast.core.render import Window, window_from_percentiles
 from rtcontrast.dicom import uids
 from rtcontrast.dicom.volume import MR_IMAGE_STORAGE, SliceRef, Volume
 from rtcontrast.dicom.text import _ds_number, _model_text, _series_name, _sources_text, fit_ds, provenance_comment  # noqa: F401
@@ -151,14 +152,6 @@ class RecipeInfo:
             raise ValueError(f"series_description longer than 64 characters: {self.series_description!r}")
         if not (self.te_ms > 0 and self.tr_ms > 0):
             raise ValueError(f"TE and TR must be > 0 ms, got TE={self.te_ms} TR={self.tr_ms}")
-
-
-@dataclass(frozen=True)
-class Window:
-    """Default display window (WindowCenter/WindowWidth) of a derived series."""
-
-    center: float
-    width: float
 
 
 class DeriveError(ValueError):
@@ -491,11 +484,8 @@ def _check_pixels(volume: Volume, arr: np.ndarray, what: str) -> np.ndarray:
 
 
 def _percentile_window(values: np.ndarray) -> Window:
-    pos = values[values > 0]
-    if pos.size == 0:
-        return Window(1.0, 2.0)
-    lo, hi = np.percentile(pos, [1.0, 99.0])
-    return Window(float((lo + hi) / 2), float(max(hi - lo, 1.0)))
+    """Maps' window: the 1st..99th percentile of the non-zero values (render's rule, to the 99th)."""
+    return window_from_percentiles(values, 1.0, 99.0)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -507,7 +497,7 @@ def derive_contrast_series(
     recipe: RecipeInfo,
     node: NodeIdentity,
     model: ModelIdentity,
-    window: Window | tuple[float, float] | None = None,
+    window: Window | None = None,
     *,
     now: _dt.datetime | None = None,
     co_sources: Sequence[Volume] = (),
@@ -536,7 +526,7 @@ def contrast_template(
     *, now: _dt.datetime | None = None, co_sources: Sequence[Volume] = (), qa_note: str | None = None,
 ) -> Dataset:
     """What every slice of one contrast series shares; slabs of it: :func:`derive_slab` (streamed jobs)."""
-    win = window if isinstance(window, Window) else Window(*window)
+    win = window
     when = _now(now)
     te, tr = recipe.te_ms, recipe.tr_ms
     description = (

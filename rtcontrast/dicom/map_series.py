@@ -19,7 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from rtcontrast.core.render import percentiles_from_histogram
+from rtcontrast.core.render import window_from_histogram
 from rtcontrast.dicom import uids
 from rtcontrast.dicom.volume import MULTIFRAME_MR, Volume
 from rtcontrast.dicom.derive import (
@@ -62,7 +62,7 @@ def derive_map_images(
     series_number: int,
     node: NodeIdentity,
     model: ModelIdentity,
-    window: Window | tuple[float, float] | None = None,
+    window: Window | None = None,
     *,
     now: _dt.datetime | None = None,
     co_sources: Sequence[Volume] = (),
@@ -96,23 +96,19 @@ def map_slab_u16(values: np.ndarray, quantity: str, mask: np.ndarray | None) -> 
 def map_window(hist: np.ndarray) -> Window:
     """The window :func:`derive_map_images` gives the stored map pixels counted in ``hist``
     (:func:`rtcontrast.core.render.u16_histogram` of every slab): the same numbers, for a streamed series."""
-    p = percentiles_from_histogram(hist, [1.0, 99.0])
-    if p is None:
-        return Window(1.0, 2.0)
-    lo, hi = p
-    return Window(float((lo + hi) / 2), float(max(hi - lo, 1.0)))
+    return window_from_histogram(hist, 1.0, 99.0)
 
 
 def map_template(
     volume: Volume, quantity: str, series_number: int, node: NodeIdentity, model: ModelIdentity,
-    window: Window | tuple[float, float], *, now: _dt.datetime | None = None, co_sources: Sequence[Volume] = (),
+    window: Window, *, now: _dt.datetime | None = None, co_sources: Sequence[Volume] = (),
     masked: bool = True, qa_note: str | None = None,
 ) -> Dataset:
     """What every slice of one classic map series shares (slabs: :func:`rtcontrast.dicom.derive.derive_slab`
     with key ``map-<quantity>``); ``masked``: the pixels are 0 outside the body (said in the description)."""
     if quantity not in MAP_QUANTITIES:
         raise DeriveError(f"quantity must be one of {MAP_QUANTITIES}, got {quantity!r}")
-    win = window if isinstance(window, Window) else Window(*window)
+    win = window
     unit = "ms" if quantity != "PD" else f"x{PD_SCALE:g} relative"
     key = f"map-{quantity}"
     scaling = "pixel value = T in ms" if quantity != "PD" else f"pixel value = round({PD_SCALE:g} * PD), PD relative to the series scale"

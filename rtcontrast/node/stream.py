@@ -40,6 +40,7 @@ from pydicom.dataset import Dataset
 
 from rtcontrast.core.maps import QMaps
 from rtcontrast.core.render import (
+    Window,
     render,
     to_uint16,
     u16_histogram,
@@ -66,8 +67,6 @@ __all__ = ["FIRST_SLAB_VOXELS", "SLAB_VOXELS", "Streamed", "middle_slices", "ser
 #: sender association) stay small against the slab's work.
 SLAB_VOXELS = 1 << 20
 MAP_QUANTITIES = ("T1", "T2", "PD")
-#: A series' display window as (WindowCenter, WindowWidth).
-WindowCW = tuple[float, float]
 
 
 #: Voxels of the first slab (2 slices of 256x256): it is what the time to the first image at
@@ -109,7 +108,7 @@ def classic_slab(maps: QMaps, quantity: str, a: int, b: int, mask: np.ndarray | 
 
 def series_windows(
     maps: QMaps, recipes: list[RecipeInfo], classic: bool, mask: np.ndarray | None, voxels: int | None = None,
-) -> tuple[dict[str, WindowCW], dict[str, WindowCW]]:
+) -> tuple[dict[str, Window], dict[str, Window]]:
     """(center, width) of every recipe's series and of every classic map series, from one slab-wise pass."""
     n, h, w = maps.pd.shape
     hists = {r.key: np.zeros(65536, np.int64) for r in recipes}
@@ -119,8 +118,8 @@ def series_windows(
             hists[r.key] += u16_histogram(render_slab(maps, a, b, r.te_ms, r.tr_ms))
         for q in mhists:
             mhists[q] += u16_histogram(classic_slab(maps, q, a, b, mask))
-    windows = {k: (wd.center, wd.width) for k, wd in ((k, window_from_histogram(hh)) for k, hh in hists.items())}
-    mwin = {q: (wd.center, wd.width) for q, wd in ((q, map_window(hh)) for q, hh in mhists.items())}
+    windows = {k: window_from_histogram(hh) for k, hh in hists.items()}
+    mwin = {q: map_window(hh) for q, hh in mhists.items()}
     return windows, mwin
 
 
@@ -152,8 +151,8 @@ def stream_outputs(
     volume: Volume,
     maps: QMaps,
     recipes: list[tuple[RecipeInfo, list[str]]],
-    windows: dict[str, WindowCW],
-    map_windows: dict[str, WindowCW],
+    windows: dict[str, Window],
+    map_windows: dict[str, Window],
     mask: np.ndarray | None,
     *,
     co_sources: list[Volume],
