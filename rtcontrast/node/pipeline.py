@@ -173,11 +173,60 @@ class _Stop(Exception):
 # ----------------------------------------------------------------------------- stages
 
 
+class SeriesRefused(Exception):
+    """A series cannot be used (as a job's input or as a fusion partner): the state its own job gets, and why."""
+
+    def __init__(self, state: JobState, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+@dataclass
+class CheckedSeries:
+    """A received series that passed every check a job needs: eligible, one volume, TE/TR in the model's range."""
+
+    volume: Volume
+    te: float
+    tr: float
+
+
+def load_checked_series(ctx: PipelineContext, members: list[Any], frame_of_reference: str | None = None) -> CheckedSeries:
+    """Spooled files -> eligibility (with the calling AE) -> [same frame of reference] -> volume -> TE/TR in range.
+
+    One loader for the job's own series and for its fusion partners, so a partner passes
+    exactly the checks a job would.  Raises :class:`SeriesRefused` with the state and reason.
+    """
+    paths = [m.path for m in members]
+    if not paths:
+        raise SeriesRefused(JobState.FAILED, "the job has no instances")
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise SeriesRefused(JobState.FAILED, f"{len(missing)} spooled file(s) missing, e.g. {missing[0]}")
+    header = _first_header(paths)
+    calling_ae = next((m.calling_ae for m in members if m.calling_ae), None)
+    ok, why = check_eligibility(header, ctx.protocol, calling_ae=calling_ae, own=ctx.node)
+    if not ok:
+        raise SeriesRefused(JobState.INELIGIBLE, why)
+    if frame_of_reference is not None and str(header.get("FrameOfReferenceUID", "")) != frame_of_reference:
+        raise SeriesRefused(JobState.INELIGIBLE, "different frame of reference")
+    try:
+        volume = assemble(paths)
+    except VolumeError as exc:
+        raise SeriesRefused(JobState.FAILED, f"volume: {exc}") from exc
+    te, tr = _timing_from(volume, header)
+    bad = check_range(ctx.model, te, tr)
+    if bad:
+        raise SeriesRefused(JobState.INELIGIBLE, bad)
+    assert te is not None and tr is not None
+    return CheckedSeries(volume, te, tr)
+
+
 def _first_header(paths: list[Path]) -> Dataset:
     try:
         return pydicom.dcmread(paths[0], stop_before_pixels=True)
     except Exception as exc:  # the volume stage would fail the same way; say which file
-        raise _Stop(JobState.FAILED, f"{paths[0].name}: unreadable: {type(exc).__name__}: {exc}") from exc
+        raise SeriesRefused(JobState.FAILED, f"{paths[0].name}: unreadable: {type(exc).__name__}: {exc}") from exc
 
 
 def _timing_from(volume: Volume, header: Dataset) -> tuple[float | None, float | None]:
@@ -235,36 +284,19 @@ def _fusion_partners(ctx: PipelineContext, job_id: int, target: Volume) -> tuple
         if abs((datetime.fromisoformat(other.created_at) - t_job).total_seconds()) > rules.window_s:
             record["skipped"][uid] = f"outside the fusion window of {rules.window_s:g} s"
             continue
-        members = ctx.jobs.job_instances(other.id)
-        paths = [m.path for m in members]
-        if not paths or not all(p.is_file() for p in paths):
-            record["skipped"][uid] = "spooled files missing"
-            continue
         try:
-            header = pydicom.dcmread(paths[0], stop_before_pixels=True)
-            ok, why = check_eligibility(header, ctx.protocol,
-                                        calling_ae=next((m.calling_ae for m in members if m.calling_ae), None),
-                                        own=ctx.node)
-            if not ok:
-                record["skipped"][uid] = why
-                continue
-            if str(header.get("FrameOfReferenceUID", "")) != target.frame_of_reference_uid:
-                record["skipped"][uid] = "different frame of reference"
-                continue
-            pv = assemble(paths)
-        except (VolumeError, OSError, pydicom.errors.InvalidDicomError) as exc:
+            checked = load_checked_series(ctx, ctx.jobs.job_instances(other.id), target.frame_of_reference_uid)
+        except SeriesRefused as refused:
+            record["skipped"][uid] = refused.reason
+            continue
+        except OSError as exc:
             record["skipped"][uid] = f"unusable: {exc}"
             continue
-        te, tr = _timing_from(pv, header)
-        bad = check_range(ctx.model, te, tr)
-        if bad:
-            record["skipped"][uid] = bad
-            continue
-        aligned, why = align(target, pv, rules.allow_resample)
+        aligned, why = align(target, checked.volume, rules.allow_resample)
         if aligned is None:
             record["skipped"][uid] = why
             continue
-        assert te is not None and tr is not None
+        te, tr = checked.te, checked.tr
         used.append((aligned, te, tr))
         record["partners"].append(uid)
         if aligned.resampled:
@@ -358,27 +390,11 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         # -- assemble (incl. eligibility on the first header: cheap, before decoding pixels)
         t0 = t_job = time.perf_counter()
         jobs.set_state(job_id, JobState.ASSEMBLING, None, **ident)
-        members = jobs.job_instances(job_id)
-        if not members:
-            raise _Stop(JobState.FAILED, "the job has no instances")
-        paths = [m.path for m in members]
-        missing = [p.name for p in paths if not p.is_file()]
-        if missing:
-            raise _Stop(JobState.FAILED, f"{len(missing)} spooled file(s) missing, e.g. {missing[0]}")
-        header = _first_header(paths)
-        calling_ae = next((m.calling_ae for m in members if m.calling_ae), None)
-        ok, why = check_eligibility(header, protocol, calling_ae=calling_ae, own=ctx.node)
-        if not ok:
-            raise _Stop(JobState.INELIGIBLE, why)
         try:
-            volume = assemble(paths)
-        except VolumeError as exc:
-            raise _Stop(JobState.FAILED, f"volume: {exc}") from exc
-        te, tr = _timing_from(volume, header)
-        out_of_range = check_range(model, te, tr)
-        if out_of_range:
-            raise _Stop(JobState.INELIGIBLE, out_of_range)
-        assert te is not None and tr is not None
+            checked = load_checked_series(ctx, jobs.job_instances(job_id))
+        except SeriesRefused as refused:
+            raise _Stop(refused.state, refused.reason) from refused
+        volume, te, tr = checked.volume, checked.te, checked.tr
         qa["slices"] = int(volume.pixels.shape[0])
         qa["matrix"] = [int(volume.pixels.shape[1]), int(volume.pixels.shape[2])]
         timings["assemble"] = time.perf_counter() - t0
