@@ -179,9 +179,9 @@ def discard_held(jobs: JobStore, job_id: int, *, user: str, note: str | None, vi
     return DiscardResult(job=done, files=n + dn, bytes=size + dsize)
 
 
-def held_jobs(conn: sqlite3.Connection) -> list[int]:
-    """Ids of every held job, oldest first (the job store lists by recency only)."""
-    return [int(r[0]) for r in conn.execute("SELECT id FROM jobs WHERE state='held' ORDER BY id")]
+def held_jobs(jobs: JobStore) -> list[int]:
+    """Ids of the jobs waiting for a reviewer, oldest first (the job store's read model)."""
+    return [j.id for j in jobs.jobs_in_states({JobState.HELD}, limit=-1)]
 
 
 def _parse(ts: str) -> datetime:
@@ -193,7 +193,7 @@ def expired_holds(jobs: JobStore, days: float, now: datetime | None = None) -> l
     """Held jobs held longer than ``days`` (since they became held: their last update)."""
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(days=days)
-    ids = held_jobs(jobs.conn)
+    ids = held_jobs(jobs)
     out = []
     for jid in ids:
         job = jobs.job(jid)

@@ -66,11 +66,9 @@ def preview_path(config: NodeConfig, job_id: int) -> Path:
     return config.var_dir / "jobs" / str(int(job_id)) / "preview.png"
 
 
-def _header(conn: sqlite3.Connection, job_id: int) -> tuple[dict[str, str], int]:
+def _header(store: JobStore, job_id: int) -> tuple[dict[str, str], int]:
     """(patient/series fields of the first readable received file, how many files are still there)."""
-    paths = [Path(r[0]) for r in conn.execute(
-        """SELECT i.path FROM job_instances ji JOIN instances i USING (sop_instance_uid)
-           WHERE ji.job_id=? ORDER BY i.sop_instance_uid""", (job_id,))]
+    paths = [m.path for m in store.job_instances(job_id)]
     present = [p for p in paths if p.is_file()]
     for p in present[:3]:
         try:
@@ -114,7 +112,7 @@ def _label(job: Job, decision: dict[str, Any] | None) -> str:
 def _row(conn: sqlite3.Connection, store: JobStore, job: Job) -> JobRow:
     decision = _decision(store, job.id)
     verdict, violations = _verdict(job.qa)
-    patient, _ = _header(conn, job.id)
+    patient, _ = _header(store, job.id)
     return JobRow(id=job.id, state=job.state, label=_label(job, decision), reason=job.reason,
                   created_at=job.created_at, updated_at=job.updated_at, series_uid=job.series_uid,
                   verdict=verdict, violations=violations, patient=patient)
@@ -125,7 +123,7 @@ def list_jobs(config: NodeConfig) -> tuple[list[JobRow], list[JobRow]]:
     conn = db.connect(config.db_file)
     try:
         store = JobStore(conn)
-        held = [j for j in (store.job(i) for i in held_jobs(conn)) if j is not None]
+        held = [j for j in (store.job(i) for i in held_jobs(store)) if j is not None]
         held_ids = {j.id for j in held}
         recent = [j for j in store.recent_jobs(config.review.recent_jobs) if j.id not in held_ids]
         return [_row(conn, store, j) for j in held], [_row(conn, store, j) for j in recent]
@@ -166,7 +164,7 @@ def job_page(config: NodeConfig, job_id: int) -> JobPage | None:
         job = store.job(job_id)
         assert job is not None
         row = _row(conn, store, job)
-        _, present = _header(conn, job_id)
+        _, present = _header(store, job_id)
         decision = _decision(store, job_id)
     finally:
         conn.close()
