@@ -22,6 +22,7 @@ anatomy, beside the constant-maps floor, with uncertainty calibration) unless
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,12 +246,31 @@ def save_figure(path: str | Path, name: str, case: Case, pred: QMaps) -> None:
     plt.close(fig)
 
 
+def not_an_onnx_model(path: Path) -> str | None:
+    """Why ``path`` is no ONNX model this evaluation can run (None when it is one).
+
+    A training checkpoint (``.pt``) is the usual mistake: it must be exported first, which
+    is also what checks it against the contract.
+    """
+    if not path.is_file():
+        return f"{path}: no such file"
+    if path.suffix in (".pt", ".pth", ".ckpt"):
+        return f"{path} is a training checkpoint, not an ONNX model: export it first (python export_onnx.py {path} --out M.onnx)"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if path.suffix != ".onnx" or not head or head[:1] != b"\x08":  # an ONNX ModelProto starts with ir_version (field 1)
+        return f"{path} is not an ONNX model (.onnx)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rtcontrast.research.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--subjects", type=int, default=6)
     ap.add_argument("--slices", type=int, default=4)
-    ap.add_argument("--figure", default=None, help="PNG path (default: next to the model, NAME.eval.png)")
+    ap.add_argument("--figure", default=None, help="PNG path (default: OUT_DIR/NAME.eval.png)")
+    ap.add_argument("--out-dir", default="var/evaluate", type=Path,
+                    help="folder for figures (default var/evaluate; the shipped models/NAME.eval.png is the export's)")
     ap.add_argument("--json", default=None, help="write the report as JSON here")
     ap.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--fusion", action="store_true", help="also the qmap/2 fusion table on the pelvis family (rtcontrast.research.evaluate_fusion)")
@@ -258,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="in-domain vs unseen-anatomy tables with the constant-maps floor and calibration "
                          "(rtcontrast.research.evaluate_se); auto = yes for qmap/1 and qmap/3 models")
     a = ap.parse_args(argv)
-    fig = a.figure or str(Path(a.model).with_suffix(".eval.png"))
+    problem = not_an_onnx_model(Path(a.model))
+    if problem:
+        print(f"evaluate: {problem}", file=sys.stderr)
+        return 2
+    if a.figure is None:
+        a.out_dir.mkdir(parents=True, exist_ok=True)
+    fig = a.figure or str(a.out_dir / (Path(a.model).stem + ".eval.png"))
     report = evaluate(a.model, a.subjects, a.slices, fig, a.provider)
     print(format_table(report))
     if a.generalisation == "yes" or (a.generalisation == "auto" and report.get("contract", "qmap/1") != "qmap/2"):
