@@ -121,3 +121,82 @@ def _calibrate(net: nn.Module, bns: list[nn.BatchNorm2d], fused_bias: dict[nn.Ba
         for bn, m in momenta.items():
             bn.momentum = m
         net.train(was_training)
+
+
+def calibration_batch(n: int = 16, size: int = 128, seed: int = 4242, percentile: float = 99.0,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phantom slices at the seed contrasts, normalised like the contract's input (series scale)."""
+    from rtcontrast.core.contract import series_scale
+    from rtcontrast.core.physics import SEED_CONTRASTS
+    from rtcontrast.research import phantom
+
+    rng = np.random.default_rng(seed)
+    imgs, tts = [], []
+    for k in range(n):
+        te, tr = SEED_CONTRASTS[k % len(SEED_CONTRASTS)]
+        maps = phantom.random_slice(seed + k, (size, size))
+        img = phantom.acquire(maps, te, tr, rng).image.astype(np.float32)
+        imgs.append(img / np.float32(series_scale(img, percentile)))
+        tts.append((te, tr))
+    return torch.from_numpy(np.stack(imgs)[:, None]), torch.tensor(tts, dtype=torch.float32)
+
+
+def weights_from_onnx(onnx_path: str | Path, out: str | Path) -> dict[str, object]:
+    """Rebuild a shipped ``qmap/1`` model's torch weights from its ONNX file and card, save them weights-only.
+
+    So ``--init models/NAME.pt`` fine-tunes from a fresh clone although the training
+    checkpoint is not in the repository.  Returns what goes into the card's ``weights``
+    entry: file, sha256 and the parity of the rebuilt network against the ONNX model on
+    other phantom slices (99.9th percentile of the relative difference of T1/T2).
+    """
+    import hashlib
+    import json
+
+    import onnxruntime as ort
+
+    from rtcontrast.research.model import ModelConfig, QMapNet
+
+    onnx_path, out = Path(onnx_path), Path(out)
+    card = json.loads(onnx_path.with_suffix(".json").read_text())
+    if card.get("contract", "qmap/1") != "qmap/1":
+        raise ValueError(f"{onnx_path}: only qmap/1 models are rebuilt here (card says {card.get('contract')})")
+    cfg = ModelConfig(**card["architecture"]["model_config"])
+    net = QMapNet(cfg)
+    load_from_onnx(net, onnx_path, calibration_batch())
+    net.eval()
+    img, tt = calibration_batch(n=10, seed=9090)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": img.numpy(), "te_tr": tt.numpy()})))
+    with torch.no_grad():
+        got = dict(zip(("pd", "t1", "t2", "te_tr_pred"), (t.numpy() for t in net(img, tt))))
+    rel = max(float(np.percentile(np.abs(got[k] - ref[k]) / (np.abs(ref[k]) + 1.0), 99.9)) for k in ("t1", "t2"))
+    torch.save({"model": net.state_dict(), "model_config": cfg.to_dict(), "contract": "qmap/1", "max_inputs": 1,
+                "fusion_options": {}, "rebuilt_from": onnx_path.name}, out)
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    return {"file": out.name, "sha256": sha, "rebuilt_from_onnx": True, "parity_rel_p999_t1_t2": rel,
+            "note": "weights-only (torch.load(weights_only=True)), rebuilt from the ONNX file by "
+                    "rtcontrast.research.warmstart (BatchNorms re-derived on phantom slices); fine-tune with "
+                    f"python -m rtcontrast.research.train --config ... --init models/{out.name}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rtcontrast.research.warmstart MODEL.onnx [--card]``: write MODEL.pt beside it."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m rtcontrast.research.warmstart", description=main.__doc__)
+    ap.add_argument("onnx", type=Path)
+    ap.add_argument("--card", action="store_true", help="record the weights (file, sha256, parity) in MODEL.json")
+    a = ap.parse_args(argv)
+    info = weights_from_onnx(a.onnx, a.onnx.with_suffix(".pt"))
+    print(json.dumps(info, indent=2))
+    if a.card:
+        cp = a.onnx.with_suffix(".json")
+        card = json.loads(cp.read_text())
+        card["weights"] = info
+        cp.write_text(json.dumps(card, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
