@@ -116,12 +116,15 @@ _SHIPPED_PROTOCOL = Path("config/protocol.yaml")
 
 
 
-def _load(config_path: Path | None, protocol_path: Path | None) -> tuple[NodeConfig, ProtocolConfig]:
+def _load_both(config_path: Path | None, protocol_path: Path | None,
+               ) -> tuple[NodeConfig | None, ProtocolConfig | None, list[str]]:
+    """Both files, each loaded even when the other is wrong, so every error is reported at once."""
     from rtcontrast.settings.node import load_node_config
     from rtcontrast.settings.protocol import load_protocol
 
     errors: list[str] = []
-    config = protocol = None
+    config: NodeConfig | None = None
+    protocol: ProtocolConfig | None = None
     try:
         config = load_node_config(config_path)
     except ConfigError as exc:
@@ -130,6 +133,11 @@ def _load(config_path: Path | None, protocol_path: Path | None) -> tuple[NodeCon
         protocol = load_protocol(protocol_path)
     except ConfigError as exc:
         errors.extend(exc.errors)
+    return config, protocol, errors
+
+
+def _load(config_path: Path | None, protocol_path: Path | None) -> tuple[NodeConfig, ProtocolConfig]:
+    config, protocol, errors = _load_both(config_path, protocol_path)
     if errors:
         raise ConfigError(errors)
     assert config is not None and protocol is not None
@@ -197,20 +205,7 @@ def check_config(config_path: Path | None, protocol_path: Path | None) -> tuple[
     defaults.  Every check that can run does, so one run lists every problem: a bad
     ``model_path`` or an unwritable ``var_dir`` is reported beside the YAML errors.
     """
-    from rtcontrast.settings.node import load_node_config
-    from rtcontrast.settings.protocol import load_protocol
-
-    errors: list[str] = []
-    config: NodeConfig | None = None
-    protocol: ProtocolConfig | None = None
-    try:
-        config = load_node_config(config_path)
-    except ConfigError as exc:
-        errors.extend(exc.errors)
-    try:
-        protocol = load_protocol(protocol_path)
-    except ConfigError as exc:
-        errors.extend(exc.errors)
+    config, protocol, errors = _load_both(config_path, protocol_path)
     var_dir = config.var_dir if config is not None else _raw_setting(config_path, "var_dir", "./var")
     if isinstance(var_dir, (str, Path)):
         problem = _writable_dir_problem(Path(var_dir))
