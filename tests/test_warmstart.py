@@ -53,7 +53,7 @@ def test_same_architecture_reproduces_the_onnx_model(source: tuple[Path, QMapNet
     img, tt = _batch()
     net = QMapNet(ModelConfig(widths=[8, 16, 16], id_hidden=8))
     info = load_from_onnx(net, path, (img, tt))
-    assert info == {"convolutions": 11, "widened": 0, "linear_tensors": 4, "batchnorms": 10}
+    assert info == {"convolutions": 11, "matched_by": "scope name", "widened": 0, "linear_tensors": 4, "batchnorms": 10}
     ref = QMapModel(path, provider="cpu").run_normalised(img.numpy(), tt.numpy())
     for mode in ("eval", "train"):  # train mode (batch statistics) too: that is where fine-tuning starts
         getattr(net, mode)()

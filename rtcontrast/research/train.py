@@ -193,7 +193,7 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
         dd.barrier()
         if not dd.main:
             bank = training_bank(cfg)
-    if cfg.init_onnx and not resume:
+    if cfg.init_onnx and not resume and init_ck is None:  # --init wins over the config's ONNX warm start
         from rtcontrast.research.warmstart import load_from_onnx
 
         calib = batch_to_torch(make_batch(bank, np.random.default_rng(cfg.seed + 99).integers(0, len(bank), 16),

@@ -179,4 +179,7 @@ def load_init(cfg: TrainConfig, path: str) -> dict[str, Any]:
     opts = ck.get("fusion_options", {})
     cfg.fusion_gated = bool(opts.get("gated", False))
     cfg.fusion_log_input = bool(opts.get("log_input", False))
+    if cfg.contract == "qmap/2" and ck.get("max_inputs") and int(ck["max_inputs"]) != cfg.max_inputs:
+        log.info("fine-tuning: max_inputs %s from %s replaces the config's %d", ck["max_inputs"], p, cfg.max_inputs)
+        cfg.max_inputs = int(ck["max_inputs"])
     return ck
