@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rtcontrast.core.maps import QMaps
-from rtcontrast.node.qa import compute_qa, qa_action, qa_violations, uncertainty_violations
+from rtcontrast.node.qa import compute_qa, qa_action, qa_violations, uncertainty_limit, uncertainty_violations
 from rtcontrast.settings.protocol import ProtocolConfig
 
 
@@ -35,7 +35,7 @@ def maps_with_sd(t1_rel: float, t2_rel: float, pd_rel: float, with_sd: bool = Tr
 
 
 def test_confident_maps_pass_and_uncertain_maps_are_held_by_default() -> None:
-    proto = ProtocolConfig()  # action warn, uncertainty_action hold, limits 35 %
+    proto = ProtocolConfig()  # action warn, uncertainty_action hold, limits unset: 35 % for a model without its own
     good, px = maps_with_sd(0.10, 0.12, 0.08)
     qa = compute_qa(good, px, 90.0, 4000.0)
     assert qa["uncertainty"]["t1_rel_sd"] == pytest.approx(0.10, abs=1e-3)
@@ -45,7 +45,7 @@ def test_confident_maps_pass_and_uncertain_maps_are_held_by_default() -> None:
     bad, px = maps_with_sd(0.62, 0.20, 0.08)  # T1 a guess: ±62 %
     qa = compute_qa(bad, px, 90.0, 4000.0)
     unc = uncertainty_violations(qa, proto)
-    assert len(unc) == 1 and "median T1 ±62 % in the body; limit 35 %" in unc[0]
+    assert len(unc) == 1 and "median T1 ±62 % in the body; limit 35 %" in unc[0], unc
     violations = qa_violations(qa, proto)
     assert unc[0] in violations
     assert qa_action(violations, unc, proto) == "hold"  # stricter than the protocol's "warn"
@@ -74,7 +74,24 @@ def test_models_without_uncertainty_are_not_judged_by_it() -> None:
 def test_new_qa_keys_at_their_defaults_keep_the_protocol_hash() -> None:
     """Sites' audit records name a protocol by its hash: adding these keys must not change it."""
     base = ProtocolConfig()
-    same = ProtocolConfig.model_validate({"qa": {"uncertainty_action": "hold", "max_t1_uncertainty": 0.35}})
+    same = ProtocolConfig.model_validate({"qa": {"uncertainty_action": "hold", "max_t1_uncertainty": None}})
     other = ProtocolConfig.model_validate({"qa": {"uncertainty_action": "warn"}})
     assert same.content_hash == base.content_hash
     assert other.content_hash != base.content_hash
+
+
+def test_the_models_calibrated_limits_apply_unless_the_protocol_sets_its_own() -> None:
+    """qmap-se's sd has its own scale: a series at ±62 % T1 is in-domain for a model calibrated to ±78 %."""
+    maps, px = maps_with_sd(0.62, 0.50, 0.20)
+    qa = compute_qa(maps, px, 90.0, 4000.0)
+    default = ProtocolConfig()
+    assert len(uncertainty_violations(qa, default)) == 2  # no model limits recorded: 35 %
+    qa["uncertainty_limits"] = {"t1_rel_sd": 0.78, "t2_rel_sd": 0.9, "pd_rel_sd": 0.33}
+    assert uncertainty_violations(qa, default) == []
+    assert uncertainty_limit(qa, default, "t1_rel_sd") == (0.78, "model")
+    tighter = {**qa["uncertainty_limits"], "t2_rel_sd": 0.45}
+    unc = uncertainty_violations({**qa, "uncertainty_limits": tighter}, default)
+    assert len(unc) == 1 and "median T2 ±50 % in the body; the model's calibrated limit 45 %" in unc[0], unc
+    site = ProtocolConfig.model_validate({"qa": {"max_t1_uncertainty": 0.5}})
+    unc = uncertainty_violations(qa, site)
+    assert len(unc) == 1 and "median T1 ±62 % in the body; the protocol's limit 50 %" in unc[0], unc

@@ -17,7 +17,10 @@ H and W must be multiples of ``spatial_multiple`` (the caller pads); N is free.
             t1_log_sd   float32 [N,1,H,W]  predicted sd of ln T1 (~ relative sd of T1)
             t2_log_sd   float32 [N,1,H,W]  predicted sd of ln T2
             pd_sd       float32 [N,1,H,W]  predicted sd of PD, in the units of ``pd``
-    Metadata as ``qmap/1``; ``field_strengths_t`` (trained fields, all > 0) is checked.
+    Metadata as ``qmap/1``; ``field_strengths_t`` (trained fields, all > 0) is checked.  Optional
+    ``rtcontrast.qa_limits`` (JSON, e.g. ``{"t1_rel_sd": 0.9, "t2_rel_sd": 1.1, "pd_rel_sd": 0.4}``):
+    the model's own limits for the median relative sd over the body, calibrated on in-domain
+    series; the node's QA uses them unless the protocol sets its own.
 
 ``qmap/2`` (fusion of K co-registered spin-echo series of one frame of reference):
     image    float32 [N,K,H,W]  each present input divided by its own series scale; absent slots zero
@@ -31,7 +34,8 @@ This module is numpy-only so that the node (onnxruntime) and the exporter (torch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -76,6 +80,10 @@ class ModelInfo:
     field_strengths_t: tuple[float, ...]
     contract: str = CONTRACT
     max_inputs: int = 1
+    #: the model's calibrated uncertainty QA limits (metadata ``rtcontrast.qa_limits``, optional):
+    #: ``t1_rel_sd``/``t2_rel_sd``/``pd_rel_sd`` as fractions, set on in-domain series the model was
+    #: neither trained nor evaluated on (rtcontrast.research.qa_calibration); empty when absent
+    qa_limits: dict[str, float] = field(default_factory=dict, hash=False)
 
     @property
     def fusion(self) -> bool:
@@ -136,6 +144,7 @@ def parse_metadata(meta: dict[str, str]) -> ModelInfo:
     if mult < 1:
         raise ContractError(f"spatial_multiple must be >= 1, got {mult}")
     return ModelInfo(
+        qa_limits=_qa_limits(meta.get(QA_LIMITS_KEY)),
         name=meta["name"],
         version=meta["version"],
         input_percentile=pct,
@@ -146,6 +155,28 @@ def parse_metadata(meta: dict[str, str]) -> ModelInfo:
         contract=contract,
         max_inputs=max_inputs,
     )
+
+
+#: Metadata key of a model's calibrated uncertainty QA limits (JSON object of fractions).
+QA_LIMITS_KEY = "rtcontrast.qa_limits"
+#: The limits a model may calibrate.
+QA_LIMIT_NAMES = ("t1_rel_sd", "t2_rel_sd", "pd_rel_sd")
+
+
+def _qa_limits(text: str | None) -> dict[str, float]:
+    """Parse ``rtcontrast.qa_limits``: e.g. ``{"t1_rel_sd": 0.42, "t2_rel_sd": 0.5, "pd_rel_sd": 0.3}``."""
+    if text is None:
+        return {}
+    try:
+        raw = json.loads(text)
+        out = {str(k): float(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ContractError(f"metadata {QA_LIMITS_KEY!r} must be a JSON object of numbers, got {text!r}") from exc
+    bad = [k for k, v in out.items() if k not in QA_LIMIT_NAMES or not (0 < v < 100)]
+    if bad:
+        raise ContractError(f"metadata {QA_LIMITS_KEY!r}: unknown key or value outside (0, 100) for {', '.join(bad)} "
+                            f"(keys: {', '.join(QA_LIMIT_NAMES)})")
+    return out
 
 
 def series_scale(values: np.ndarray, percentile: float) -> float:

@@ -67,6 +67,19 @@ class QAResult:
     skipped: list[str] = field(default_factory=list)
 
 
+#: Voxels above this fraction of the series scale are the body for the node's QA figures.
+BODY_FRACTION = 0.05
+
+
+def node_body_mask(pixels: np.ndarray, scale: float, fraction: float = BODY_FRACTION) -> np.ndarray:
+    """The body as the node's QA sees it: input voxels above ``fraction`` of the series scale.
+
+    One rule for the node (rtcontrast.node.qa) and for the calibration of a model's QA limits
+    (rtcontrast.research.qa_calibration), so a limit means the same figure in both.
+    """
+    return np.asarray(pixels) > fraction * scale
+
+
 def judged_voxels(pd: np.ndarray, body_mask: np.ndarray, signal_fraction: float) -> np.ndarray:
     """Body voxels with enough PD to carry T1/T2 information."""
     body = np.asarray(body_mask, bool)

@@ -434,6 +434,8 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
                 qa["fusion"] = {"partners": [], "note": f"model contract {model.info.contract}: single input"}
             maps = model.predict(volume.pixels, te, tr, field_t=field_strength_t(volume))
         qa.update(compute_qa(maps, volume.pixels, te, tr))
+        if "uncertainty" in qa and model.info.qa_limits:  # the model's calibrated limits (metadata), for QA
+            qa["uncertainty_limits"] = dict(model.info.qa_limits)
         violations = qa_violations(qa, protocol)
         qa["violations"] = violations
         qa["action"] = qa_action(violations, uncertainty_violations(qa, protocol), protocol)

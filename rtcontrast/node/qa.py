@@ -17,7 +17,7 @@ from rtcontrast.core.uncertainty_qa import series_qa
 from rtcontrast.core.render import (
     self_nrmse,
 )
-from rtcontrast.settings.protocol import ProtocolConfig
+from rtcontrast.settings.protocol import DEFAULT_UNCERTAINTY_LIMIT, ProtocolConfig
 
 if TYPE_CHECKING:
     from rtcontrast.node.store.jobs import JobStore
@@ -81,16 +81,34 @@ def uncertainty_figures(maps: QMaps, body: np.ndarray) -> dict[str, float]:
     return {k: round(v, 4) for k, v in res.values.items()}
 
 
+def uncertainty_limit(qa: dict[str, Any], protocol: ProtocolConfig, key: str) -> tuple[float, str]:
+    """(limit, whose) for one uncertainty figure (``t1_rel_sd``, ``t2_rel_sd``, ``pd_rel_sd``).
+
+    The protocol's number when it sets one; else the model's calibrated limit, recorded in
+    ``qa["uncertainty_limits"]`` from its metadata (a model's sd has its own scale: a fixed
+    35 % held every in-domain series of qmap-se 1.0.0); else the protocol module's default.
+    """
+    own = getattr(protocol.qa, f"max_{key[:2]}_uncertainty")
+    if own is not None:
+        return float(own), "protocol"
+    model = (qa.get("uncertainty_limits") or {}).get(key)
+    if model is not None:
+        return float(model), "model"
+    return DEFAULT_UNCERTAINTY_LIMIT, "default"
+
+
 def uncertainty_violations(qa: dict[str, Any], protocol: ProtocolConfig) -> list[str]:
-    """Sentences for the uncertainty figures over their protocol limits (none for a model without them)."""
+    """Sentences for the uncertainty figures over their limits (none for a model without them)."""
     figures = qa.get("uncertainty") or {}
-    t = protocol.qa
     out = []
-    for key, limit, what in (("t1_rel_sd", t.max_t1_uncertainty, "T1"), ("t2_rel_sd", t.max_t2_uncertainty, "T2"),
-                             ("pd_rel_sd", t.max_pd_uncertainty, "PD")):
+    for key, what in (("t1_rel_sd", "T1"), ("t2_rel_sd", "T2"), ("pd_rel_sd", "PD")):
         v = figures.get(key)
-        if v is not None and v > limit:
-            out.append(f"model uncertain: median {what} ±{percent(v)} % in the body; limit {percent(limit)} % "
+        if v is None:
+            continue
+        limit, whose = uncertainty_limit(qa, protocol, key)
+        if v > limit:
+            source = {"model": "the model's calibrated limit", "protocol": "the protocol's limit"}.get(whose, "limit")
+            out.append(f"model uncertain: median {what} ±{percent(v)} % in the body; {source} {percent(limit)} % "
                        "(the maps rest on the model's prior, not on this image: an anatomy or sequence it was not "
                        "trained on?)")
     return out

@@ -242,16 +242,22 @@ class QA(StrictModel):
     fusion_require_reference_tissue: bool = Field(
         True, description="with 2-3 contrasts and gains not known from DICOM, fat or free fluid must be recognised")
     # One series through a model with uncertainty outputs (qmap/3): the model's own sd, median over the body.
-    max_t1_uncertainty: float = Field(
-        0.35, gt=0, description="median relative sd of T1 over the body (0.35 = ±35 %); above it the T1 map "
-                                "rests on the model's prior rather than on this image")
-    max_t2_uncertainty: float = Field(0.35, gt=0, description="likewise for T2")
-    max_pd_uncertainty: float = Field(0.35, gt=0, description="likewise for PD")
+    # Unset (the default): the model's own calibrated limit (ONNX metadata rtcontrast.qa_limits, set on in-domain
+    # series it was neither trained nor evaluated on), else DEFAULT_UNCERTAINTY_LIMIT.  A number overrides both.
+    max_t1_uncertainty: float | None = Field(
+        None, gt=0, description="median relative sd of T1 over the body (0.35 = ±35 %); above it the T1 map "
+                                "rests on the model's prior rather than on this image; unset: the model's "
+                                "calibrated limit")
+    max_t2_uncertainty: float | None = Field(None, gt=0, description="likewise for T2")
+    max_pd_uncertainty: float | None = Field(None, gt=0, description="likewise for PD")
     uncertainty_action: Literal["send", "warn", "hold"] = Field(
         "hold", description="what an uncertainty finding does, whatever ``action`` says: a series the model "
                             "cannot read (another anatomy, an unusual sequence) is held for a physicist by default")
     action: Literal["send", "warn", "hold"] = "warn"
 
+
+#: Uncertainty limit when neither the protocol nor the model sets one (fraction: 0.35 = ±35 %).
+DEFAULT_UNCERTAINTY_LIMIT = 0.35
 
 #: QA keys added after protocols were first hashed: at their defaults they leave the audit hash as it was.
 _LATER_QA_KEYS = ("fusion_", "max_t1_uncertainty", "max_t2_uncertainty", "max_pd_uncertainty", "uncertainty_action")
