@@ -209,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: ONNX model {out} disagrees with torch beyond tolerance; not writing a card", file=sys.stderr)
         out.unlink()
         return 2
+    qa_cal = None
+    if se and a.eval_subjects:  # the model's own uncertainty QA limits, before anything reads its metadata
+        from rtcontrast.core.contract import QA_LIMITS_KEY
+        from rtcontrast.research.qa_calibration import calibrate_into
+
+        qa_cal = calibrate_into(out, n_subjects=a.eval_subjects)
+        meta[QA_LIMITS_KEY] = json.dumps(qa_cal["limits"], sort_keys=True)
+        print(f"QA limits (in-domain calibration): {meta[QA_LIMITS_KEY]}")
     qm = QMapModel(out, provider="cpu")
     card = {
         "contract": meta["rtcontrast.contract"],
@@ -235,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                           "1.5 T and 3 T; bias field, gain, Rician noise, resolution and anatomy randomised."},
         "parity": par,
     }
+    if qa_cal is not None:
+        card["qa_calibration"] = qa_cal
     if a.limitations:
         card["limitations"] = a.limitations
     if ck.get("real_data"):  # fine-tuned on a researcher's own series (counts and contrasts only, no identities)

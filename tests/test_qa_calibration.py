@@ -52,3 +52,17 @@ def test_limits_written_to_the_model_reach_the_node_and_the_card(tmp_path: Path)
     card = json.loads(onnx_path.with_suffix(".json").read_text())
     assert card["sha256"] == sha == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     assert card["qa_calibration"]["limits"] == lim and len(card["qa_calibration"]["figures"]) == 5
+
+
+def test_generalisation_judges_series_with_the_models_limits_as_the_node_does(tmp_path: Path) -> None:
+    """The card's QA rows use the model's own limits (from its metadata), as the node does: limits no series can
+    meet hold every series of both splits, and the rows say which limits they used."""
+    from rtcontrast.research.evaluate_se import generalisation
+
+    onnx_path = tmp_path / "qmap-se.onnx"
+    shutil.copy(SE, onnx_path)
+    qa_calibration.write_metadata(onnx_path, {"t1_rel_sd": 0.01, "t2_rel_sd": 0.01, "pd_rel_sd": 0.01})
+    tight = generalisation(onnx_path, n_subjects=1, n_slices=1)
+    for split in tight["splits"].values():
+        assert split["summary"]["qa_held"] == "5/5" and split["summary"]["qa_passed"] == "0/5"
+        assert all(r["qa_limits"]["t1_rel_sd"] == 0.01 for r in split["inputs"].values())

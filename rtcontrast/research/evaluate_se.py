@@ -13,8 +13,11 @@ Per split and input contrast (the seed's five): cross-contrast SSIM/PSNR of the 
 other contrasts rendered from the maps (masked to the body), per-tissue median |error| %
 of T1 and T2, TE/TR identification error, and - for models with uncertainty outputs -
 calibration: coverage of the 90 % intervals (ln map ± 1.645 sd) and the Spearman rank
-correlation between predicted sd and |error| of ln T1 / ln T2, plus the share of series
-that :func:`rtcontrast.core.uncertainty_qa.series_qa` flags.
+correlation between predicted sd and |error| of ln T1 / ln T2, plus QA as the node
+applies it (:func:`rtcontrast.core.uncertainty_qa.series_qa` on the node's body mask with the
+model's calibrated uncertainty limits and the protocol's default identification limits):
+series *held* (uncertainty over the model's limit: the node's default ``uncertainty_action``
+is hold), *flagged* (TE/TR identified beyond the limit: sent under a warning) and *passed*.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ from rtcontrast.research.eval_phantoms import brain
 from rtcontrast.research.evaluate import _metrics, held_out_cases
 from rtcontrast.core.physics import SEED_CONTRAST_NAMES, SEED_CONTRASTS, signal, weighting
 from rtcontrast.core.inference import QMapModel, QMaps
-from rtcontrast.core.uncertainty_qa import series_qa
+from rtcontrast.core.uncertainty_qa import Thresholds, node_body_mask, series_qa
+
+#: The protocol's default identification limits (``qa.max_te_error_frac`` / ``max_tr_error_frac``).
+NODE_ID_LIMIT = 0.6
+#: Figures judged against the model's uncertainty limits.
+UNCERTAINTY_KEYS = ("t1_rel_sd", "t2_rel_sd", "pd_rel_sd")
 
 #: The constant-maps floor.
 FLOOR_T1_MS, FLOOR_T2_MS = 1000.0, 80.0
@@ -161,7 +169,10 @@ def generalisation(model_path: str | Path, n_subjects: int = 6, n_slices: int = 
             preds = [model.predict(c.image, te, tr, field_t=c.field_t) for c in cases]
             floors = [floor_maps(c) for c in cases]
             idp = np.concatenate([p.te_tr_pred for p in preds])
-            qa = [series_qa(p, c.labels > 0, te, tr) for p, c in zip(preds, cases)]
+            th = Thresholds(te_id_rel_err=NODE_ID_LIMIT, tr_id_rel_err=NODE_ID_LIMIT, **model.info.qa_limits)
+            qa = [series_qa(p, node_body_mask(c.image, p.scale), te, tr, th) for p, c in zip(preds, cases)]
+            held = [any(q.values.get(k, 0.0) > getattr(th, k) for k in UNCERTAINTY_KEYS) for q in qa]
+            flagged = [not q.passed and not h for q, h in zip(qa, held)]
             rows[name] = {
                 "network": {"tissues": _tissue(preds, cases, tissues), "cross": _cross(preds, cases, name)},
                 "floor": {"tissues": _tissue(floors, cases, tissues), "cross": _cross(floors, cases, name)},
@@ -169,6 +180,8 @@ def generalisation(model_path: str | Path, n_subjects: int = 6, n_slices: int = 
                 "tr_id_err_pct": float(np.median(np.abs(idp[:, 1] / tr - 1)) * 100),
                 "calibration": _calibration(preds, cases, bone, rng),
                 "qa_flagged": int(sum(not q.passed for q in qa)), "qa_series": len(qa),
+                "qa_held": int(sum(held)), "qa_flagged_identification": int(sum(flagged)),
+                "qa_limits": dict(model.info.qa_limits),
                 "qa_example_reasons": next((q.reasons for q in qa if q.reasons), []),
             }
         rows_summary = summarise_split(rows)
@@ -202,7 +215,10 @@ def summarise_split(rows: dict) -> dict:
     if cal:
         for k in cal[0]:
             s[f"mean_{k}"] = float(np.mean([c[k] for c in cal]))
-    s["qa_flagged"] = f"{sum(r['qa_flagged'] for r in rows.values())}/{sum(r['qa_series'] for r in rows.values())}"
+    n = sum(r["qa_series"] for r in rows.values())
+    s["qa_flagged"] = f"{sum(r['qa_flagged'] for r in rows.values())}/{n}"
+    s["qa_held"] = f"{sum(r.get('qa_held', 0) for r in rows.values())}/{n}"
+    s["qa_passed"] = f"{n - sum(r['qa_flagged'] for r in rows.values())}/{n}"
     return s
 
 
@@ -265,7 +281,11 @@ def measured_limitations(report: dict, pelvis_summary: dict | None = None) -> li
             out.append(f"{kind}: 90 % intervals cover {s['mean_t1_coverage90_pct']:.0f} % (T1) / "
                        f"{s['mean_t2_coverage90_pct']:.0f} % (T2) of voxels (target {lo:.0f}-{hi:.0f} %); Spearman of "
                        f"predicted sd vs |error| {s['mean_t1_spearman']:.2f} / {s['mean_t2_spearman']:.2f} (target >= "
-                       f"{t['spearman_min']}); QA flagged {s['qa_flagged']} series")
+                       f"{t['spearman_min']})")
+        if "qa_held" in s:
+            want = ("held or flagged: target >= 95 %" if split.startswith("unseen") else "passed: target >= 95 %")
+            out.append(f"{kind}: node QA passed {s['qa_passed']}, held (uncertainty over the model's limit) "
+                       f"{s['qa_held']}, held or flagged {s['qa_flagged']} series ({want})")
     if pelvis_summary:
         out.append(f"in-domain pelvis table: min cross SSIM {pelvis_summary['min_cross_ssim']:.3f} (target >= "
                    f"{t['pelvis_ssim_min']}), min cross PSNR {pelvis_summary['min_cross_psnr_db']:.1f} dB (target >= "

@@ -68,8 +68,8 @@ def limits_from(rows: list[dict[str, object]], margin: float = MARGIN) -> dict[s
     return out
 
 
-def write_limits(onnx_path: Path, limits: dict[str, float], rows: list[dict[str, object]]) -> str:
-    """Put ``limits`` into the model's metadata and card (with the figures); returns the new sha256."""
+def write_metadata(onnx_path: Path, limits: dict[str, float]) -> str:
+    """Put ``limits`` into the model's metadata (``rtcontrast.qa_limits``); returns the JSON text written."""
     m = onnx.load(str(onnx_path))
     props = {p.key: p.value for p in m.metadata_props}
     props[QA_LIMITS_KEY] = json.dumps(limits, sort_keys=True)
@@ -77,20 +77,39 @@ def write_limits(onnx_path: Path, limits: dict[str, float], rows: list[dict[str,
     for k, v in props.items():
         m.metadata_props.add(key=k, value=v)
     onnx.save(m, str(onnx_path))
+    return props[QA_LIMITS_KEY]
+
+
+def card_entry(limits: dict[str, float], rows: list[dict[str, object]]) -> dict[str, object]:
+    """The card's ``qa_calibration``: rule, split, limits and every figure behind them."""
+    return {
+        "rule": f"largest in-domain figure x {MARGIN} (rtcontrast.research.qa_calibration)",
+        "split": {"kind": "pelvis phantoms (rtcontrast.research.phantom), phantom.acquire, node body mask",
+                  "seeds": [CALIB_SEED_BASE, CALIB_SEED_BASE + len({r['seed'] for r in rows}) - 1],
+                  "inputs": list(SEED_CONTRAST_NAMES), "fields_t": [1.5, 3.0]},
+        "limits": limits,
+        "figures": rows,
+    }
+
+
+def calibrate_into(onnx_path: Path, n_subjects: int = 6) -> dict[str, object]:
+    """Calibrate ``onnx_path`` and write its limits into its metadata; returns the card entry."""
+    rows = calibration_figures(QMapModel(onnx_path, provider="cpu"), n_subjects)
+    limits = limits_from(rows)
+    write_metadata(onnx_path, limits)
+    return card_entry(limits, rows)
+
+
+def write_limits(onnx_path: Path, limits: dict[str, float], rows: list[dict[str, object]]) -> str:
+    """Put ``limits`` into the model's metadata and card (with the figures); returns the new sha256."""
+    text = write_metadata(onnx_path, limits)
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     card_path = onnx_path.with_suffix(".json")
     if card_path.is_file():
         card = json.loads(card_path.read_text())
         card["sha256"] = sha
-        card.setdefault("metadata", {})[QA_LIMITS_KEY] = props[QA_LIMITS_KEY]
-        card["qa_calibration"] = {
-            "rule": f"largest in-domain figure x {MARGIN} (rtcontrast.research.qa_calibration)",
-            "split": {"kind": "pelvis phantoms (rtcontrast.research.phantom), phantom.acquire",
-                      "seeds": [CALIB_SEED_BASE, CALIB_SEED_BASE + len({r['seed'] for r in rows}) - 1],
-                      "inputs": list(SEED_CONTRAST_NAMES), "fields_t": [1.5, 3.0]},
-            "limits": limits,
-            "figures": rows,
-        }
+        card.setdefault("metadata", {})[QA_LIMITS_KEY] = text
+        card["qa_calibration"] = card_entry(limits, rows)
         card_path.write_text(json.dumps(card, indent=2) + "\n")
     return sha
 
