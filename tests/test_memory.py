@@ -90,3 +90,51 @@ def test_qa_holds_no_whole_volume_temporary() -> None:
     # measured 29 MB: the mask (1 byte a voxel), the self-NRMSE block (4 slices), a float32 copy of
     # the body voxels of one map; one whole-volume float64 temporary alone is 8 bytes a voxel
     assert peak < 6 * voxels, f"QA peak {peak / 1e6:.0f} MB for {voxels / 1e6:.1f} M voxels"
+
+
+def _pixels(ds: object) -> bytes:
+    for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if kw in ds:  # type: ignore[operator]
+            return bytes(getattr(ds, kw))
+    raise AssertionError("no pixel data")
+
+
+def test_job_keeps_its_maps_in_files_and_removes_them(tmp_path: Path, model: QMapModel,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_job: the maps QA sees are files in the job folder; the folder is gone when the job ends.
+
+    Same outputs as maps in memory: the pixels of every queued instance equal a run whose
+    maps stay in memory (predict without ``out``).
+    """
+    from rtcontrast.node import pipeline
+    from tests.support import phantom_series
+    from tests.test_pipeline import Env, small_protocol
+
+    seen: list[tuple[type, bool]] = []
+    real_qa = pipeline.compute_qa
+
+    def spying_qa(maps: QMaps, *args: object) -> dict:
+        seen.append((type(maps.t1), isinstance(maps.t1, SlabFile) and maps.t1.path.is_file()))
+        return real_qa(maps, *args)
+
+    def run(root: Path, in_memory: bool) -> dict[tuple[int, int], bytes]:
+        env = Env(root, model, small_protocol(maps={"classic": True, "parametric": True, "destinations": ["out"]}))
+        env.ctx.job_dir = lambda j: root / "jobs" / str(j)
+        if in_memory:
+            real_predict = model.predict
+            monkeypatch.setattr(model, "predict", lambda *a, out=None, **k: real_predict(*a, **k))
+        job_id = env.ingest(phantom_series())
+        res = pipeline.run_job(env.ctx, job_id)
+        assert res.state == "queued", res.reason
+        assert not (root / "jobs" / str(job_id) / "maps").exists()
+        if in_memory:
+            monkeypatch.undo()
+        return {(int(ds.SeriesNumber), int(ds.InstanceNumber)): _pixels(ds) for ds in env.queued_datasets(job_id)}
+
+    monkeypatch.setattr(pipeline, "compute_qa", spying_qa)
+    spilled = run(tmp_path / "a", in_memory=False)
+    assert seen == [(SlabFile, True)]
+    monkeypatch.setattr(pipeline, "compute_qa", spying_qa)
+    kept = run(tmp_path / "b", in_memory=True)
+    assert seen[1][0] is np.ndarray
+    assert len(spilled) == 12 + 18 + 3 and spilled == kept  # recipes, classic maps, Parametric Maps

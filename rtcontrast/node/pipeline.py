@@ -30,6 +30,11 @@ each slab, so the TPS receives the first instances while later slabs are compute
 ``queued`` after its last slab, and only a ``queued`` job can become ``delivered``.  A job
 that fails midway withdraws its undelivered instances and says how far it got.
 
+Memory (issue #13): the whole series' maps (three float32 volumes, 630 MB for 512x512x200)
+are not held in memory: inference writes them batch by batch to files in the job's folder
+(``<var_dir>/jobs/<id>/maps``, :class:`~rtcontrast.core.maps.SlabFile`), QA, the windows
+pass and the stream read them back by slabs, and the folder is removed when the job ends.
+
 QA numbers (stored in ``job.qa`` and audited): ``self_nrmse`` (re-rendering the input
 from the maps), the TE/TR identified from the image against the header (relative
 error), map percentiles over the body, and the per-stage durations in seconds.
