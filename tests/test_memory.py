@@ -15,9 +15,9 @@ import pytest
 
 from rtcontrast.core.inference import QMapModel
 from rtcontrast.core.maps import QMaps, SlabFile, slab_allocator
+from rtcontrast.dicom.derive import RecipeInfo
 from rtcontrast.node.qa import compute_qa
 from rtcontrast.node.stream import series_windows
-from rtcontrast.dicom.derive import RecipeInfo
 from tests.support import phantom_image
 
 
