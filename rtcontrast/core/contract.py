@@ -181,10 +181,10 @@ def _qa_limits(text: str | None) -> dict[str, float]:
 
 def series_scale(values: np.ndarray, percentile: float) -> float:
     """The series scale s: the ``percentile`` of all voxels > 0 (1.0 for an empty series)."""
-    pos = values[values > 0]
+    pos = values[values > 0]  # a copy: partitioned in place below (no second copy of the volume)
     if pos.size == 0:
         return 1.0
-    s = float(np.percentile(pos, percentile))
+    s = float(np.percentile(pos, percentile, overwrite_input=True))
     return s if s > 0 else 1.0
 
 

@@ -13,7 +13,9 @@ import ctypes
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -36,6 +38,31 @@ from rtcontrast.core.contract import (
 )
 
 log = logging.getLogger(__name__)
+
+#: ``out(name, shape)`` -> a float32 [N,H,W] array-like that takes ``m[a:b] = values``.
+MapAllocator = Callable[[str, tuple[int, ...]], Any]
+
+
+def _new_map(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.empty(shape, np.float32)
+
+
+def _load_malloc_trim() -> Callable[[], object] | None:
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+#: glibc's ``malloc_trim(0)``: hands the heap's free pages back to the system (None elsewhere).
+#: Called after each CPU batch: ONNX Runtime's freed activations (no arena, see
+#: :class:`QMapModel`) otherwise stay resident in malloc's per-thread heaps and add to the
+#: next batch's peak: 512x512x200 peaked at 688 MB with it, 709-773 MB in three runs
+#: without (bench/memory.py, #13); inference time unchanged within the noise.
+release_free_heap = _load_malloc_trim()
 
 #: Most pixels (slices x padded rows x padded columns x inputs) in one ``session.run``:
 #: 8 slices of 256x256.  Activation memory grows with the batch's pixels and ONNX
@@ -190,18 +217,19 @@ class QMapModel:
         return list(binding.copy_outputs_to_cpu())
 
     def predict(self, pixels: np.ndarray, te_ms: float, tr_ms: float, batch_size: int | None = None,
-                field_t: float | None = None) -> QMaps:
+                field_t: float | None = None, out: MapAllocator | None = None) -> QMaps:
         """Maps of a series ``pixels`` [N,H,W] (stored values after Modality LUT).
 
         ``field_t``: the series' MagneticFieldStrength (T); used by ``qmap/3`` models (when
         None they get :data:`~rtcontrast.core.contract.DEFAULT_FIELD_T`, and ``QMaps.field_t_assumed``
         says so), ignored by ``qmap/1``/``qmap/2`` models.
         """
-        return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size, field_t=field_t)
+        return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size, field_t=field_t, out=out)
 
     def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int | None = None,
                       consistency: Settings | None = None, valid: list[np.ndarray | None] | None = None,
-                      field_t: float | None = None, known_gains: tuple[list[float], str] | None = None) -> QMaps:
+                      field_t: float | None = None, known_gains: tuple[list[float], str] | None = None,
+                      out: MapAllocator | None = None) -> QMaps:
         """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
 
         ``batch_size`` (default 8 on the CPU, 64 on a GPU) is an upper bound: batches never exceed
@@ -216,6 +244,10 @@ class QMapModel:
         network in a canonical input order, so T1/T2 do not depend on which series is first.
         ``valid``: per input, where it is a measurement (a resampled partner's field of view;
         None = all).  ``field_t``: the session's field strength (T) for the reference tissues.
+        ``out(name, shape)``: where each full-series map (pd, t1, t2, uncertainty) is filled in
+        batch by batch (default: a new float32 array; the node passes
+        :func:`rtcontrast.core.maps.slab_allocator`, so the maps never sit whole in memory).
+        Not used by the data-consistency fit, which needs its maps in memory.
         """
         if consistency is not None and len(inputs) > 1:
             return fused_consistent(self, inputs, batch_size, consistency, valid, field_t, known_gains)
@@ -235,11 +267,10 @@ class QMapModel:
         ph, pw = pad_amounts(h, w, self.info.spatial_multiple)
         k = self.info.max_inputs if self.info.fusion else 1
         batch_size = max(1, min(batch_size or self.batch_slices, self.max_batch_pixels // ((h + ph) * (w + pw) * k)))
-        pd = np.empty((n, h, w), np.float32)
-        t1 = np.empty_like(pd)
-        t2 = np.empty_like(pd)
+        alloc = out or _new_map
+        pd, t1, t2 = (alloc(name, (n, h, w)) for name in ("pd", "t1", "t2"))
         te_tr_pred = np.empty((n, 2), np.float32)
-        unc = {u: np.empty_like(pd) for u in self.uncertainty_outputs}
+        unc = {u: alloc(u, (n, h, w)) for u in self.uncertainty_outputs}
         field_used: float | None = None
         assumed = False
         if self.info.takes_field:
@@ -265,6 +296,9 @@ class QMapModel:
             t1[start:stop] = o["t1"][:, 0, :h, :w]
             t2[start:stop] = o["t2"][:, 0, :h, :w]
             te_tr_pred[start:stop] = o["te_tr_pred"]
+            del o, x
+            if release_free_heap is not None and self.io_device is None:
+                release_free_heap()
         return QMaps(pd=pd, t1=t1, t2=t2, te_tr_pred=te_tr_pred, scale=s,
                      t1_log_sd=unc.get("t1_log_sd"), t2_log_sd=unc.get("t2_log_sd"), pd_sd=unc.get("pd_sd"),
                      field_t=field_used, field_t_assumed=assumed)

@@ -47,13 +47,20 @@ def window_from_percentiles(pixels: np.ndarray, low: float = 1.0, high: float = 
     return Window(center=lo + width / 2, width=width)
 
 
-def self_nrmse(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float, block_slices: int = 16) -> float:
+#: Voxels per block of :func:`self_nrmse` (16 slices of 256x256, 4 of 512x512).
+NRMSE_BLOCK_VOXELS = 16 * 256 * 256
+
+
+def self_nrmse(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float, block_slices: int | None = None) -> float:
     """QA residual: NRMSE of re-rendering the input's own contrast against the input.
 
     Normalised by the input's series scale, over voxels above 5 % of it (the body).
-    Computed ``block_slices`` slices at a time: a whole-volume render allocates several
-    temporaries of the volume's size (hundreds of MB for a 512x512x200 series).
+    Computed ``block_slices`` slices at a time (default: :data:`NRMSE_BLOCK_VOXELS` voxels,
+    at most 16 slices): a whole-volume render allocates several temporaries of the volume's
+    size (hundreds of MB for a 512x512x200 series), a block about 20 bytes a voxel.
     """
+    if block_slices is None:
+        block_slices = max(1, min(16, NRMSE_BLOCK_VOXELS // max(1, int(np.prod(pixels.shape[1:])))))
     total, count = 0.0, 0
     for a in range(0, pixels.shape[0], max(1, block_slices)):
         b = a + max(1, block_slices)

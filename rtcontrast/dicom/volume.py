@@ -121,6 +121,10 @@ class _Frame:
     pixels: np.ndarray  # float32 [Rows, Cols]
 
 
+#: What a frame's pixels become once :func:`assemble` copied them into the volume.
+_RELEASED = np.empty((0, 0), np.float32)
+
+
 def _normal(orientation: np.ndarray) -> np.ndarray:
     n = np.cross(orientation[:3], orientation[3:])
     norm = np.linalg.norm(n)
@@ -479,7 +483,14 @@ def assemble(paths: Sequence[Path | str]) -> Volume:
                 f"{_name(frames[i + 1])}, median gap {med:.3f} mm (missing or extra slice?)"
             )
         slice_spacing = float(np.mean(gaps))
-    pixels = np.stack([f.pixels for f in frames]).astype(np.float32, copy=False)
+    # Filled slice by slice, each frame's own copy dropped once it is in the volume: the
+    # peak is about one volume, not the frames plus their stack (#13 memory).
+    pixels = np.empty((len(frames), *np.shape(first.pixels)), np.float32)
+    for i, f in enumerate(frames):
+        if np.shape(f.pixels) != pixels.shape[1:]:  # never broadcast one frame into a slice
+            raise VolumeError(f"{_name(f)}: pixel array {np.shape(f.pixels)}, expected {pixels.shape[1:]}")
+        pixels[i] = f.pixels
+        f.pixels = _RELEASED
     return Volume(
         pixels=pixels,
         slices=[f.ref for f in frames],

@@ -30,6 +30,11 @@ each slab, so the TPS receives the first instances while later slabs are compute
 ``queued`` after its last slab, and only a ``queued`` job can become ``delivered``.  A job
 that fails midway withdraws its undelivered instances and says how far it got.
 
+Memory (issue #13): the whole series' maps (three float32 volumes, 630 MB for 512x512x200)
+are not held in memory: inference writes them batch by batch to files in the job's folder
+(``<var_dir>/jobs/<id>/maps``, :class:`~rtcontrast.core.maps.SlabFile`), QA, the windows
+pass and the stream read them back by slabs, and the folder is removed when the job ends.
+
 QA numbers (stored in ``job.qa`` and audited): ``self_nrmse`` (re-rendering the input
 from the maps), the TE/TR identified from the image against the header (relative
 error), map percentiles over the body, and the per-stage durations in seconds.
@@ -39,8 +44,11 @@ Logs carry the series UID and job id, never patient data.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +63,7 @@ from pydicom.dataset import Dataset
 from rtcontrast import __version__
 from rtcontrast.core.consistency import Settings
 from rtcontrast.core.inference import QMapModel
-from rtcontrast.core.maps import QMaps
+from rtcontrast.core.maps import QMaps, slab_allocator, slab_ranges
 from rtcontrast.dicom.derive import ModelIdentity, NodeIdentity, RecipeInfo
 from rtcontrast.dicom.map_series import body_mask
 from rtcontrast.dicom.grid import (
@@ -323,9 +331,32 @@ def _target_uses(ctx: PipelineContext, study: str, target: str, series: str) -> 
 
 
 def _non_finite_maps(maps: QMaps) -> list[str]:
-    """Which estimated maps hold NaN or infinite voxels (checked before anything is rendered)."""
-    return [f"{name} map has {int(np.size(a) - np.count_nonzero(np.isfinite(a)))} non-finite voxel(s)"
-            for name, a in (("PD", maps.pd), ("T1", maps.t1), ("T2", maps.t2)) if not np.isfinite(a).all()]
+    """Which estimated maps hold NaN or infinite voxels (checked before anything is rendered).
+
+    Read slab by slab: the maps may be files (:func:`_map_folder`).
+    """
+    out = []
+    for name, a in (("PD", maps.pd), ("T1", maps.t1), ("T2", maps.t2)):
+        bad = 0
+        for c, b in slab_ranges(a.shape[0], 8):
+            slab = np.asarray(a[c:b])
+            bad += int(slab.size - np.count_nonzero(np.isfinite(slab)))
+        if bad:
+            out.append(f"{name} map has {bad} non-finite voxel(s)")
+    return out
+
+
+def _map_folder(ctx: PipelineContext, job_id: int) -> Path:
+    """Where a job's maps are kept while it runs (#13 memory: not in RAM); removed when the job ends.
+
+    The job's folder when the node has one (``<var_dir>/jobs/<id>/maps``), else a
+    temporary folder.  Plain files, read back slab by slab (:class:`~rtcontrast.core.maps.SlabFile`).
+    """
+    if ctx.job_dir is not None:
+        folder = ctx.job_dir(job_id) / "maps"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return Path(tempfile.mkdtemp(prefix=f"rtc-job{job_id}-maps-"))
 
 
 def _write_preview(
@@ -342,7 +373,8 @@ def _write_preview(
         path = write_preview(
             ctx.job_dir(job_id) / PREVIEW_NAME,
             volume.pixels,
-            {"PD (rel.)": maps.pd / np.float32(maps.scale), "T1 [ms]": maps.t1, "T2 [ms]": maps.t2},
+            {"PD (rel.)": _middle(maps.pd, np.float32(maps.scale)), "T1 [ms]": _middle(maps.t1),
+             "T2 [ms]": _middle(maps.t2)},
             {labels.get(k, k): u16 for k, u16 in rendered.items()},
             f"job {job_id} series {series}",
             qa,
@@ -350,6 +382,13 @@ def _write_preview(
         qa["preview"] = str(path)
     except Exception as exc:  # a missing font or a full disk must not stop the series
         log.warning("job %d series %s: QA preview not written: %s: %s", job_id, series, type(exc).__name__, exc)
+
+
+def _middle(a: Any, divide_by: np.float32 | None = None) -> np.ndarray:
+    """The middle slice of a map (all the preview shows), as a zero-stride view shaped like the volume."""
+    z = a.shape[0] // 2
+    mid = np.asarray(a[z:z + 1])
+    return np.broadcast_to(mid if divide_by is None else mid / divide_by, a.shape)
 
 
 def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
@@ -369,6 +408,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
     qa: dict[str, Any] = {}
     result = JobResult(job_id=job_id, state=JobState.FAILED, qa=qa, timings_s=timings)
     streamed = Streamed()
+    spill: Path | None = None  # the folder of the job's maps (removed at the end)
     ident = dict(
         protocol_version=protocol.audit_version,
         model_name=mid.name,
@@ -402,6 +442,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         # -- infer + QA
         t0 = time.perf_counter()
         jobs.set_state(job_id, JobState.INFERRING)
+        spill = _map_folder(ctx, job_id)
         co_sources: list[Volume] = []
         if protocol.fusion.enabled and model.info.fusion:
             partners, qa["fusion"] = _fusion_partners(ctx, job_id, volume)
@@ -423,7 +464,8 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
                                                     if protocol.fusion.consistency else None),
                                        valid=[None] + [a.valid for a, _, _ in partners],
                                        field_t=field_strength_t(volume),
-                                       known_gains=intensity_factors([volume] + [a.volume for a, _, _ in partners]))
+                                       known_gains=intensity_factors([volume] + [a.volume for a, _, _ in partners]),
+                                       out=slab_allocator(spill))
             if maps.input_gains is not None:
                 qa["fusion"]["input_gains"] = [round(g, 4) for g in maps.input_gains]
                 qa["fusion"].update(maps.fusion or {})  # gains' source, misfit per input, bounds: fusion QA
@@ -432,7 +474,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         else:
             if protocol.fusion.enabled:
                 qa["fusion"] = {"partners": [], "note": f"model contract {model.info.contract}: single input"}
-            maps = model.predict(volume.pixels, te, tr, field_t=field_strength_t(volume))
+            maps = model.predict(volume.pixels, te, tr, field_t=field_strength_t(volume), out=slab_allocator(spill))
         qa.update(compute_qa(maps, volume.pixels, te, tr))
         if "uncertainty" in qa and model.info.qa_limits:  # the model's calibrated limits (metadata), for QA
             qa["uncertainty_limits"] = dict(model.info.qa_limits)
@@ -496,6 +538,11 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         finish(JobState.FAILED, reason)
         raise
     finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
+            if ctx.job_dir is not None:  # the job folder made only for the maps does not stay behind
+                with contextlib.suppress(OSError):
+                    spill.parent.rmdir()
         if timings:
             log.info(
                 "job %d series %s timings: %s",

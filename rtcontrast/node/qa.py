@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from rtcontrast.core.maps import QMaps
+from rtcontrast.core.maps import QMaps, slab_ranges
 from rtcontrast.core.uncertainty_qa import series_qa
 from rtcontrast.core.render import (
     self_nrmse,
@@ -33,19 +33,36 @@ _PERCENTILES = (5, 50, 95)
 #: Voxels above this fraction of the series scale count as body for QA statistics.
 _BODY_FRACTION = 0.05
 
-def _percentiles(values: np.ndarray, mask: np.ndarray, divide_by: float = 1.0) -> dict[str, float]:
+#: Slices per slab when QA reads maps that the node keeps in files (SlabFile).
+_SLAB_SLICES = 8
+
+
+def _body_values(values: Any, mask: np.ndarray, count: int) -> np.ndarray:
+    """``values[mask]`` (C order), read slab by slab: ``values`` may be a map kept in a file."""
+    out = np.empty(count, np.dtype(values.dtype))
+    i = 0
+    for a, b in slab_ranges(mask.shape[0], _SLAB_SLICES):
+        piece = np.asarray(values[a:b])[mask[a:b]]
+        out[i:i + piece.size] = piece
+        i += piece.size
+    return out
+
+
+def _percentiles(values: Any, mask: np.ndarray, divide_by: float = 1.0, count: int | None = None) -> dict[str, float]:
     """Percentiles of ``values / divide_by`` over ``mask`` (all voxels when the mask is empty).
 
-    Memory: one copy of the body voxels, partitioned in place (no float64 copy, no
+    Memory: one copy of the body voxels (gathered slab by slab, so ``values`` may be a
+    :class:`~rtcontrast.core.maps.SlabFile`), partitioned in place (no float64 copy, no
     divided volume); percentiles commute with a positive scale.
     """
-    if mask.any():
-        v = values[mask]  # a copy: safe to partition in place
+    count = int(np.count_nonzero(mask)) if count is None else count
+    if count:
+        v = _body_values(values, mask, count)  # a copy: safe to partition in place
         ps = np.percentile(v, _PERCENTILES, overwrite_input=True)
     else:
         if values.size == 0:
             return {}
-        ps = np.percentile(values, _PERCENTILES)
+        ps = np.percentile(np.asarray(values), _PERCENTILES)  # never partition the maps themselves
     return {f"p{p}": round(float(x) / divide_by, 3) for p, x in zip(_PERCENTILES, ps)}
 
 
@@ -54,6 +71,7 @@ def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> d
     te_pred = float(np.median(maps.te_tr_pred[:, 0]))
     tr_pred = float(np.median(maps.te_tr_pred[:, 1]))
     mask = pixels > _BODY_FRACTION * maps.scale
+    body = int(np.count_nonzero(mask))
     return {
         "self_nrmse": round(self_nrmse(maps, pixels, te_ms, tr_ms), 5),
         "te_header_ms": te_ms,
@@ -63,10 +81,10 @@ def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> d
         "te_error_frac": round(abs(te_pred - te_ms) / te_ms, 4),
         "tr_error_frac": round(abs(tr_pred - tr_ms) / tr_ms, 4),
         "series_scale": round(float(maps.scale), 4),
-        "body_voxels": int(mask.sum()),
-        "t1_ms": _percentiles(maps.t1, mask),
-        "t2_ms": _percentiles(maps.t2, mask),
-        "pd": _percentiles(maps.pd, mask, float(maps.scale)),
+        "body_voxels": body,
+        "t1_ms": _percentiles(maps.t1, mask, count=body),
+        "t2_ms": _percentiles(maps.t2, mask, count=body),
+        "pd": _percentiles(maps.pd, mask, float(maps.scale), count=body),
         **({"uncertainty": uncertainty_figures(maps, mask)} if maps.t1_log_sd is not None else {}),
     }
 

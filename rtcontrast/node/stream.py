@@ -207,7 +207,8 @@ def stream_outputs(
         t0 = time.perf_counter()
         pn = p.maps.parametric_series_numbers
         pms = derive_parametric_maps(
-            volume, {"T1": maps.t1, "T2": maps.t2, "PD": maps.pd / np.float32(maps.scale)}, node, model,
+            volume, {"T1": np.asarray(maps.t1), "T2": np.asarray(maps.t2),  # whole: one multi-frame object each
+                     "PD": np.asarray(maps.pd) / np.float32(maps.scale)}, node, model,
             {"T1": pn.T1, "T2": pn.T2, "PD": pn.PD}, content_qualification=p.maps.content_qualification,
             co_sources=co, mask=mask, qa_note=qa_note)
         if flag is not None:
