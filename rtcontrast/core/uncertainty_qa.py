@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from rtcontrast.core.maps import slab_ranges
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -80,21 +82,35 @@ def node_body_mask(pixels: np.ndarray, scale: float, fraction: float = BODY_FRAC
     return np.asarray(pixels) > fraction * scale
 
 
-def judged_voxels(pd: np.ndarray, body_mask: np.ndarray, signal_fraction: float) -> np.ndarray:
-    """Body voxels with enough PD to carry T1/T2 information."""
+#: Slices per read when gathering voxels (maps may be files: rtcontrast.core.maps.SlabFile).
+_SLAB_SLICES = 8
+
+
+def gather(values: Any, mask: np.ndarray) -> np.ndarray:
+    """``values[mask]`` read a slab of slices at a time (``values``: an array or a map kept in a file)."""
+    parts = [np.asarray(values[a:b])[mask[a:b]] for a, b in slab_ranges(mask.shape[0], _SLAB_SLICES)]
+    return np.concatenate(parts) if parts else np.empty(0, np.float32)
+
+
+def judged_voxels(pd: Any, body_mask: np.ndarray, signal_fraction: float) -> np.ndarray:
+    """Body voxels with enough PD to carry T1/T2 information (``pd`` read by slabs)."""
     body = np.asarray(body_mask, bool)
-    vals = pd[body]
+    vals = gather(pd, body)
     if vals.size == 0:
         return body
-    ref = float(np.percentile(vals, 99))
-    return body & (pd > signal_fraction * ref)
+    ref = float(np.percentile(vals, 99, overwrite_input=True))
+    del vals
+    out = np.empty_like(body)
+    for a, b in slab_ranges(body.shape[0], _SLAB_SLICES):
+        out[a:b] = body[a:b] & (np.asarray(pd[a:b]) > signal_fraction * ref)
+    return out
 
 
 def series_qa(maps: Any, body_mask: np.ndarray, te_ms: float | None = None, tr_ms: float | None = None,
               thresholds: Thresholds | None = None) -> QAResult:
     """Score one series' maps by their predicted uncertainty and TE/TR identification (contract above)."""
     th = thresholds or Thresholds()
-    sel = judged_voxels(np.asarray(maps.pd), body_mask, th.signal_fraction)
+    sel = judged_voxels(maps.pd, body_mask, th.signal_fraction)
     checks: list[tuple[str, float, float, str]] = []  # key, value, threshold, sentence template
     skipped: list[str] = []
     for key, attr, limit, label in (("t1_rel_sd", "t1_log_sd", th.t1_rel_sd, "T1"),
@@ -103,13 +119,13 @@ def series_qa(maps: Any, body_mask: np.ndarray, te_ms: float | None = None, tr_m
         if sd is None or not sel.any():
             skipped.append(key)
             continue
-        v = float(np.expm1(np.median(np.asarray(sd)[sel])))
+        v = float(np.expm1(np.median(gather(sd, sel))))
         checks.append((key, v, limit, f"median {label} uncertainty ±{{v:.0f}} % in the body exceeds {{t:.0f}} %"))
     pd_sd = getattr(maps, "pd_sd", None)
     if pd_sd is None or not sel.any():
         skipped.append("pd_rel_sd")
     else:
-        rel = np.asarray(pd_sd)[sel] / np.maximum(np.asarray(maps.pd)[sel], 1e-12)
+        rel = gather(pd_sd, sel) / np.maximum(gather(maps.pd, sel), 1e-12)
         checks.append(("pd_rel_sd", float(np.median(rel)), th.pd_rel_sd,
                        "median PD uncertainty ±{v:.0f} % in the body exceeds {t:.0f} %"))
     idp = getattr(maps, "te_tr_pred", None)

@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from rtcontrast.core.maps import QMaps, slab_ranges
-from rtcontrast.core.uncertainty_qa import series_qa
+from rtcontrast.core.uncertainty_qa import node_body_mask, series_qa
 from rtcontrast.core.render import (
     self_nrmse,
 )
@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 #: Map percentiles reported in QA.
 _PERCENTILES = (5, 50, 95)
-#: Voxels above this fraction of the series scale count as body for QA statistics.
-_BODY_FRACTION = 0.05
 
 #: Slices per slab when QA reads maps that the node keeps in files (SlabFile).
 _SLAB_SLICES = 8
@@ -70,7 +68,7 @@ def compute_qa(maps: QMaps, pixels: np.ndarray, te_ms: float, tr_ms: float) -> d
     """Self-consistency numbers of one job (JSON-serialisable)."""
     te_pred = float(np.median(maps.te_tr_pred[:, 0]))
     tr_pred = float(np.median(maps.te_tr_pred[:, 1]))
-    mask = pixels > _BODY_FRACTION * maps.scale
+    mask = node_body_mask(pixels, maps.scale)  # one rule with the calibration of a model's QA limits
     body = int(np.count_nonzero(mask))
     return {
         "self_nrmse": round(self_nrmse(maps, pixels, te_ms, tr_ms), 5),
