@@ -46,7 +46,7 @@ fi
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "rtcontrast needs Python >= 3.11 (found $("$PY" --version 2>&1))" >&2; exit 1
 fi
-[ -f models/qmap-pelvis.onnx ] || { echo "models/qmap-pelvis.onnx missing: not a complete release" >&2; exit 1; }
+[ -f models/qmap-se.onnx ] || { echo "models/qmap-se.onnx missing: not a complete release" >&2; exit 1; }
 
 pkg_version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo nogit)
@@ -106,7 +106,7 @@ for f in node.yaml protocol.yaml; do
 done
 if [ ! -e "$ETC/node.yaml" ]; then
   sed -e "s#^var_dir: .*#var_dir: $STATE#" \
-      -e "s#^model_path: [^ ]*#model_path: $PREFIX/current/app/models/qmap-pelvis.onnx#" \
+      -e "s#^model_path: [^ ]*#model_path: $PREFIX/current/app/models/qmap-se.onnx#" \
       config/node.yaml > "$ETC/node.yaml"
   echo "wrote $ETC/node.yaml (edit ae_title, port, allowed_calling_aes, ...)"
 else

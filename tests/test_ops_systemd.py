@@ -107,7 +107,7 @@ def test_install_script_releases_configs_and_unit(tmp_path: Path) -> None:
     assert "pydicom" in third and "GPL!" not in third and "pylibjpeg-libjpeg" not in third
     node_cfg = yaml.safe_load((etc / "node.yaml").read_text())
     assert node_cfg["var_dir"] == str(tmp_path / "state")
-    assert node_cfg["model_path"] == str(opt / "current" / "app" / "models" / "qmap-pelvis.onnx")
+    assert node_cfg["model_path"] == str(opt / "current" / "app" / "models" / "qmap-se.onnx")
     assert (tmp_path / "units" / "rtcontrast.service").read_text() == UNIT.read_text()
     assert "OK: node" in r.stdout  # check-config of the installed release against /etc
 

@@ -225,7 +225,7 @@ def check_config(config_path: Path | None, protocol_path: Path | None) -> tuple[
                 errors.append(f"{_where(config_path, ('model_path',))}: model_path: {exc}")
     else:  # the node config or the protocol is wrong: still say whether the model file is usable
         raw = config.model_path if config is not None else _raw_setting(config_path, "model_path",
-                                                                        "models/qmap-pelvis.onnx")
+                                                                        "models/qmap-se.onnx")
         if isinstance(raw, (str, Path)):
             try:
                 QMapModel(resolve_model_path(Path(raw)), "cpu")

@@ -344,7 +344,7 @@ class NodeConfig(StrictModel):
     db_path: Path | None = Field(None, description="default <var_dir>/rtcontrast.db")
     outbox_dir: Path | None = Field(None, description="default <var_dir>/outbox")
     export_dir: Path | None = Field(None, description="default <var_dir>/export")
-    model_path: Path = Path("models/qmap-pelvis.onnx")
+    model_path: Path = Path("models/qmap-se.onnx")
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     series_idle_timeout_s: float = Field(30.0, gt=0)
     release_grace_s: float = Field(5.0, ge=0)
