@@ -18,7 +18,11 @@ from pynetdicom.sop_class import MRImageStorage
 
 from rtcontrast.node.dispatch.destinations import DicomDestination, build_destinations
 from rtcontrast.node.dispatch.outbox import DELIVERED, PENDING, Outbox, RetryPolicy
-from rtcontrast.node.dispatch.sender import MIN_ITEMS_PER_ASSOCIATION, Sender, split_parts
+from rtcontrast.node.dispatch.sender import (
+    MIN_ITEMS_PER_ASSOCIATION,
+    Sender,
+    split_parts,
+)
 from rtcontrast.node.store.db import connect
 from rtcontrast.settings.protocol import ProtocolConfig
 from tests.conftest import free_port
