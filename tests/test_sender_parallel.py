@@ -209,3 +209,25 @@ def test_max_associations_from_the_protocol() -> None:
         base["destinations"]["tps"]["dicom"]["max_associations"] = bad  # type: ignore[index]
         with pytest.raises(ValueError):
             ProtocolConfig.model_validate(base)
+
+
+def test_a_part_that_raises_fails_only_its_items(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error in one part's thread: that part's items fail (retried), the others' outcomes stand."""
+    import rtcontrast.node.dispatch.sender as sender_mod
+    from rtcontrast.node.dispatch.outbox import Outcome
+
+    outbox.enqueue(4, "tps", mr_series(12), now=0.0)
+    items = outbox.due(0.0)["tps"]
+    bad = items[5].id  # in the second of three parts
+
+    def fake(dest: DicomDestination, part: list[Any]) -> list[Outcome]:
+        if any(it.id == bad for it in part):
+            raise RuntimeError("boom")
+        return [Outcome(True, 0, None) for _ in part]
+
+    monkeypatch.setattr(sender_mod, "send_dicom", fake)
+    assert Sender(outbox, {"tps": _dest(free_port(), 3)}, RETRY).run_once(0.0) == 8
+    after = {i.id: i for i in outbox.items(job_id=4)}
+    failed = sorted(i for i, it in after.items() if it.state != DELIVERED)
+    assert failed == [it.id for it in items[4:8]]
+    assert all("sender error" in (after[i].last_error or "") and after[i].state == PENDING for i in failed)

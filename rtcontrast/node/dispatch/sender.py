@@ -17,7 +17,6 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,25 +128,36 @@ def split_parts(items: Sequence[OutboxItem], k: int) -> list[list[OutboxItem]]:
 def send_dicom_parallel(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Outcome]:
     """:func:`send_dicom` over up to ``dest.max_associations`` concurrent associations.
 
-    Each part is a contiguous slice of ``items`` sent by :func:`send_dicom` in its own
-    thread (its own AE and association, as every chunk has); one Outcome per item, in item
-    order.  A part that fails (refused, aborted, an unexpected error) fails only its items.
+    Each part is a contiguous slice of ``items`` sent by :func:`send_dicom` (its own AE and
+    association, as every chunk has): the first in the calling thread, the others in daemon
+    threads (like the sender thread itself, they never hold up the node's exit).  One
+    Outcome per item, in item order.  A part that fails (rejected, aborted, an unexpected
+    error) fails only its own items.
     """
     parts = split_parts(items, getattr(dest, "max_associations", 1))
     if len(parts) == 1:
         return send_dicom(dest, items)
-    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix=f"outbox-send-{dest.name}") as pool:
-        futures = [pool.submit(send_dicom, dest, part) for part in parts]
-        outcomes: list[Outcome] = []
-        for part, fut in zip(parts, futures):
-            try:
-                got = fut.result()
-            except Exception as exc:  # a bug in one part must not lose the others' outcomes
-                log.exception("outbox: sending a part of %d instances to %s failed", len(part), dest.name)
-                got = [Outcome(False, None, f"sender error: {exc!r}") for _ in part]
-            if len(got) != len(part):  # pragma: no cover - send_dicom returns one outcome per item
-                got = [Outcome(False, None, "sender error: outcome count mismatch") for _ in part]
-            outcomes.extend(got)
+    results: list[list[Outcome] | None] = [None] * len(parts)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = send_dicom(dest, parts[i])
+        except Exception as exc:  # a bug in one part must not lose the other parts' outcomes
+            log.exception("outbox: sending a part of %d instances to %s failed", len(parts[i]), dest.name)
+            results[i] = [Outcome(False, None, f"sender error: {exc!r}") for _ in parts[i]]
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"outbox-send-{dest.name}-{i}", daemon=True)
+               for i in range(1, len(parts))]
+    for t in threads:
+        t.start()
+    run(0)
+    for t in threads:
+        t.join()
+    outcomes: list[Outcome] = []
+    for part, got in zip(parts, results):
+        if got is None or len(got) != len(part):  # pragma: no cover - send_dicom returns one per item
+            got = [Outcome(False, None, "sender error: no outcome for this instance") for _ in part]
+        outcomes.extend(got)
     return outcomes
 
 
