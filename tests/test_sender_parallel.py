@@ -46,8 +46,11 @@ class RecordingSCP:
     """
 
     def __init__(self, max_associations: int = 10, hold_until: threading.Event | None = None,
-                 release_at_open: int | None = None, third_after_two: bool = False) -> None:
+                 release_at_open: int | None = None, third_after_two: bool = False,
+                 abort_third_at_store: int | None = None) -> None:
         self.release_at_open = release_at_open
+        self.abort_third_at_store = abort_third_at_store
+        self.by_assoc: dict[int, list[str]] = {}
         self.third_after_two = third_after_two
         self.accepted = 0
         self.two_accepted = threading.Event()
@@ -102,12 +105,20 @@ class RecordingSCP:
 
     def _store(self, event: Any) -> int:
         key = id(event.assoc)
+        with self.lock:
+            mine = self.by_assoc.setdefault(key, [])
+            doomed = (self.abort_third_at_store is not None and len(self.opened) >= 3 and key == self.opened[2]
+                      and len(mine) + 1 == self.abort_third_at_store)
+        if doomed:  # an A-ABORT instead of this C-STORE's response; the instance is not kept
+            event.assoc.abort()
+            return 0xA700
         if self.hold_until is not None and key not in self._held:
             self._held.add(key)
             self.hold_until.wait(WAIT_S)
         ds = event.dataset
         with self.lock:
             self.stored.append(str(ds.SOPInstanceUID))
+            self.by_assoc[key].append(str(ds.SOPInstanceUID))
         return 0x0000
 
     def shutdown(self) -> None:
@@ -182,6 +193,31 @@ def test_a_rejected_part_fails_only_its_items_and_is_retried(outbox: Outbox,
         scp.shutdown()
     assert sorted(scp.stored) == sorted(str(d.SOPInstanceUID) for d in ds)  # each exactly once in all
     assert all(i.state == DELIVERED for i in outbox.items(job_id=2))
+
+
+def test_an_aborted_part_fails_only_its_unacknowledged_items(outbox: Outbox) -> None:
+    """The TPS aborts the third association at its second C-STORE: its first instance is
+    delivered, the other three of that part fail and are retried; the other parts are unaffected."""
+    scp = RecordingSCP(abort_third_at_store=2)
+    try:
+        ds = mr_series(12, "1.2.3.4.7")
+        outbox.enqueue(5, "tps", ds, now=0.0)
+        sender = Sender(outbox, {"tps": _dest(scp.port, 3)}, RETRY)
+        assert sender.run_once(0.0) == 9
+        items = outbox.items(job_id=5)
+        [kept] = scp.by_assoc[scp.opened[2]]  # the aborted association's one acknowledged instance
+        pos = [i.sop_instance_uid for i in items].index(kept)
+        failed = [i for i in items if i.state != DELIVERED]
+        assert [i.id for i in failed] == [i.id for i in items[pos + 1:pos + 4]]  # the rest of its part
+        assert all(i.state == PENDING and i.attempts == 1 and i.last_error for i in failed)
+        # the sender ended the aborted association at once: no later C-STORE waited out dimse_timeout_s
+        assert not any("dimse_timeout_s" in (i.last_error or "") for i in failed), [i.last_error for i in failed]
+        assert len(scp.stored) == 9 and not {i.sop_instance_uid for i in failed} & set(scp.stored)
+        assert sender.run_once(10.0) == 3
+    finally:
+        scp.shutdown()
+    assert sorted(scp.stored) == sorted(str(d.SOPInstanceUID) for d in ds)  # each exactly once in all
+    assert all(i.state == DELIVERED for i in outbox.items(job_id=5))
 
 
 def test_one_association_is_as_before(outbox: Outbox) -> None:

@@ -279,6 +279,14 @@ def _store_one(assoc: object, it: OutboxItem, where: str, dimse_timeout_s: float
             err = f"association aborted by {where} during C-STORE"
         else:
             err = f"no valid C-STORE response from {where}"
+        # No answer: the association cannot be trusted with the next instance (after a peer's
+        # A-ABORT pynetdicom may still call it established for a moment, and the next C-STORE
+        # would wait out dimse_timeout_s).  End it; the rest of the chunk fails and is retried.
+        if getattr(assoc, "is_established", False):
+            try:
+                assoc.abort()  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - already going away
+                log.debug("outbox: aborting the association to %s: %s", where, exc)
         return Outcome(False, None, err)
     code = int(code)
     comment = str(status.get("ErrorComment", "")) if hasattr(status, "get") else ""
