@@ -80,6 +80,8 @@ class DicomDestinationConfig(StrictModel):
     network_timeout_s: float = Field(60.0, gt=0)
     max_pdu: int = Field(16382, ge=0)
     tls: DestinationTls = Field(default_factory=DestinationTls)
+    #: associations held open to this peer at once (1 for a peer that allows only one)
+    max_associations: int = Field(3, ge=1, le=8)
 
     @field_validator("ae_title", "calling_ae")
     @classmethod

@@ -23,6 +23,10 @@ class DicomDestination:
     ``tls_server_hostname`` (default ``host``); ``tls_cert_file``/``tls_key_file`` are
     our client certificate, for peers that require one.  A failed handshake is a failed
     attempt (retried, then dead-lettered) whose error says why.
+
+    ``max_associations``: how many associations the sender may hold open to this peer at
+    once (a batch is split into that many contiguous parts, sent concurrently); 1 for a
+    peer that accepts only one association at a time.
     """
 
     name: str
@@ -40,6 +44,7 @@ class DicomDestination:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_server_hostname: str | None = None
+    max_associations: int = 3
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def build_destinations(
                 dimse_timeout_s=c.dimse_timeout_s, network_timeout_s=c.network_timeout_s,
                 max_pdu=c.max_pdu, tls=c.tls.enabled, tls_ca_file=c.tls.ca_file,
                 tls_cert_file=c.tls.cert_file, tls_key_file=c.tls.key_file,
-                tls_server_hostname=c.tls.server_hostname,
+                tls_server_hostname=c.tls.server_hostname, max_associations=c.max_associations,
             )
     return out
 

@@ -2,7 +2,10 @@
 
 The :class:`Sender` thread claims due items from the :class:`~rtcontrast.node.dispatch.outbox.Outbox`,
 sends them per destination in presentation-context chunks, and records each outcome;
-the outbox decides retries and dead letters from those outcomes.
+the outbox decides retries and dead letters from those outcomes.  A DICOM destination with
+``max_associations`` k > 1 gets a batch as up to k contiguous parts sent at once, each over
+its own association(s), so that a peer's per-instance latency (a TPS that fsyncs each
+instance before answering) overlaps; the outcomes are merged back in item order.
 """
 
 from __future__ import annotations
@@ -107,6 +110,54 @@ def send_dicom(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Outc
     outcomes: list[Outcome] = []
     for chunk in _chunks_by_context(items):
         outcomes.extend(_send_chunk(dest, chunk))
+    return outcomes
+
+
+#: A part sent over its own association holds at least this many items: below it, an
+#: association's set-up and release cost more than the overlap saves.
+MIN_ITEMS_PER_ASSOCIATION = 4
+
+
+def split_parts(items: Sequence[OutboxItem], k: int) -> list[list[OutboxItem]]:
+    """``items`` as at most ``k`` contiguous, near-equal parts of >= MIN_ITEMS_PER_ASSOCIATION items."""
+    n = len(items)
+    k = max(1, min(k, n // MIN_ITEMS_PER_ASSOCIATION))
+    return [list(items[i * n // k:(i + 1) * n // k]) for i in range(k)]
+
+
+def send_dicom_parallel(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Outcome]:
+    """:func:`send_dicom` over up to ``dest.max_associations`` concurrent associations.
+
+    Each part is a contiguous slice of ``items`` sent by :func:`send_dicom` (its own AE and
+    association, as every chunk has): the first in the calling thread, the others in daemon
+    threads (like the sender thread itself, they never hold up the node's exit).  One
+    Outcome per item, in item order.  A part that fails (rejected, aborted, an unexpected
+    error) fails only its own items.
+    """
+    parts = split_parts(items, getattr(dest, "max_associations", 1))
+    if len(parts) == 1:
+        return send_dicom(dest, items)
+    results: list[list[Outcome] | None] = [None] * len(parts)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = send_dicom(dest, parts[i])
+        except Exception as exc:  # a bug in one part must not lose the other parts' outcomes
+            log.exception("outbox: sending a part of %d instances to %s failed", len(parts[i]), dest.name)
+            results[i] = [Outcome(False, None, f"sender error: {exc!r}") for _ in parts[i]]
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"outbox-send-{dest.name}-{i}", daemon=True)
+               for i in range(1, len(parts))]
+    for t in threads:
+        t.start()
+    run(0)
+    for t in threads:
+        t.join()
+    outcomes: list[Outcome] = []
+    for part, got in zip(parts, results):
+        if got is None or len(got) != len(part):  # pragma: no cover - send_dicom returns one per item
+            got = [Outcome(False, None, "sender error: no outcome for this instance") for _ in part]
+        outcomes.extend(got)
     return outcomes
 
 
@@ -228,6 +279,14 @@ def _store_one(assoc: object, it: OutboxItem, where: str, dimse_timeout_s: float
             err = f"association aborted by {where} during C-STORE"
         else:
             err = f"no valid C-STORE response from {where}"
+        # No answer: the association cannot be trusted with the next instance (after a peer's
+        # A-ABORT pynetdicom may still call it established for a moment, and the next C-STORE
+        # would wait out dimse_timeout_s).  End it; the rest of the chunk fails and is retried.
+        if getattr(assoc, "is_established", False):
+            try:
+                assoc.abort()  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - already going away
+                log.debug("outbox: aborting the association to %s: %s", where, exc)
         return Outcome(False, None, err)
     code = int(code)
     comment = str(status.get("ErrorComment", "")) if hasattr(status, "get") else ""
@@ -326,7 +385,7 @@ class Sender:
                 elif isinstance(dest, FolderDestination):
                     outcomes = send_folder(dest, items)
                 else:
-                    outcomes = send_dicom(dest, items)
+                    outcomes = send_dicom_parallel(dest, items)
                 self.outbox.record(list(zip(items, outcomes)), self.policy, now, self.rng, self.delete_delivered)
                 delivered += sum(1 for o in outcomes if o.delivered)
                 log_delivery(name, items, outcomes, self.policy.max_attempts)
