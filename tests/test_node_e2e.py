@@ -322,7 +322,8 @@ def test_kill_mid_job_tps_down_restart_delivers_exactly_once(tmp_path: Path, ort
 
 
 def test_embedded_defaults_export_to_var_export(tmp_path: Path) -> None:
-    """``python node.py run`` with no files in a fresh directory: shipped model, ./var, folder export."""
+    """``python node.py run`` with no files in a fresh directory: the default model (qmap-se: a pelvis series passes its
+    QA), ./var, folder export."""
     port = free_port()
     proc = NodeProcess(["--port", str(port)], tmp_path, tmp_path / "node.log")
     try:
@@ -338,7 +339,7 @@ def test_embedded_defaults_export_to_var_export(tmp_path: Path) -> None:
     assert rc == 0
     text = proc.text()
     assert f"listening on 0.0.0.0:{port} as RTCONTRAST" in text
-    assert text.count("model qmap-pelvis") == 1 and "sha256" in text and "ExecutionProvider" in text
+    assert text.count("model qmap-se ") == 1 and "sha256" in text and "ExecutionProvider" in text
     assert (tmp_path / "var" / "rtcontrast.db").exists() and (tmp_path / "var" / "spool").is_dir()
     exported = next(export.rglob("*.dcm"))
     assert exported.parent.parent.name == src[0].StudyInstanceUID
