@@ -101,3 +101,32 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [ln for ln in (r.stderr + r.stdout).splitlines() if ln.startswith("Error")]
 
 
+
+
+def run_series_job(tmp_path: Path, protocol: Any, model: Any, datasets: list[pydicom.Dataset]) -> tuple[Any, Any, Any, int]:
+    """Spool ``datasets`` as if received, create their job and run it through the pipeline's own ``run_job``.
+
+    Real SQLite, spool and outbox under ``tmp_path``; returns (JobResult, JobStore, Outbox, job id).
+    """
+    from datetime import datetime, timezone
+
+    from rtcontrast.node.dispatch.outbox import Outbox
+    from rtcontrast.node.pipeline import PipelineContext, node_identity, run_job
+    from rtcontrast.node.receive.scp import StoredInstance
+    from rtcontrast.node.receive.spool import Spool
+    from rtcontrast.node.store import db
+    from rtcontrast.node.store.jobs import JobStore
+
+    jobs = JobStore(db.connect(tmp_path / "node.db"))
+    outbox = Outbox(db.connect(tmp_path / "node.db"), tmp_path / "outbox")
+    ctx = PipelineContext(protocol=protocol, model=model, node=node_identity(ae_title="RTCONTRAST", model=model),
+                          jobs=jobs, outbox=outbox)
+    spool = Spool(tmp_path / "spool")
+    for ds in datasets:
+        jobs.record_instance(StoredInstance(
+            path=spool.store(ds), study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, calling_ae="SCANNER",
+            peer_address="127.0.0.1:1", received_at=datetime.now(timezone.utc)))
+    job_id = jobs.create_job(datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID)
+    assert job_id is not None
+    return run_job(ctx, job_id), jobs, outbox, job_id

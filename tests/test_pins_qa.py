@@ -147,33 +147,13 @@ def test_contract_range_helper_agrees(model: QMapModel) -> None:
 def test_hold_on_a_mislabelled_series_sends_nothing(tmp_path: Path, model: QMapModel) -> None:
     """Through the pipeline with default thresholds and action hold: the TE-mislabelled
     series is held with the TE reason, and nothing is queued."""
-    from datetime import datetime, timezone
-
-    from rtcontrast.node.dispatch.outbox import Outbox
-    from rtcontrast.node.pipeline import PipelineContext, node_identity, run_job
-    from rtcontrast.node.receive.scp import StoredInstance
-    from rtcontrast.node.receive.spool import Spool
-    from rtcontrast.node.store import db
-    from rtcontrast.node.store.jobs import JobStore
     from tests.dicomgen import make_series
-    from tests.support import geometry
+    from tests.support import geometry, run_series_job
 
     protocol = ProtocolConfig.model_validate({**DEFAULTS.model_dump(mode="json", exclude_none=True),
                                               "qa": {"action": "hold"}})
-    jobs = JobStore(db.connect(tmp_path / "node.db"))
-    outbox = Outbox(db.connect(tmp_path / "node.db"), tmp_path / "outbox")
-    ctx = PipelineContext(protocol=protocol, model=model, node=node_identity(ae_title="RTCONTRAST", model=model),
-                          jobs=jobs, outbox=outbox)
-    spool = Spool(tmp_path / "spool")
     dss = make_series(phantom_image(6, 64, 90.0, 4000.0), te=20.0, tr=4000.0, geometry=geometry(64), uid_seed="qa-te")
-    for ds in dss:
-        jobs.record_instance(StoredInstance(
-            path=spool.store(ds), study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, calling_ae="SCANNER",
-            peer_address="127.0.0.1:1", received_at=datetime.now(timezone.utc)))
-    job_id = jobs.create_job(dss[0].StudyInstanceUID, dss[0].SeriesInstanceUID)
-    assert job_id is not None
-    res = run_job(ctx, job_id)
+    res, _, outbox, job_id = run_series_job(tmp_path, protocol, model, dss)
     assert res.state == "held" and res.reason is not None and res.reason.startswith("QA hold: TE identified"), res.reason
     assert outbox.items(job_id=job_id) == []
 

@@ -9,24 +9,17 @@ code imports.  Real model, real onnxruntime, real SQLite, the pipeline's own run
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rtcontrast.core.inference import QMapModel
-from rtcontrast.node.dispatch.outbox import Outbox
-from rtcontrast.node.pipeline import PipelineContext, node_identity, run_job
-from rtcontrast.node.receive.scp import StoredInstance
-from rtcontrast.node.receive.spool import Spool
-from rtcontrast.node.store import db
-from rtcontrast.node.store.jobs import JobStore
 from rtcontrast.research import phantom
 from rtcontrast.research.eval_phantoms import brain
 from rtcontrast.settings.protocol import ProtocolConfig
 from tests.dicomgen import Geometry, Scanner, make_series
-from tests.support import REPO
+from tests.support import REPO, run_series_job
 
 SE = REPO / "models" / "qmap-se.onnx"
 PROTOCOL = ProtocolConfig.model_validate({
@@ -46,21 +39,9 @@ def model() -> QMapModel:
 
 def _run(tmp_path: Path, model: QMapModel, image: np.ndarray, te: float, tr: float, field_t: float,
          pixel_mm: float, tag: str) -> tuple[str, str | None, dict]:
-    jobs = JobStore(db.connect(tmp_path / "node.db"))
-    outbox = Outbox(db.connect(tmp_path / "node.db"), tmp_path / "outbox")
-    ctx = PipelineContext(protocol=PROTOCOL, model=model, node=node_identity(ae_title="RTCONTRAST", model=model),
-                          jobs=jobs, outbox=outbox)
-    spool = Spool(tmp_path / "spool")
     geo = Geometry(pixel_spacing=(pixel_mm, pixel_mm), slice_spacing=6.0, slice_thickness=6.0)
     dss = make_series(image, te=te, tr=tr, geometry=geo, uid_seed=tag, scanner=Scanner(field_strength_t=field_t))
-    for ds in dss:
-        jobs.record_instance(StoredInstance(
-            path=spool.store(ds), study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, calling_ae="SCANNER",
-            peer_address="127.0.0.1:1", received_at=datetime.now(timezone.utc)))
-    job_id = jobs.create_job(dss[0].StudyInstanceUID, dss[0].SeriesInstanceUID)
-    assert job_id is not None
-    res = run_job(ctx, job_id)
+    res, jobs, _, job_id = run_series_job(tmp_path, PROTOCOL, model, dss)
     job = jobs.job(job_id)
     assert job is not None and job.qa is not None
     return str(res.state), res.reason, job.qa
