@@ -69,3 +69,12 @@ def make_node(tmp_path: Path, model: Any) -> Iterator[Callable[..., Any]]:
         n.stop(timeout_s=10)
 
 
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Any:
+    """A real outbox (SQLite + files) under ``tmp_path``."""
+    from rtcontrast.node.dispatch.outbox import Outbox
+    from rtcontrast.node.store.db import connect
+
+    return Outbox(connect(tmp_path / "node.db"), tmp_path / "outbox")

@@ -130,3 +130,21 @@ def run_series_job(tmp_path: Path, protocol: Any, model: Any, datasets: list[pyd
     job_id = jobs.create_job(datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID)
     assert job_id is not None
     return run_job(ctx, job_id), jobs, outbox, job_id
+
+
+def mr_series(n: int, series_uid: str | None = None) -> list[pydicom.Dataset]:
+    """``n`` copies of pydicom's MR_small with fresh UIDs (one series, one study): outbox and sender tests."""
+    import copy
+
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    base = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    study, series = generate_uid(), series_uid or generate_uid()
+    out = []
+    for i in range(n):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        ds.InstanceNumber = i + 1
+        out.append(ds)
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 import socket
 import threading
@@ -11,8 +10,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage
 
@@ -27,6 +24,7 @@ from rtcontrast.node.dispatch.outbox import (
 from rtcontrast.node.dispatch.destinations import DicomDestination, FolderDestination
 from rtcontrast.node.dispatch.sender import Sender
 from tests.conftest import free_port
+from tests.support import mr_series
 from tests.orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.network
@@ -34,30 +32,10 @@ pytestmark = pytest.mark.network
 FAST = RetryPolicy(max_attempts=3, base_delay_s=10.0, max_delay_s=100.0, jitter=0.2)
 
 
-def mr_series(n: int, series_uid: str | None = None) -> list[pydicom.Dataset]:
-    """``n`` copies of pydicom's MR_small with fresh UIDs (one series, one study)."""
-    base = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    study, series = generate_uid(), series_uid or generate_uid()
-    out = []
-    for i in range(n):
-        ds = copy.deepcopy(base)
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.SOPInstanceUID = generate_uid()
-        ds.InstanceNumber = i + 1
-        out.append(ds)
-    return out
-
-
 def dicom_dest(o: Orthanc, name: str = "tps", **kw: object) -> DicomDestination:
     return DicomDestination(name=name, host="127.0.0.1", port=o.dicom_port, ae_title=o.aet,
                             calling_ae="RTCONTRAST", connect_timeout_s=3, acse_timeout_s=5,
                             dimse_timeout_s=10, network_timeout_s=10, **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Outbox:
-    return Outbox(connect(tmp_path / "node.db"), tmp_path / "outbox")
 
 
 def test_delivers_to_orthanc_by_sop_uid(outbox: Outbox, orthanc: Orthanc) -> None:

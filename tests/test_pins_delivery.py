@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage
@@ -31,25 +30,9 @@ from rtcontrast.node.dispatch.sender import Sender
 from rtcontrast.node.receive.spool import Spool, SpoolError
 from rtcontrast.node.store.db import connect
 from tests.conftest import free_port
+from tests.support import mr_series
 
 THREE = RetryPolicy(max_attempts=3, base_delay_s=10.0, max_delay_s=100.0, jitter=0.0)
-
-
-def mr_series(n: int) -> list[pydicom.Dataset]:
-    base = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for i in range(n):
-        ds = copy.deepcopy(base)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
-        ds.InstanceNumber = i + 1
-        out.append(ds)
-    return out
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Outbox:
-    return Outbox(connect(tmp_path / "node.db"), tmp_path / "outbox")
 
 
 class Peer:

@@ -6,42 +6,21 @@ from __future__ import annotations
 
 import logging
 import socket
-from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage
 
 from rtcontrast.node.dispatch.destinations import DicomDestination
 from rtcontrast.node.dispatch.outbox import DEAD_LETTER, Outbox, RetryPolicy
 from rtcontrast.node.dispatch.sender import Sender
-from rtcontrast.node.store.db import connect
 from tests.conftest import free_port
+from tests.support import mr_series
 
 pytestmark = pytest.mark.network
 
 ONE_SHOT = RetryPolicy(max_attempts=1, base_delay_s=1.0, max_delay_s=1.0, jitter=0.0)
 TWO_SHOT = RetryPolicy(max_attempts=2, base_delay_s=1.0, max_delay_s=1.0, jitter=0.0)
-
-
-def mr_series(n: int, series_uid: str | None = None) -> list[pydicom.Dataset]:
-    """``n`` instances of pydicom's MR_small in one new series."""
-    study, series = generate_uid(), series_uid or generate_uid()
-    out = []
-    for i in range(n):
-        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
-        ds.InstanceNumber = i + 1
-        out.append(ds)
-    return out
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Outbox:
-    return Outbox(connect(tmp_path / "node.db"), tmp_path / "outbox")
 
 
 def _sender_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,10 +22,9 @@ from rtcontrast.node.dispatch.sender import (
     Sender,
     split_parts,
 )
-from rtcontrast.node.store.db import connect
 from rtcontrast.settings.protocol import ProtocolConfig
 from tests.conftest import free_port
-from tests.test_sender_errors import mr_series
+from tests.support import mr_series
 
 pytestmark = pytest.mark.network
 
@@ -123,11 +121,6 @@ class RecordingSCP:
 
     def shutdown(self) -> None:
         self.server.shutdown()
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Outbox:
-    return Outbox(connect(tmp_path / "node.db"), tmp_path / "outbox")
 
 
 def _dest(port: int, k: int) -> DicomDestination:
