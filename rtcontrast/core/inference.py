@@ -217,19 +217,22 @@ class QMapModel:
         return list(binding.copy_outputs_to_cpu())
 
     def predict(self, pixels: np.ndarray, te_ms: float, tr_ms: float, batch_size: int | None = None,
-                field_t: float | None = None, out: MapAllocator | None = None) -> QMaps:
+                field_t: float | None = None, out: MapAllocator | None = None, scale: float | None = None) -> QMaps:
         """Maps of a series ``pixels`` [N,H,W] (stored values after Modality LUT).
 
         ``field_t``: the series' MagneticFieldStrength (T); used by ``qmap/3`` models (when
         None they get :data:`~rtcontrast.core.contract.DEFAULT_FIELD_T`, and ``QMaps.field_t_assumed``
         says so), ignored by ``qmap/1``/``qmap/2`` models.
+        ``scale``: the series scale when ``pixels`` are only some slices of a series (the node
+        infers a sample first, then slab by slab: :mod:`rtcontrast.node.gate`); the slices'
+        maps are then exactly those of the whole series.  None: computed from ``pixels``.
         """
-        return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size, field_t=field_t, out=out)
+        return self.predict_multi([(pixels, te_ms, tr_ms)], batch_size, field_t=field_t, out=out, scale=scale)
 
     def predict_multi(self, inputs: list[tuple[np.ndarray, float, float]], batch_size: int | None = None,
                       consistency: Settings | None = None, valid: list[np.ndarray | None] | None = None,
                       field_t: float | None = None, known_gains: tuple[list[float], str] | None = None,
-                      out: MapAllocator | None = None) -> QMaps:
+                      out: MapAllocator | None = None, scale: float | None = None) -> QMaps:
         """Maps from one or more co-registered series [(pixels [N,H,W], TE, TR), ...].
 
         ``batch_size`` (default 8 on the CPU, 64 on a GPU) is an upper bound: batches never exceed
@@ -248,6 +251,8 @@ class QMapModel:
         batch by batch (default: a new float32 array; the node passes
         :func:`rtcontrast.core.maps.slab_allocator`, so the maps never sit whole in memory).
         Not used by the data-consistency fit, which needs its maps in memory.
+        ``scale``: the first input's series scale, when it was computed over more slices than
+        ``inputs`` hold (see :meth:`predict`).
         """
         if consistency is not None and len(inputs) > 1:
             return fused_consistent(self, inputs, batch_size, consistency, valid, field_t, known_gains)
@@ -262,7 +267,8 @@ class QMapModel:
             if extra.shape != pixels.shape:
                 raise ValueError(f"input series shapes differ: {extra.shape} vs {pixels.shape}")
         n, h, w = pixels.shape
-        scales = [series_scale(p, self.info.input_percentile) for p, _, _ in inputs]
+        scales = [series_scale(p, self.info.input_percentile) if (j or scale is None) else float(scale)
+                  for j, (p, _, _) in enumerate(inputs)]
         s = scales[0]
         ph, pw = pad_amounts(h, w, self.info.spatial_multiple)
         k = self.info.max_inputs if self.info.fusion else 1

@@ -22,8 +22,11 @@ Outcomes (the job's final state here):
 * ``queued``: the derived instances are in the outbox for every destination; the node
   marks the job ``delivered`` once the outbox has delivered them all.
 
-Streaming (issue #13): inference and QA run over the whole series first (QA decides
-hold/warn/send from the whole series' maps; a held series sends nothing); then the
+Streaming (issue #13): QA decides hold/warn/send before anything is rendered (a held
+series sends nothing).  A short series, a fused job and a released one are inferred whole
+first; a long one is judged on an evenly spaced sample of ``qa.sample_slices`` slices and
+its other slices are inferred slab by slab as they stream (:mod:`rtcontrast.node.gate`;
+QA over the whole series follows and stops the rest if it would have held).  The
 outputs flow slab by slab, render -> derive -> outbox, and the sender is woken after
 each slab, so the TPS receives the first instances while later slabs are computed
 (:mod:`rtcontrast.node.stream`).  While streaming the job is ``deriving``; it becomes
@@ -89,6 +92,7 @@ from rtcontrast.node.qa import (
     review_decision,
     uncertainty_violations,
 )
+from rtcontrast.node.gate import NonFiniteSlab, SeriesInference, judge_whole_series, non_finite_counts, sample_slices
 from rtcontrast.node.stream import Streamed, middle_slices, series_windows, stream_outputs
 
 __all__ = ["PipelineContext", "JobResult", "run_job", "node_identity", "model_identity", "STAGES"]
@@ -346,6 +350,20 @@ def _non_finite_maps(maps: QMaps) -> list[str]:
     return out
 
 
+def _withdraw(ctx: PipelineContext, job_id: int, streamed: Streamed) -> str:
+    """Withdraw a streaming job's undelivered instances (it stops midway); the words its reason ends with.
+
+    No half series stays queued as if complete; what a destination may already hold is in
+    docs/admin.md.  Empty when nothing was queued yet.
+    """
+    if not streamed.queued:
+        return ""
+    withdrawn = ctx.outbox.withdraw_pending(job_id)
+    ctx.jobs.audit(job_id, "withdrawn", {"queued": dict(streamed.queued), "withdrawn": withdrawn})
+    return (f" (after {sum(streamed.queued.values())} instance(s) were queued in {streamed.slabs} slab(s); "
+            f"{withdrawn} not yet delivered were withdrawn: a destination may hold an incomplete series)")
+
+
 def _map_folder(ctx: PipelineContext, job_id: int) -> Path:
     """Where a job's maps are kept while it runs (#13 memory: not in RAM); removed when the job ends.
 
@@ -444,6 +462,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         jobs.set_state(job_id, JobState.INFERRING)
         spill = _map_folder(ctx, job_id)
         co_sources: list[Volume] = []
+        runner: SeriesInference | None = None  # set when QA judges a sample and the rest is inferred while streaming
         if protocol.fusion.enabled and model.info.fusion:
             partners, qa["fusion"] = _fusion_partners(ctx, job_id, volume)
             target = choose_target(
@@ -474,14 +493,22 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         else:
             if protocol.fusion.enabled:
                 qa["fusion"] = {"partners": [], "note": f"model contract {model.info.contract}: single input"}
-            maps = model.predict(volume.pixels, te, tr, field_t=field_strength_t(volume), out=slab_allocator(spill))
-        qa.update(compute_qa(maps, volume.pixels, te, tr))
+            # a release re-runs a held job: judged whole, so the flag it carries follows the whole series' QA
+            sample = None if ctx.hold_override else sample_slices(volume.pixels.shape[0], protocol.qa.sample_slices)
+            if sample is None:
+                maps = model.predict(volume.pixels, te, tr, field_t=field_strength_t(volume), out=slab_allocator(spill))
+            else:  # a long series: QA on a sample, the rest inferred while it streams (rtcontrast/node/gate.py)
+                runner = SeriesInference(model, volume.pixels, te, tr, field_strength_t(volume), slab_allocator(spill))
+                judged, maps = runner.infer(sample), runner.maps
+                qa["gate"] = {"sample_slices": int(sample.size), "series_slices": int(volume.pixels.shape[0])}
+        qa.update(compute_qa(maps, volume.pixels, te, tr) if runner is None
+                  else compute_qa(judged, volume.pixels[sample], te, tr))
         if "uncertainty" in qa and model.info.qa_limits:  # the model's calibrated limits (metadata), for QA
             qa["uncertainty_limits"] = dict(model.info.qa_limits)
         violations = qa_violations(qa, protocol)
         qa["violations"] = violations
         qa["action"] = qa_action(violations, uncertainty_violations(qa, protocol), protocol)
-        broken = non_finite_figures(qa) + _non_finite_maps(maps)
+        broken = non_finite_figures(qa) + (_non_finite_maps(maps) if runner is None else non_finite_counts(judged))
         if broken:  # never sent, whatever qa.action says: the images would be blank or wrong
             qa["action"] = "failed"
             raise _Stop(JobState.FAILED, "non-finite data: " + "; ".join(broken))
@@ -502,7 +529,11 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
             raise _Stop(JobState.HELD, "QA hold: " + "; ".join(violations))
         t0 = time.perf_counter()
         mask = body_mask(volume.pixels, maps.scale) if (protocol.maps.classic or protocol.maps.parametric) else None
-        windows, map_windows = series_windows(maps, [i for i, _ in infos], protocol.maps.classic, mask)
+        if runner is None:
+            windows, map_windows = series_windows(maps, [i for i, _ in infos], protocol.maps.classic, mask)
+        else:  # the sample's window: the rest of the series is not inferred yet
+            windows, map_windows = series_windows(judged, [i for i, _ in infos], protocol.maps.classic,
+                                                  None if mask is None else mask[sample])
         timings["render"] = time.perf_counter() - t0
 
         jobs.set_state(job_id, JobState.DERIVING)
@@ -510,11 +541,24 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         if violations and (qa["action"] == "warn" or (hold and ctx.hold_override)):
             flag = functools.partial(flag_datasets, warning="; ".join(violations),
                                      review=review_decision(jobs, job_id) if hold and ctx.hold_override else None)
-        stream_outputs(ctx, job_id, volume, maps, infos, windows, map_windows, mask, co_sources=co_sources,
-                       qa_note="QA passed" if not violations else None,  # warn: flag_datasets writes it
-                       flag=flag, done=streamed)
+        try:
+            stream_outputs(ctx, job_id, volume, maps, infos, windows, map_windows, mask, co_sources=co_sources,
+                           qa_note="QA passed" if not violations else None,  # warn: flag_datasets writes it
+                           flag=flag, done=streamed, source=None if runner is None else runner.slab)
+        except NonFiniteSlab as exc:
+            qa["action"] = "failed"
+            raise _Stop(JobState.FAILED, f"{exc}{_withdraw(ctx, job_id, streamed)}") from exc
         for k, v in streamed.timings_s.items():
             timings[k] = timings.get(k, 0.0) + v
+        if runner is not None:  # every slice is inferred now: QA over the whole series, recorded beside the sample's
+            t0 = time.perf_counter()
+            whole = qa["whole_series"] = judge_whole_series(qa, maps, volume.pixels, te, tr, protocol)
+            timings["infer"] += time.perf_counter() - t0
+            if whole["action"] in ("hold", "failed") and qa["action"] not in ("hold", "released"):
+                state = JobState.HELD if whole["action"] == "hold" else JobState.FAILED
+                raise _Stop(state, f"QA {whole['action']} on the whole series (judged first on "
+                                   f"{qa['gate']['sample_slices']} of {qa['gate']['series_slices']} slices, which "
+                                   f"passed): " + "; ".join(whole["violations"]) + _withdraw(ctx, job_id, streamed))
         result.queued = dict(streamed.queued)
         qa["slabs"] = streamed.slabs
         if streamed.first_queued_at is not None:  # job start -> first slab in the outbox
@@ -530,12 +574,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         finish(stop.state, stop.reason, **stop.fields)
     except Exception as exc:
         reason = f"unexpected error: {type(exc).__name__}: {exc}"
-        if streamed.queued:  # failed midway through streaming: no half series stays queued as if complete
-            withdrawn = ctx.outbox.withdraw_pending(job_id)
-            reason += (f" (after {sum(streamed.queued.values())} instance(s) were queued in {streamed.slabs} slab(s); "
-                       f"{withdrawn} not yet delivered were withdrawn: a destination may hold an incomplete series)")
-            jobs.audit(job_id, "withdrawn", {"queued": dict(streamed.queued), "withdrawn": withdrawn})
-        finish(JobState.FAILED, reason)
+        finish(JobState.FAILED, reason + _withdraw(ctx, job_id, streamed))
         raise
     finally:
         if spill is not None:

@@ -59,7 +59,8 @@ from rtcontrast.dicom.volume import Volume
 if TYPE_CHECKING:  # the pipeline imports this module
     from rtcontrast.node.pipeline import PipelineContext
 
-__all__ = ["FIRST_SLAB_VOXELS", "SLAB_VOXELS", "Streamed", "middle_slices", "series_windows", "slabs", "stream_outputs"]
+__all__ = ["FIRST_SLAB_VOXELS", "SLAB_VOXELS", "Streamed", "classic_u16", "middle_slices", "read_slab", "series_windows",
+           "slabs", "stream_outputs"]
 
 #: Voxels per slab (16 slices of 256x256; 4 of 512x512).  Small enough that the first
 #: slab reaches the TPS soon and a slab's datasets are a few MB; large enough that the
@@ -99,11 +100,22 @@ def render_slab(maps: QMaps, a: int, b: int, te_ms: float, tr_ms: float) -> np.n
 
 def classic_slab(maps: QMaps, quantity: str, a: int, b: int, mask: np.ndarray | None) -> np.ndarray:
     """Stored pixels of slices ``a..b-1`` of a classic map image (PD relative to the series scale), masked."""
+    return classic_u16(_slab_maps(maps, a, b), quantity, None if mask is None else mask[a:b])
+
+
+def classic_u16(slab: QMaps, quantity: str, mask: np.ndarray | None) -> np.ndarray:
+    """Stored pixels of a classic map image from maps already in memory (PD relative to the series scale)."""
     if quantity == "PD":
-        u16 = map_to_u16(maps.pd[a:b] / np.float32(maps.scale), "PD")
+        u16 = map_to_u16(np.asarray(slab.pd) / np.float32(slab.scale), "PD")
     else:
-        u16 = map_to_u16((maps.t1 if quantity == "T1" else maps.t2)[a:b], quantity)
-    return map_slab_u16(u16, quantity, None if mask is None else mask[a:b])
+        u16 = map_to_u16(np.asarray(slab.t1 if quantity == "T1" else slab.t2), quantity)
+    return map_slab_u16(u16, quantity, mask)
+
+
+def read_slab(maps: QMaps, a: int, b: int) -> QMaps:
+    """Slices ``a..b-1`` of ``maps`` in memory (one read per map when the maps are files)."""
+    return QMaps(pd=np.asarray(maps.pd[a:b]), t1=np.asarray(maps.t1[a:b]), t2=np.asarray(maps.t2[a:b]),
+                 te_tr_pred=maps.te_tr_pred[a:b], scale=maps.scale)
 
 
 def series_windows(
@@ -114,10 +126,11 @@ def series_windows(
     hists = {r.key: np.zeros(65536, np.int64) for r in recipes}
     mhists = {q: np.zeros(65536, np.int64) for q in (MAP_QUANTITIES if classic else ())}
     for a, b in slabs(n, h, w, voxels):
+        slab = read_slab(maps, a, b)
         for r in recipes:
-            hists[r.key] += u16_histogram(render_slab(maps, a, b, r.te_ms, r.tr_ms))
+            hists[r.key] += u16_histogram(to_uint16(render(slab, r.te_ms, r.tr_ms)))
         for q in mhists:
-            mhists[q] += u16_histogram(classic_slab(maps, q, a, b, mask))
+            mhists[q] += u16_histogram(classic_u16(slab, q, None if mask is None else mask[a:b]))
     windows = {k: window_from_histogram(hh) for k, hh in hists.items()}
     mwin = {q: map_window(hh) for q, hh in mhists.items()}
     return windows, mwin
@@ -160,6 +173,7 @@ def stream_outputs(
     flag: Callable[[list[Dataset]], None] | None,
     done: Streamed,
     voxels: int | None = None,
+    source: Callable[[int, int], QMaps] | None = None,
 ) -> Streamed:
     """Render, derive and queue the job's outputs slab by slab; wake the sender after each slab.
 
@@ -168,6 +182,9 @@ def stream_outputs(
     ``flag``: marks datasets sent with a QA warning (applied to every slab before it is
     queued).  ``done`` is filled as the slabs go (so a caller that sees an exception knows
     how far it got).  Parametric Maps, if the protocol asks for them, follow the slabs.
+    ``source(a, b)``: the maps of slices ``a..b-1`` in memory (:meth:`rtcontrast.node.gate.SeriesInference.slab`
+    infers them there); default: read from ``maps``.  Each slab is read (or inferred) once
+    for every recipe and map.
     """
     p, node, model = ctx.protocol, ctx.node, ctx.model_identity
     t0 = time.perf_counter()
@@ -181,9 +198,12 @@ def stream_outputs(
     n, h, w = maps.pd.shape
     for a, b in slabs(n, h, w, voxels):
         per_dest: dict[str, list[Dataset]] = {}
+        t0 = time.perf_counter()
+        slab = source(a, b) if source is not None else read_slab(maps, a, b)
+        done.timings_s["infer"] = done.timings_s.get("infer", 0.0) + time.perf_counter() - t0
         for r, dests in recipes:
             t0 = time.perf_counter()
-            u16 = render_slab(maps, a, b, r.te_ms, r.tr_ms)
+            u16 = to_uint16(render(slab, r.te_ms, r.tr_ms))
             t1 = time.perf_counter()
             dss = derive_slab(volume, templates[r.key], u16, a, node=node, key=r.key, model=model, co_sources=co)
             done.timings_s["render"] += t1 - t0
@@ -192,7 +212,8 @@ def stream_outputs(
                 per_dest.setdefault(d, []).extend(dss)
         t0 = time.perf_counter()
         for q in map_windows:
-            dss = derive_slab(volume, mtemplates[q], classic_slab(maps, q, a, b, mask), a, node=node,
+            dss = derive_slab(volume, mtemplates[q], classic_u16(slab, q, None if mask is None else mask[a:b]), a,
+                              node=node,
                               key=f"map-{q}", model=model, co_sources=co)
             for d in p.maps.destinations:
                 per_dest.setdefault(d, []).extend(dss)

@@ -256,13 +256,21 @@ class QA(StrictModel):
         "hold", description="what an uncertainty finding does, whatever ``action`` says: a series the model "
                             "cannot read (another anatomy, an unusual sequence) is held for a physicist by default")
     action: Literal["send", "warn", "hold"] = "warn"
+    sample_slices: int = Field(
+        16, ge=0, le=256, description="a series of more than twice this many slices is judged on this many evenly "
+                                      "spaced slices before anything is sent, then inferred slab by slab while it "
+                                      "streams to the TPS (its first image arrives seconds after the last slice); "
+                                      "QA over the whole series follows, and a whole series that would have been "
+                                      "held stops what is not yet delivered (rtcontrast.node.gate).  0: every "
+                                      "series is inferred whole before the QA decision")
 
 
 #: Uncertainty limit when neither the protocol nor the model sets one (fraction: 0.35 = ±35 %).
 DEFAULT_UNCERTAINTY_LIMIT = 0.35
 
 #: QA keys added after protocols were first hashed: at their defaults they leave the audit hash as it was.
-_LATER_QA_KEYS = ("fusion_", "max_t1_uncertainty", "max_t2_uncertainty", "max_pd_uncertainty", "uncertainty_action")
+_LATER_QA_KEYS = ("fusion_", "max_t1_uncertainty", "max_t2_uncertainty", "max_pd_uncertainty", "uncertainty_action",
+                  "sample_slices")
 
 
 def _default_recipes() -> list[Recipe]:
