@@ -20,7 +20,7 @@ from rtcontrast.core.inference import QMapModel
 from rtcontrast.node import stream
 from rtcontrast.node.dispatch.destinations import FolderDestination
 from rtcontrast.node.dispatch.sender import RetryPolicy, Sender
-from rtcontrast.node.gate import SeriesInference, sample_slices
+from rtcontrast.node.gate import NonFiniteSlab, SeriesInference, sample_slices
 from rtcontrast.node.pipeline import run_job
 from rtcontrast.research import phantom
 from rtcontrast.research.eval_phantoms import brain
@@ -73,6 +73,18 @@ def test_slices_inferred_in_any_order_are_the_whole_series_maps(tmp_path: Path, 
         np.testing.assert_allclose(getattr(slab, name), getattr(whole, name)[2:6], rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(run.maps.te_tr_pred[[0, 2, 3, 4, 5]], whole.te_tr_pred[[0, 2, 3, 4, 5]], rtol=1e-5)
     assert run.done.tolist() == [True, False, True, True, True, True, False, False]
+
+
+def test_a_slab_with_non_finite_maps_is_refused(model: QMapModel) -> None:
+    """The guard the stream relies on: a slab's maps are checked before anything of it is rendered."""
+    pixels = np.stack([ds.pixel_array for ds in phantom_series(n=8)]).astype(np.float32)
+    run = SeriesInference(model, pixels, 90.0, 4000.0, 1.5, lambda name, shape: np.zeros(shape, np.float32))
+    run.infer(np.array([0, 4, 7]))
+    assert run.slab(0, 2).t1.shape == (2, 64, 64)
+    run.pixels = pixels.copy()
+    run.pixels[5, 10:20, 10:20] = np.nan  # e.g. a decoder fault after the scale was taken
+    with pytest.raises(NonFiniteSlab, match=r"non-finite data in slices 4-5: PD map has \d+ non-finite"):
+        run.slab(4, 6)
 
 
 def _queued_pixels(env: Env, job_id: int) -> dict[str, np.ndarray]:
@@ -210,3 +222,19 @@ def test_what_was_delivered_before_a_late_hold_stays_and_the_rest_is_withdrawn(t
     assert first[0] == 1 and len(list(export.rglob("*.dcm"))) == 1  # 256x256 slices: one per slab here
     assert env.outbox.job_counts(job_id) == {"pending": 0, "delivered": 1, "dead_letter": 0}
     assert "7 not yet delivered were withdrawn" in (res.reason or "")
+
+
+def test_a_whole_series_warning_after_a_passed_sample_is_logged_and_kept_in_the_reason(
+    tmp_path: Path, se_model: QMapModel, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With ``qa.action: warn`` (the default) the whole series' TE/TR finding does not stop the job: its
+    instances went out as "QA passed" on the sample's figures, so the job's reason and the log say what
+    the whole series showed."""
+    with caplog.at_level("WARNING", logger="rtcontrast.node.pipeline"):
+        res, jobs, _, job_id = run_series_job(tmp_path, _se_protocol(), se_model,
+                                              _series(_mixed_timing(8), "gate-mixed-warn"))
+    assert res.state == "queued", res.reason
+    assert (res.reason or "").startswith("QA warning on the whole series, after it was sent as passed on a sample: "
+                                         "TE identified"), res.reason
+    assert any("QA over the whole series, after sending" in r.getMessage() for r in caplog.records)
+    assert jobs.job(job_id).qa["whole_series"]["action"] == "warn"

@@ -40,7 +40,7 @@ import numpy as np
 
 from rtcontrast.core.contract import series_scale
 from rtcontrast.core.inference import QMapModel
-from rtcontrast.core.maps import QMaps
+from rtcontrast.core.maps import QMaps, slab_ranges
 from rtcontrast.node.qa import compute_qa, non_finite_figures, qa_action, qa_violations, uncertainty_violations
 from rtcontrast.settings.protocol import ProtocolConfig
 
@@ -68,10 +68,16 @@ class NonFiniteSlab(ValueError):
 
 
 def non_finite_counts(maps: QMaps) -> list[str]:
-    """Which maps (of an in-memory :class:`QMaps`) hold NaN or infinite voxels, with the counts."""
+    """Which estimated maps hold NaN or infinite voxels, with the counts (checked before anything is rendered).
+
+    Read slab by slab: the maps may be files in the job folder (:class:`~rtcontrast.core.maps.SlabFile`).
+    """
     out = []
     for name, a in (("PD", maps.pd), ("T1", maps.t1), ("T2", maps.t2)):
-        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        bad = 0
+        for c, d in slab_ranges(a.shape[0], 8):
+            slab = np.asarray(a[c:d])
+            bad += int(slab.size - np.count_nonzero(np.isfinite(slab)))
         if bad:
             out.append(f"{name} map has {bad} non-finite voxel(s)")
     return out

@@ -66,7 +66,7 @@ from pydicom.dataset import Dataset
 from rtcontrast import __version__
 from rtcontrast.core.consistency import Settings
 from rtcontrast.core.inference import QMapModel
-from rtcontrast.core.maps import QMaps, slab_allocator, slab_ranges
+from rtcontrast.core.maps import QMaps, slab_allocator
 from rtcontrast.dicom.derive import ModelIdentity, NodeIdentity, RecipeInfo
 from rtcontrast.dicom.map_series import body_mask
 from rtcontrast.dicom.grid import (
@@ -334,22 +334,6 @@ def _target_uses(ctx: PipelineContext, study: str, target: str, series: str) -> 
     return tj.state in ("queued", "delivered") and series in ((tj.qa or {}).get("fusion") or {}).get("partners", [])
 
 
-def _non_finite_maps(maps: QMaps) -> list[str]:
-    """Which estimated maps hold NaN or infinite voxels (checked before anything is rendered).
-
-    Read slab by slab: the maps may be files (:func:`_map_folder`).
-    """
-    out = []
-    for name, a in (("PD", maps.pd), ("T1", maps.t1), ("T2", maps.t2)):
-        bad = 0
-        for c, b in slab_ranges(a.shape[0], 8):
-            slab = np.asarray(a[c:b])
-            bad += int(slab.size - np.count_nonzero(np.isfinite(slab)))
-        if bad:
-            out.append(f"{name} map has {bad} non-finite voxel(s)")
-    return out
-
-
 def _withdraw(ctx: PipelineContext, job_id: int, streamed: Streamed) -> str:
     """Withdraw a streaming job's undelivered instances (it stops midway); the words its reason ends with.
 
@@ -508,7 +492,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         violations = qa_violations(qa, protocol)
         qa["violations"] = violations
         qa["action"] = qa_action(violations, uncertainty_violations(qa, protocol), protocol)
-        broken = non_finite_figures(qa) + (_non_finite_maps(maps) if runner is None else non_finite_counts(judged))
+        broken = non_finite_figures(qa) + non_finite_counts(maps if runner is None else judged)
         if broken:  # never sent, whatever qa.action says: the images would be blank or wrong
             qa["action"] = "failed"
             raise _Stop(JobState.FAILED, "non-finite data: " + "; ".join(broken))
@@ -566,7 +550,12 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         qa["queued"] = dict(result.queued)
         if violations:
             log.warning("job %d series %s: QA %s: %s", job_id, series, protocol.qa.action, "; ".join(violations))
-        finish(JobState.QUEUED, "QA warning: " + "; ".join(violations) if violations else None)
+        notes = ["QA warning: " + "; ".join(violations)] if violations else []
+        late = [v for v in (qa.get("whole_series") or {}).get("violations", []) if not violations]
+        if late:  # sent as "QA passed" on the sample's figures; the whole series' say otherwise (not a hold)
+            log.warning("job %d series %s: QA over the whole series, after sending: %s", job_id, series, "; ".join(late))
+            notes.append("QA warning on the whole series, after it was sent as passed on a sample: " + "; ".join(late))
+        finish(JobState.QUEUED, " | ".join(notes) or None)
     except _Stop as stop:
         level = logging.INFO if stop.state == JobState.INELIGIBLE else logging.WARNING
         log.log(level, "job %d series %s %s: %s", job_id, series, stop.state, stop.reason)
