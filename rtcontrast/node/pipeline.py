@@ -518,6 +518,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         else:  # the sample's window: the rest of the series is not inferred yet
             windows, map_windows = series_windows(judged, [i for i, _ in infos], protocol.maps.classic,
                                                   None if mask is None else mask[sample])
+            del judged  # the sample's maps (also in the map files): ~100 MB at 512x512, not kept while streaming
         timings["render"] = time.perf_counter() - t0
 
         jobs.set_state(job_id, JobState.DERIVING)
