@@ -22,6 +22,8 @@ from rtcontrast.node.dispatch.destinations import FolderDestination
 from rtcontrast.node.dispatch.sender import RetryPolicy, Sender
 from rtcontrast.node.gate import NonFiniteSlab, SeriesInference, sample_slices
 from rtcontrast.node.pipeline import run_job
+from rtcontrast.node.qa import percent
+from rtcontrast.node.review import data as review_data
 from rtcontrast.research import phantom
 from rtcontrast.research.eval_phantoms import brain
 from rtcontrast.settings.protocol import ProtocolConfig
@@ -201,6 +203,14 @@ def test_a_series_whose_sample_passes_but_whose_whole_would_be_held_stops(tmp_pa
     assert "8 not yet delivered were withdrawn" in reason, reason
     assert outbox.job_counts(job_id) == {"pending": 0, "delivered": 0, "dead_letter": 0}
     assert "withdrawn" in [e.event for e in jobs.audit_events(job_id)]
+    # the review page tells the physicist what happened, not "passed" from the sample's figures
+    verdict, shown = review_data._verdict(qa)
+    assert verdict == "failed on the whole series after a passed sample: held, part may have been sent", verdict
+    assert shown and shown[0].startswith("whole series: TE identified")
+    figures = dict(review_data._figures(qa)[0])
+    assert figures["QA decided on"].startswith("3 of 8 slices") and "TE identified" in figures["QA decided on"]
+    assert figures["model uncertainty T2 (median relative sd over the body)"].endswith(
+        f"model's limit ±{percent(se_model.info.qa_limits['t2_rel_sd'])} %")
 
 
 def test_what_was_delivered_before_a_late_hold_stays_and_the_rest_is_withdrawn(tmp_path: Path,

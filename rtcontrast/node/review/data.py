@@ -95,6 +95,12 @@ def _verdict(qa: dict[str, Any] | None) -> tuple[str, list[str]]:
         return "no QA (not processed)", []
     violations = list(qa.get("violations") or [])
     action = qa.get("action", "none")
+    whole = qa.get("whole_series") or {}  # judged on a sample first (rtcontrast/node/gate.py); then the whole series
+    if not violations and whole.get("violations"):
+        late = [f"whole series: {v}" for v in whole["violations"]]
+        return {"hold": "failed on the whole series after a passed sample: held, part may have been sent",
+                "failed": "failed on the whole series after a passed sample: stopped, part may have been sent",
+                }.get(whole.get("action", ""), "failed on the whole series after a passed sample: sent"), late
     if not violations:
         return "passed", []
     return {"hold": "failed: held", "warn": "failed: sent with warning", "released": "failed: released after review",
@@ -143,6 +149,17 @@ def _figures(qa: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str,
                          f"{qa[keys[0]]:g} ms / {ms(qa[keys[1]])} ms ({percent(qa[keys[2]])} % off)"))
     if "slices" in qa:
         figs.append(("slices, matrix", f"{qa['slices']}, {' x '.join(str(m) for m in qa.get('matrix', []))}"))
+    gate = qa.get("gate") or {}
+    if gate:
+        figs.append(("QA decided on", f"{gate.get('sample_slices')} of {gate.get('series_slices')} slices "
+                                      "(evenly spaced; the figures here are theirs), then the whole series: "
+                                      + ("; ".join((qa.get("whole_series") or {}).get("violations") or []) or "passed")))
+    unc, limits = qa.get("uncertainty") or {}, qa.get("uncertainty_limits") or {}
+    for key, name in (("t1_rel_sd", "T1"), ("t2_rel_sd", "T2"), ("pd_rel_sd", "PD")):
+        if key in unc:
+            limit = f"; model's limit ±{percent(limits[key])} %" if key in limits else ""
+            figs.append((f"model uncertainty {name} (median relative sd over the body)",
+                         f"±{percent(unc[key])} %{limit}"))
     if "body_voxels" in qa:
         figs.append(("body voxels", str(qa["body_voxels"])))
     maps = []
