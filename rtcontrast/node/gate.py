@@ -32,7 +32,6 @@ before the QA decision: the first image waits for the whole series' inference).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -45,8 +44,6 @@ from rtcontrast.node.qa import compute_qa, non_finite_figures, qa_action, qa_vio
 from rtcontrast.settings.protocol import ProtocolConfig
 
 __all__ = ["NonFiniteSlab", "SeriesInference", "judge_whole_series", "non_finite_counts", "sample_slices"]
-
-log = logging.getLogger(__name__)
 
 _MAP_NAMES = ("pd", "t1", "t2", "t1_log_sd", "t2_log_sd", "pd_sd")
 
