@@ -150,10 +150,12 @@ class _FailingOutbox(Outbox):
         return super().enqueue(job_id, destination, items, now)
 
 
+@pytest.mark.parametrize("sample_slices", [16, 2], ids=["inferred-whole-first", "sampled-then-streamed"])
 def test_a_job_failing_midway_withdraws_the_rest_and_a_rerun_completes_without_duplicates(
-    tmp_path: Path, model: QMapModel, small_slabs: None,
+    tmp_path: Path, model: QMapModel, small_slabs: None, sample_slices: int,
 ) -> None:
-    env = Env(tmp_path, model, small_protocol())
+    """Also when the series is judged on a sample and inferred while it streams (rtcontrast/node/gate.py)."""
+    env = Env(tmp_path, model, small_protocol(qa={"sample_slices": sample_slices}))
     failing = _FailingOutbox(env.outbox.conn, tmp_path / "outbox")
     env.ctx.outbox = failing
     export = tmp_path / "export"
@@ -178,6 +180,7 @@ def test_a_job_failing_midway_withdraws_the_rest_and_a_rerun_completes_without_d
     failing.fail_at = -1  # the disk has room again; the node re-runs the job (restart or retry)
     env.ctx.on_enqueued = lambda: sender.run_once()
     assert run_job(env.ctx, job_id).state == "queued"
+    assert ("gate" in (env.jobs.job(job_id).qa or {})) == (sample_slices == 2)  # type: ignore[union-attr]
     assert failing.job_counts(job_id) == {"pending": 0, "delivered": 12, "dead_letter": 0}
     files = list(export.rglob("*.dcm"))
     assert len(files) == 12 and len({f.name for f in files}) == 12  # replaced by SOP Instance UID, no duplicate
