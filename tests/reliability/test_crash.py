@@ -67,7 +67,10 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path, 
     var = tmp_path / "var"
     db = var / "rtcontrast.db"
     settings = node_settings(var)
-    args = write_configs(tmp_path, settings, tps_protocol(orthanc.dicom_port, N_RECIPES))
+    protocol = tps_protocol(orthanc.dicom_port, N_RECIPES)
+    # 12-slice series judged on 5 of them and the rest inferred while streaming (the path a long series takes)
+    protocol["qa"] = {**protocol["qa"], "sample_slices": 4}
+    args = write_configs(tmp_path, settings, protocol)
     port = settings["port"]
     keys = [k for k, _, _ in RECIPES[:N_RECIPES]]
     log = tmp_path / "node.log"
@@ -151,6 +154,9 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path, 
     latest = db_rows(db, "SELECT series_uid, instance_count FROM jobs WHERE id IN "
                          "(SELECT MAX(id) FROM jobs GROUP BY series_uid)")
     assert sorted(c for _, c in latest) == [N_SLICES] * (3 * N_RUNS)
+    gates = db_rows(db, "SELECT json_extract(qa_json, '$.gate.sample_slices') FROM jobs WHERE id IN "
+                        "(SELECT MAX(id) FROM jobs GROUP BY series_uid)")
+    assert [g for (g,) in gates] == [5] * (3 * N_RUNS)  # every delivered job took the sampled path
     assert db_rows(db, "SELECT COUNT(*) FROM outbox_items WHERE state = 'dead_letter'")[0][0] == 0
     at_tps = orthanc.sop_instance_uids()
     assert len(at_tps) == len(set(at_tps))
