@@ -10,11 +10,12 @@ decision, and memory is bounded by a slab, not by the volume.
 
 What stays whole-series, and why:
 
-* inference and QA (in :func:`rtcontrast.node.pipeline.run_job`) run over the whole
-  series *before* anything is streamed: QA decides hold/warn/send from the whole
-  series' maps, and a held series must send nothing;
+* the QA decision (in :func:`rtcontrast.node.pipeline.run_job`) comes *before* anything is
+  streamed, and a held series sends nothing: from the whole series' maps, or, for a long
+  series, from a sample of its slices, the rest being inferred here slab by slab
+  (``source``, :mod:`rtcontrast.node.gate`);
 * every instance of a series carries the series' one window (WindowCenter/Width from
-  percentiles over the whole series).  :func:`series_windows` computes them first in one
+  percentiles over the whole series, or over the sample).  :func:`series_windows` computes them first in one
   slab-wise pass that keeps only a 65536-bin histogram per series (exactly the numbers
   the whole-volume writers give, :func:`rtcontrast.core.render.window_from_histogram`),
   so rendering costs two passes of the cheap per-voxel formula;
