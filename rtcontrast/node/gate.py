@@ -93,7 +93,6 @@ class SeriesInference:
                  out: Callable[[str, tuple[int, ...]], Any]) -> None:
         self.model, self.pixels, self.te, self.tr = model, pixels, float(te_ms), float(tr_ms)
         self.field_t = field_t
-        self.field_assumed = False
         self.scale = float(series_scale(pixels, model.info.input_percentile))
         n, h, w = pixels.shape
         self.done = np.zeros(n, bool)
@@ -109,7 +108,7 @@ class SeriesInference:
         got = self.model.predict(self.pixels[idx], self.te, self.tr, field_t=self.field_t, scale=self.scale)
         if self.model.info.takes_field and not self.done.any():
             # the first call resolves (and logs) a missing field strength once; later calls pass what it used
-            self.field_assumed, self.field_t = got.field_t_assumed, got.field_t
+            self.field_t = got.field_t
             self.maps.field_t, self.maps.field_t_assumed = got.field_t, got.field_t_assumed
         got.field_t, got.field_t_assumed = self.maps.field_t, self.maps.field_t_assumed
         self.maps.te_tr_pred[idx] = got.te_tr_pred
@@ -124,24 +123,15 @@ class SeriesInference:
         return got
 
     def slab(self, a: int, b: int) -> QMaps:
-        """Maps of slices ``a..b-1`` in memory: inferred where not yet, read back where the sample has them.
+        """Maps of slices ``a..b-1`` in memory: the slices not inferred yet are inferred (and written to the
+        full-series maps), then the slab is read back whole, sample slices included.
 
         Raises :class:`NonFiniteSlab` when a map of the slab holds NaN or infinite voxels.
         """
         todo = np.flatnonzero(~self.done[a:b]) + a
-        fresh = self.infer(todo) if todo.size else None
-        parts: dict[str, np.ndarray] = {}
-        for name in _MAP_NAMES:
-            full = getattr(self.maps, name)
-            if full is None:
-                continue
-            arr = np.empty((b - a, *self.pixels.shape[1:]), np.float32)
-            known = np.flatnonzero(np.isin(np.arange(a, b), todo, invert=True))
-            for i in known:
-                arr[i] = full[a + int(i)]
-            if fresh is not None:
-                arr[todo - a] = getattr(fresh, name)
-            parts[name] = arr
+        if todo.size:
+            self.infer(todo)
+        parts = {name: np.asarray(full[a:b]) for name in _MAP_NAMES if (full := getattr(self.maps, name)) is not None}
         slab = QMaps(pd=parts["pd"], t1=parts["t1"], t2=parts["t2"], te_tr_pred=self.maps.te_tr_pred[a:b],
                      scale=self.scale, t1_log_sd=parts.get("t1_log_sd"), t2_log_sd=parts.get("t2_log_sd"),
                      pd_sd=parts.get("pd_sd"), field_t=self.maps.field_t, field_t_assumed=self.maps.field_t_assumed)

@@ -552,7 +552,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> JobResult:
         if violations:
             log.warning("job %d series %s: QA %s: %s", job_id, series, protocol.qa.action, "; ".join(violations))
         notes = ["QA warning: " + "; ".join(violations)] if violations else []
-        late = [v for v in (qa.get("whole_series") or {}).get("violations", []) if not violations]
+        late = [] if violations else list((qa.get("whole_series") or {}).get("violations", []))
         if late:  # sent as "QA passed" on the sample's figures; the whole series' say otherwise (not a hold)
             log.warning("job %d series %s: QA over the whole series, after sending: %s", job_id, series, "; ".join(late))
             notes.append("QA warning on the whole series, after it was sent as passed on a sample: " + "; ".join(late))

@@ -60,8 +60,8 @@ from rtcontrast.dicom.volume import Volume
 if TYPE_CHECKING:  # the pipeline imports this module
     from rtcontrast.node.pipeline import PipelineContext
 
-__all__ = ["FIRST_SLAB_VOXELS", "SLAB_VOXELS", "Streamed", "classic_u16", "middle_slices", "read_slab", "series_windows",
-           "slabs", "stream_outputs"]
+__all__ = ["FIRST_SLAB_VOXELS", "SLAB_VOXELS", "Streamed", "classic_u16", "middle_slices", "read_slab", "recipe_u16",
+           "series_windows", "slabs", "stream_outputs"]
 
 #: Voxels per slab (16 slices of 256x256; 4 of 512x512).  Small enough that the first
 #: slab reaches the TPS soon and a slab's datasets are a few MB; large enough that the
@@ -90,18 +90,25 @@ def slabs(n: int, h: int, w: int, voxels: int | None = None, first: int | None =
         yield start, min(n, start + step)
 
 
-def _slab_maps(maps: QMaps, a: int, b: int) -> QMaps:
-    return QMaps(pd=maps.pd[a:b], t1=maps.t1[a:b], t2=maps.t2[a:b], te_tr_pred=maps.te_tr_pred[a:b], scale=maps.scale)
+def read_slab(maps: QMaps, a: int, b: int) -> QMaps:
+    """Slices ``a..b-1`` of ``maps`` in memory (one read per map when the maps are files; views of arrays)."""
+    return QMaps(pd=np.asarray(maps.pd[a:b]), t1=np.asarray(maps.t1[a:b]), t2=np.asarray(maps.t2[a:b]),
+                 te_tr_pred=maps.te_tr_pred[a:b], scale=maps.scale)
+
+
+def recipe_u16(slab: QMaps, te_ms: float, tr_ms: float) -> np.ndarray:
+    """Stored pixels (uint16) of a recipe from maps in memory."""
+    return to_uint16(render(slab, te_ms, tr_ms))
 
 
 def render_slab(maps: QMaps, a: int, b: int, te_ms: float, tr_ms: float) -> np.ndarray:
     """Stored pixels (uint16) of slices ``a..b-1`` of a recipe."""
-    return to_uint16(render(_slab_maps(maps, a, b), te_ms, tr_ms))
+    return recipe_u16(read_slab(maps, a, b), te_ms, tr_ms)
 
 
 def classic_slab(maps: QMaps, quantity: str, a: int, b: int, mask: np.ndarray | None) -> np.ndarray:
     """Stored pixels of slices ``a..b-1`` of a classic map image (PD relative to the series scale), masked."""
-    return classic_u16(_slab_maps(maps, a, b), quantity, None if mask is None else mask[a:b])
+    return classic_u16(read_slab(maps, a, b), quantity, None if mask is None else mask[a:b])
 
 
 def classic_u16(slab: QMaps, quantity: str, mask: np.ndarray | None) -> np.ndarray:
@@ -112,11 +119,6 @@ def classic_u16(slab: QMaps, quantity: str, mask: np.ndarray | None) -> np.ndarr
         u16 = map_to_u16(np.asarray(slab.t1 if quantity == "T1" else slab.t2), quantity)
     return map_slab_u16(u16, quantity, mask)
 
-
-def read_slab(maps: QMaps, a: int, b: int) -> QMaps:
-    """Slices ``a..b-1`` of ``maps`` in memory (one read per map when the maps are files)."""
-    return QMaps(pd=np.asarray(maps.pd[a:b]), t1=np.asarray(maps.t1[a:b]), t2=np.asarray(maps.t2[a:b]),
-                 te_tr_pred=maps.te_tr_pred[a:b], scale=maps.scale)
 
 
 def series_windows(
@@ -129,7 +131,7 @@ def series_windows(
     for a, b in slabs(n, h, w, voxels):
         slab = read_slab(maps, a, b)
         for r in recipes:
-            hists[r.key] += u16_histogram(to_uint16(render(slab, r.te_ms, r.tr_ms)))
+            hists[r.key] += u16_histogram(recipe_u16(slab, r.te_ms, r.tr_ms))
         for q in mhists:
             mhists[q] += u16_histogram(classic_u16(slab, q, None if mask is None else mask[a:b]))
     windows = {k: window_from_histogram(hh) for k, hh in hists.items()}
@@ -201,10 +203,11 @@ def stream_outputs(
         per_dest: dict[str, list[Dataset]] = {}
         t0 = time.perf_counter()
         slab = source(a, b) if source is not None else read_slab(maps, a, b)
-        done.timings_s["infer"] = done.timings_s.get("infer", 0.0) + time.perf_counter() - t0
+        stage = "infer" if source is not None else "render"  # inferring the slab, or reading it back
+        done.timings_s[stage] = done.timings_s.get(stage, 0.0) + time.perf_counter() - t0
         for r, dests in recipes:
             t0 = time.perf_counter()
-            u16 = to_uint16(render(slab, r.te_ms, r.tr_ms))
+            u16 = recipe_u16(slab, r.te_ms, r.tr_ms)
             t1 = time.perf_counter()
             dss = derive_slab(volume, templates[r.key], u16, a, node=node, key=r.key, model=model, co_sources=co)
             done.timings_s["render"] += t1 - t0
@@ -214,8 +217,7 @@ def stream_outputs(
         t0 = time.perf_counter()
         for q in map_windows:
             dss = derive_slab(volume, mtemplates[q], classic_u16(slab, q, None if mask is None else mask[a:b]), a,
-                              node=node,
-                              key=f"map-{q}", model=model, co_sources=co)
+                              node=node, key=f"map-{q}", model=model, co_sources=co)
             for d in p.maps.destinations:
                 per_dest.setdefault(d, []).extend(dss)
         if flag is not None:
