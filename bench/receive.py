@@ -51,6 +51,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--senders", type=int, default=4)
+    ap.add_argument("--processes", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                    help="receive_processes of the node, comma-separated: one node each (the first one is "
+                         "the one the ratios are about), e.g. 4,1")
     args = ap.parse_args()
     info = machine()
     work = Path(tempfile.mkdtemp(prefix="rtc-bench-receive-"))
@@ -59,14 +62,19 @@ def main() -> int:
             for k in range(args.senders)]
 
     procs: list[subprocess.Popen[bytes]] = []
-    node = None
+    nodes: dict[str, tuple[NodeProcess, Path, int]] = {}
     try:
-        # (a) the node
-        var = work / "node"
-        settings = node_settings(var, series_idle_timeout_s=1e6, release_grace_s=1e6,
-                                 limits={"min_free_disk_bytes": 0, "max_pdu_bytes": PDU})
-        node = NodeProcess(write_configs(work, settings, tps_protocol(free_port(), 1)), work / "node.log")
-        node.wait_listening()
+        # (a) the node, once per receive_processes value (the first one is "node": the ratios' numerator)
+        for n in args.processes:
+            name = "node" if n == args.processes[0] else f"node, {n} processes"
+            var = work / f"node{n}"
+            settings = node_settings(var, series_idle_timeout_s=1e6, release_grace_s=1e6, receive_processes=n,
+                                     limits={"min_free_disk_bytes": 0, "max_pdu_bytes": PDU})
+            cfg_dir = work / f"cfg{n}"
+            cfg_dir.mkdir(exist_ok=True)
+            node = NodeProcess(write_configs(cfg_dir, settings, tps_protocol(free_port(), 1)), work / f"node{n}.log")
+            nodes[name] = (node, var, settings["port"])
+            node.wait_listening()
         # (b) pynetdicom's bare storescp app
         p_py = free_port()
         (work / "py").mkdir()
@@ -79,7 +87,8 @@ def main() -> int:
         procs.append(subprocess.Popen([DCMTK_STORESCP, "--fork", "-pdu", "131072", "-od", str(work / "dcmtk"),
                                        str(p_dc)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       env=DCMTK_ENV, cwd=work))
-        targets = {"node": settings["port"], "pynetdicom storescp": p_py, "dcmtk storescp": p_dc}
+        targets = {name: port for name, (_, _, port) in nodes.items()}
+        targets.update({"pynetdicom storescp": p_py, "dcmtk storescp": p_dc})
         for port in targets.values():
             wait_port(port)
 
@@ -110,13 +119,15 @@ def main() -> int:
                 multi[name].append(args.senders * args.slices / wall)
                 print(f"rep {rep + 1}/{args.reps} {name:>20}: {single[name][-1]:7.1f} slices/s single, "
                       f"{multi[name][-1]:7.1f} slices/s with {args.senders} senders", flush=True)
-        # every slice really arrived at the node (spool files of the 4 series)
-        stored = len(list((var / "spool").rglob("*.dcm"))) - len(list((var / "spool" / "quarantine").glob("*.dcm")))
-        if stored != args.senders * args.slices:
-            raise RuntimeError(f"node spool holds {stored} instances, expected {args.senders * args.slices}")
-        rss_kb = node.rss_kb()
+        # every slice really arrived at each node (spool files of the 4 series)
+        for name, (node, var, _) in nodes.items():
+            stored = (len(list((var / "spool").rglob("*.dcm")))
+                      - len(list((var / "spool" / "quarantine").glob("*.dcm"))))
+            if stored != args.senders * args.slices:
+                raise RuntimeError(f"{name} spool holds {stored} instances, expected {args.senders * args.slices}")
+        rss_kb = nodes["node"][0].rss_kb()
     finally:
-        if node is not None:
+        for node, _, _ in nodes.values():
             node.terminate()
         for p in procs:
             p.terminate()

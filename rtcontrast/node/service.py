@@ -1,6 +1,6 @@
 """The node: receive, complete series, run jobs, deliver — wired together, restartable.
 
-Threads (all in one process):
+Threads (in one process; with ``receive_processes`` > 1 receiver processes accept too: receive/workers.py):
 
 * the Storage SCP's association threads (pynetdicom) write each instance to the spool,
   record it in the job store and touch its series in the :class:`SeriesTracker`;
@@ -61,6 +61,7 @@ from rtcontrast.node.pipeline import PipelineContext, node_identity, run_job
 from rtcontrast.node.receive.scp import ScpSettings, StorageSCP, StoredInstance
 from rtcontrast.node.receive.series import SeriesTracker
 from rtcontrast.node.receive.spool import Spool
+from rtcontrast.node.receive.workers import ReceiverCallbacks, ReceiverPool, start_receivers
 from rtcontrast.node.supervise import supervise
 from rtcontrast.node.registry import check_model_pin, resolve_model
 from rtcontrast.node.retry import retry_delay_s, transient_cause
@@ -135,6 +136,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._started = False
         self.scp: StorageSCP | None = None
+        self.receivers: ReceiverPool | None = None  # receive_processes > 1
         self.sender: Sender | None = None
         self.review: ReviewServer | None = None  # the review page, when enabled
 
@@ -206,6 +208,8 @@ class Node:
             on_association_end=self._on_association_end,
         )
         self.scp.start()
+        self.receivers = start_receivers(c, self.scp, ReceiverCallbacks(
+            self._on_recorded, self._on_released, self._on_association_end))
         if c.metrics.enabled and self.metrics_port is None:
             self.metrics.add_snapshot_source(lambda: read_snapshot(c.db_file, c.var_dir))
             try:
@@ -240,6 +244,9 @@ class Node:
         if self.review is not None:  # no decisions while the node goes down
             self.review.stop()
             self.review = None
+        if self.receivers is not None:  # first: they accept from the main process's socket
+            self.receivers.stop()
+            self.receivers = None
         if self.scp is not None:
             self.scp.stop()
         self._stop.set()
@@ -344,8 +351,12 @@ class Node:
     # ------------------------------------------------------------------ receive side
     def _on_stored(self, inst: StoredInstance) -> None:
         self.jobs.record_instance(inst)
+        self._on_recorded(inst.study_uid, inst.series_uid)
+
+    def _on_recorded(self, study_uid: str, series_uid: str) -> None:
+        """An instance is in the spool and the database (this process's SCP or a receiver process)."""
         self.metrics.instances_received.inc()
-        self.tracker.touch(inst.study_uid, inst.series_uid, time.monotonic())
+        self.tracker.touch(study_uid, series_uid, time.monotonic())
 
     def _on_association_end(
         self, outcome: str, series: set[tuple[str, str]],

@@ -352,6 +352,11 @@ class NodeConfig(StrictModel):
         64, ge=0, le=100000,
         description="a second worker runs only series up to this many instances, so a huge series cannot "
                     "starve the others (0 = one worker)")
+    receive_processes: int = Field(
+        1, ge=1, le=32,
+        description="processes that accept associations from the one listening socket: the main one plus "
+                    "receive_processes - 1 receivers, so concurrent senders use several cores; limits apply per "
+                    "process")
     limits: Limits = Field(default_factory=Limits)
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty: any")
     allowed_ips: list[str] = Field(default_factory=list, description="addresses or CIDR networks; empty: any")

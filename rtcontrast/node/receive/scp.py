@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -78,7 +79,7 @@ from rtcontrast.node.receive.spool import (
     validate_uid,
 )
 from rtcontrast.node.receive.admission import Admission, ConnectionGate, rj_text, safe_text
-from rtcontrast.node.receive.server import AssociationServer
+from rtcontrast.node.receive.server import inheriting
 from rtcontrast.node.receive.scp_settings import ScpSettings, ScpTls, StoredInstance, server_ssl_context
 
 __all__ = [
@@ -174,12 +175,14 @@ class StorageSCP:
         on_released: Callable[[set[tuple[str, str]]], None],
         on_association_end: Callable[[str, set[tuple[str, str]],
                                       list[tuple[tuple[str, str] | None, str | None, int]]], None] | None = None,
+        listeners: dict[str, socket.socket] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.on_stored = on_stored
         self.on_released = on_released
         self.on_association_end = on_association_end
+        self._listeners = listeners or {}  # "plain"/"tls": sockets inherited from the main process
         self._servers: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.admission = Admission(settings.allowed_networks, settings.allowed_calling_aets, settings.ae_title,
@@ -258,7 +261,7 @@ class StorageSCP:
         """One listener (as ``AE.start_server(block=False)``, with our server class)."""
         server = self.ae.make_server(
             (self.settings.host, port), ssl_context=ssl_ctx, evt_handlers=handlers,
-            server_class=AssociationServer,
+            server_class=inheriting(self._listeners.get("tls" if ssl_ctx is not None else "plain")),
         )
         if self.settings.tls is not None:
             server.handshake_timeout_s = self.settings.tls.handshake_timeout_s
@@ -270,6 +273,10 @@ class StorageSCP:
         thread.start()
         self.ae._servers.append(server)  # so that AE.shutdown() stops it too, as with start_server
         return server
+
+    def share_listeners(self) -> dict[str, socket.socket]:
+        """The listening sockets, made shareable with receiver processes (``listeners=`` there)."""
+        return {name: server.share() for name, server in self._servers.items()}
 
     def stop(self) -> None:
         """Stop listening and end active associations."""

@@ -23,7 +23,7 @@ from rtcontrast.node.receive.admission import (
     safe_text,
 )
 
-__all__ = ["AssociationServer", "PduLimitedSocket"]
+__all__ = ["AssociationServer", "PduLimitedSocket", "inheriting"]
 
 LOG = logging.getLogger("rtcontrast.node.receive.scp")  # one logger for the receive side's refusals
 
@@ -46,7 +46,33 @@ class AssociationServer(ThreadedAssociationServer):
     request_timeout_s: float = 10.0
     max_pdu_bytes: int = 0
     gate: ConnectionGate | None = None
+    #: A listening socket inherited from the node's main process (a receiver process,
+    #: :mod:`rtcontrast.node.receive.workers`): used as it is, not bound again.
+    inherited_socket: socket.socket | None = None
     _last_refusal_log: dict[str, float]
+
+    def server_bind(self) -> None:
+        if self.inherited_socket is None:
+            super().server_bind()
+            return
+        self.socket.close()  # the fresh unbound socket TCPServer made
+        self.socket = self.inherited_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.inherited_socket is None:
+            super().server_activate()
+
+    def share(self) -> socket.socket:
+        """Make the listening socket shareable with receiver processes; return it.
+
+        Several processes then accept from one socket (the pre-fork model): whichever is
+        free takes the next connection.  Non-blocking, so that a process that loses the
+        race for a connection gets EAGAIN at once (socketserver ignores it) instead of
+        waiting in accept() for the next one.
+        """
+        self.socket.setblocking(False)
+        return self.socket
 
     def _established(self, host: str) -> int:
         return sum(1 for a in self.ae.active_associations
@@ -77,6 +103,8 @@ class AssociationServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = self.socket.accept()
+        if self.socket.gettimeout() == 0:  # a shared listener: the connection itself blocks as usual
+            client_socket.setblocking(True)
         if self.ssl_context:
             client_socket = self.ssl_context.wrap_socket(
                 client_socket, server_side=True, do_handshake_on_connect=False
@@ -133,6 +161,14 @@ class AssociationServer(ThreadedAssociationServer):
                     return False
         return True
 
+
+
+def inheriting(sock: socket.socket | None) -> type[AssociationServer]:
+    """The server class for a listener: :class:`AssociationServer` itself, or one that uses ``sock``."""
+    if sock is None:
+        return AssociationServer
+    sock.setblocking(False)
+    return type("InheritedAssociationServer", (AssociationServer,), {"inherited_socket": sock})
 
 
 #: A-ABORT (PS3.8 9.3.8): source service-provider, reason invalid PDU parameter value.
