@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -95,19 +96,43 @@ class ReceiverPool:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._restarts: dict[int, int] = {}
+        self._ready: dict[int, threading.Event] = {}
+        self._spawn_q: queue.Queue[int | None] = queue.Queue()
+        self._supervisor: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the receivers and wait until each listens; raise if one does not."""
-        for index in range(1, self.count):
-            self._spawn(index)
+        self._ready = {index: threading.Event() for index in range(1, self.count)}
+        self._supervisor = threading.Thread(target=self._supervise, name="receivers", daemon=True)
+        self._supervisor.start()
+        for index in self._ready:
+            self._spawn_q.put(index)
         deadline = time.monotonic() + _READY_TIMEOUT_S
-        for child in list(self._children.values()):
-            if not child.ready.wait(max(0.1, deadline - time.monotonic())):
+        for index, ready in self._ready.items():
+            if not ready.wait(max(0.1, deadline - time.monotonic())):
+                child = self._children.get(index)
                 self.stop()
-                raise RuntimeError(f"receiver process {child.index} did not start listening within "
-                                   f"{_READY_TIMEOUT_S:.0f} s (exit code {child.proc.poll()}); see its log lines")
+                raise RuntimeError(f"receiver process {index} did not start listening within {_READY_TIMEOUT_S:.0f} s "
+                                   f"(exit code {None if child is None else child.proc.poll()}); see its log lines")
         log.info("%d receiver process(es) accept beside the main process (receive_processes %d; pids %s)",
-                 self.count - 1, self.count, ", ".join(str(c.proc.pid) for c in self._children.values()))
+                 self.count - 1, self.count, ", ".join(str(pid) for pid in self.pids()))
+
+    def _supervise(self) -> None:
+        """Every receiver is started from this one thread, which lives as long as the pool.
+
+        Linux's parent-death signal fires when the *thread* that started a process ends,
+        so a receiver started from a short-lived thread (the reader of a dead one) would
+        be killed at once.
+        """
+        while True:
+            index = self._spawn_q.get()
+            if index is None or self._stopping.is_set():
+                return
+            try:
+                self._spawn(index)
+            except Exception:  # e.g. out of processes: try again later, the main process accepts meanwhile
+                log.exception("receiver process %d could not be started; retrying in 30 s", index)
+                threading.Timer(30.0, self._spawn_q.put, args=(index,)).start()
 
     def alive(self) -> bool:
         """Every receiver process is running (a dead one is being restarted: not healthy meanwhile)."""
@@ -121,6 +146,9 @@ class ReceiverPool:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask every receiver to stop (close its stdin), wait, then kill what is left."""
         self._stopping.set()
+        self._spawn_q.put(None)
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(5.0)
         with self._lock:
             children = list(self._children.values())
         for c in children:
@@ -156,7 +184,7 @@ class ReceiverPool:
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(config).encode() + b"\n")
         proc.stdin.flush()
-        child = _Child(index, proc, os.fdopen(read_fd, "r", encoding="utf-8"), threading.Event())
+        child = _Child(index, proc, os.fdopen(read_fd, "r", encoding="utf-8"), self._ready[index])
         child.reader = threading.Thread(target=self._read, args=(child,), name=f"receiver-{index}-events",
                                         daemon=True)
         with self._lock:
@@ -191,7 +219,7 @@ class ReceiverPool:
         log.error("receiver process %d (pid %d) exited with code %s; the main process accepts meanwhile; "
                   "restarting it in %.1f s (restart %d)", child.index, child.proc.pid, code, delay, n)
         if not self._stopping.wait(delay):
-            self._spawn(child.index)
+            self._spawn_q.put(child.index)
 
 
 def start_receivers(config: NodeConfig, scp: StorageSCP, callbacks: ReceiverCallbacks) -> ReceiverPool | None:
