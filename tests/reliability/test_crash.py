@@ -66,7 +66,8 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path, 
     version = QMapModel(MODEL_PATH, "cpu").info.version
     var = tmp_path / "var"
     db = var / "rtcontrast.db"
-    settings = node_settings(var)
+    # a receiver process beside the main one: an instance it acknowledged must survive the main process's kill too
+    settings = node_settings(var, receive_processes=2)
     protocol = tps_protocol(orthanc.dicom_port, N_RECIPES)
     # 12-slice series judged on 5 of them and the rest inferred while streaming (the path a long series takes)
     protocol["qa"] = {**protocol["qa"], "sample_slices": 4}

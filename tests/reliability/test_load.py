@@ -41,7 +41,7 @@ def test_four_scanners_at_once(tmp_path: Path, orthanc: Orthanc) -> None:  # noq
     version = QMapModel(MODEL_PATH, "cpu").info.version
     var = tmp_path / "var"
     db = var / "rtcontrast.db"
-    settings = node_settings(var)
+    settings = node_settings(var, receive_processes=2)  # as a site with several scanners runs it (docs/admin.md)
     args = write_configs(tmp_path, settings, tps_protocol(orthanc.dicom_port, N_RECIPES))
     port = settings["port"]
     work = {s: [series(f"load-{s}-{k}", n=SLICES, size=SIZE, series_number=3 + k) for k in range(SERIES)]
