@@ -134,11 +134,6 @@ class ReceiverPool:
                 log.exception("receiver process %d could not be started; retrying in 30 s", index)
                 threading.Timer(30.0, self._spawn_q.put, args=(index,)).start()
 
-    def alive(self) -> bool:
-        """Every receiver process is running (a dead one is being restarted: not healthy meanwhile)."""
-        with self._lock:
-            return all(c.proc.poll() is None for c in self._children.values())
-
     def pids(self) -> list[int]:
         with self._lock:
             return [c.proc.pid for c in self._children.values()]
@@ -176,7 +171,7 @@ class ReceiverPool:
         config = dict(self._config, index=index, fds=fds, events_fd=write_fd)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "rtcontrast.node.receive.workers"],
+                [sys.executable, "-m", "rtcontrast.node.receive.workers"], env=_child_env(),
                 stdin=subprocess.PIPE, pass_fds=[write_fd, *fds.values()], close_fds=True,
             )
         finally:
@@ -235,6 +230,12 @@ def start_receivers(config: NodeConfig, scp: StorageSCP, callbacks: ReceiverCall
 
 
 # ---------------------------------------------------------------------- the receiver process
+def _child_env() -> dict[str, str]:
+    """This environment, with this very package first on the path (``python node.py`` from a checkout)."""
+    root = str(Path(__file__).resolve().parents[3])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
 def _die_with_parent() -> None:
     """Linux: SIGKILL this process when the main process dies (a receiver must never outlive it)."""
     try:
