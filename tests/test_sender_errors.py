@@ -88,3 +88,37 @@ def test_out_of_resources_status_is_named(outbox: Outbox, caplog: pytest.LogCapt
         dead[0].last_error
     [line] = _sender_records(caplog)
     assert "5 dead-lettered" in line.getMessage() and "0xA700" in line.getMessage()
+
+
+def test_a_response_the_reactor_takes_is_not_lost(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's requestor race, made to happen every time: after each C-STORE request goes
+    out, the association's reactor takes the response off the DIMSE queue first (as it does
+    now and then under CPU load).  Without ``keep_responses`` each instance waits out
+    dimse_timeout_s and fails; with it every instance is delivered at once."""
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    original = DIMSEServiceProvider.send_msg
+    stolen: list[int] = []
+
+    def send_then_steal(self: DIMSEServiceProvider, primitive: object, context_id: int) -> None:
+        original(self, primitive, context_id)
+        if not self.assoc.is_requestor:  # the fake TPS in this process sends through here too
+            return
+        cx, msg = self.msg_queue.get(timeout=5)  # the response, taken by "the reactor"
+        stolen.append(cx)
+        self.assoc._serve_request(msg, cx)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", send_then_steal)
+    ae = AE(ae_title="FAKE_TPS")
+    ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+    try:
+        dest = DicomDestination("tps", "127.0.0.1", port, "FAKE_TPS", connect_timeout_s=3, dimse_timeout_s=3)
+        outbox.enqueue(8, "tps", mr_series(3), now=0.0)
+        Sender(outbox, {"tps": dest}, ONE_SHOT).run_once(0.0)
+    finally:
+        server.shutdown()
+    assert len(stolen) == 3  # every response went through the reactor first
+    assert outbox.dead_letters() == []
+    assert outbox.counts()["tps"]["delivered"] == 3

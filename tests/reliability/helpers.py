@@ -30,6 +30,7 @@ from pynetdicom.sop_class import MRImageStorage, Verification
 from pydicom.uid import ExplicitVRLittleEndian
 
 from rtcontrast.dicom.uids import instance_uid
+from rtcontrast.node.dispatch.sender import keep_responses
 from tests.conftest import free_port
 from tests.dicomgen import make_series
 
@@ -244,6 +245,7 @@ def send(port: int, datasets: Iterable[pydicom.Dataset], ae_title: str = "SCANNE
         res.error = "association not established"
         return res
     res.associated = True
+    keep_responses(assoc)  # a scanner is not subject to pynetdicom's requestor race (see the sender)
     try:
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)

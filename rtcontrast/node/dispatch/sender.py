@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import (
     UID,
@@ -210,6 +211,7 @@ def _send_chunk(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Out
         log.debug("outbox: %s", err)
         return [Outcome(False, None, err) for _ in items]
 
+    keep_responses(assoc)
     outcomes: list[Outcome] = []
     try:
         for it in items:
@@ -221,6 +223,30 @@ def _send_chunk(dest: DicomDestination, items: Sequence[OutboxItem]) -> list[Out
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def keep_responses(assoc: Any) -> None:
+    """Put a DIMSE response that the association's reactor took back where ``send_c_store`` waits for it.
+
+    pynetdicom 3.0 race (its requestor pauses the reactor with a flag the reactor sets just
+    *before* it blocks): the reactor can take the C-STORE response off the DIMSE queue in
+    that moment, log "Received unexpected C-STORE service message" and drop it, while
+    ``send_c_store`` waits ``dimse_timeout_s`` for a response that never comes.  Seen here
+    under CPU load (bench/test_load: the TPS answered, the node waited 30 s and retried).
+    This sender only sends requests, so anything the reactor takes that is a response
+    belongs to the waiting call: it goes back on the queue.  One request is outstanding at
+    a time, and an association whose response timed out is aborted (``_store_one``), so a
+    late response can never be read as the answer to a later request.
+    """
+    serve = assoc._serve_request
+
+    def serve_or_return(msg: Any, context_id: int) -> None:
+        if getattr(msg, "is_valid_response", False):
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_return
 
 
 def _connect_problem(dest: DicomDestination, accepted: str) -> str:
