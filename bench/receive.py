@@ -12,7 +12,9 @@ The node never starts a job during the benchmark (idle timeout and release grace
 10^6 s): this measures the receive path only.
 
 Targets: node >= 1.0x pynetdicom storescp with 1 sender and >= 1.5x with 4 (#13; the durable
-writes of concurrent associations are group-committed), >= 0.5x dcmtk storescp (single sender).
+writes of concurrent associations are group-committed; ``--processes 2,4,1`` runs one node per
+``receive_processes`` value, the first one is the node the ratios are about), >= 0.5x dcmtk
+storescp (single sender).
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ def main() -> int:
         "setup": {"slices": args.slices, "matrix": [args.size, args.size], "bits": 16, "reps": args.reps,
                   "senders_concurrent": args.senders, "sender": "dcmtk storescu, TCP_NODELAY=1, one association",
                   "node": "durable spool (fsync file + directory), SQLite record, max PDU 262144, no jobs",
+                  "node_receive_processes": args.processes,
                   "pynetdicom_storescp": "python -m pynetdicom storescp -pdu 262144 -od DIR (writes files, no fsync)",
                   "dcmtk_storescp": "storescp --fork -pdu 131072 -od DIR, TCP_NODELAY=1 (no fsync)"},
         "slices_per_s_single": single, "slices_per_s_concurrent": multi,
