@@ -328,7 +328,7 @@ def test_embedded_defaults_export_to_var_export(tmp_path: Path) -> None:
     proc = NodeProcess(["--port", str(port)], tmp_path, tmp_path / "node.log")
     try:
         proc.wait_listening()
-        src = phantom_series(uid_seed="defaults")
+        src = phantom_series(uid_seed="defaults", size=128)  # at 64x64 qmap-se 1.4.0 holds it (T1 sd 48 %)
         assert storescu(port, write_series(src, tmp_path / "in")).returncode == 0
         n_recipes = len(ProtocolConfig().recipes)
         export = tmp_path / "var" / "export"
