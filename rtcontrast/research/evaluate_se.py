@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import spearmanr
 
-from rtcontrast.research import phantom
+from rtcontrast.research import phantom, prior_oracle
 from rtcontrast.research.eval_phantoms import brain
 from rtcontrast.research.evaluate import _metrics, held_out_cases
 from rtcontrast.core.physics import SEED_CONTRAST_NAMES, SEED_CONTRASTS, signal, weighting
@@ -151,12 +151,19 @@ def _calibration(preds: list[QMaps], cases: list[EvalCase], bone: int, rng: np.r
         out[f"{key}_coverage90_pct"] = float(np.mean(err <= Z90 * sd) * 100)
         idx = rng.choice(err.size, min(err.size, 20000), replace=False)
         out[f"{key}_spearman"] = float(spearmanr(sd[idx], err[idx]).statistic)
+        out[f"{key}_spearman_ceiling"] = prior_oracle.spearman_ceiling(sd[idx], np.random.default_rng(1))
         out[f"{key}_median_sd_pct"] = float(np.expm1(np.median(sd)) * 100)
     return out
 
 
-def generalisation(model_path: str | Path, n_subjects: int = 6, n_slices: int = 4, provider: str = "cpu") -> dict:
-    """In-domain and unseen tables of one model with the constant floor beside them (JSON-able)."""
+def generalisation(model_path: str | Path, n_subjects: int = 6, n_slices: int = 4, provider: str = "cpu",
+                   oracle_per_field: int | None = None) -> dict:
+    """In-domain and unseen tables of one model with the constant floor beside them (JSON-able).
+
+    ``oracle_per_field``: reference subjects per field strength for the tissue-prior oracle
+    (:mod:`rtcontrast.research.prior_oracle`); default 6 per evaluated subject.
+    """
+    n_ref = oracle_per_field or 6 * n_subjects
     model = QMapModel(model_path, provider=provider)
     rng = np.random.default_rng(0)
     report: dict = {"model": model.info.name, "version": model.info.version, "contract": model.info.contract,
@@ -164,10 +171,15 @@ def generalisation(model_path: str | Path, n_subjects: int = 6, n_slices: int = 
                     "targets": TARGETS, "n_subjects": n_subjects, "n_slices": n_slices, "splits": {}}
     for split, (make, tissues, bone) in SPLITS.items():
         rows: dict = {}
+        priors = prior_oracle.tissue_priors(split, tissues, n_per_field=n_ref)
+        oracle: dict = {}
         for name, (te, tr) in zip(SEED_CONTRAST_NAMES, SEED_CONTRASTS):
             cases = make(n_subjects, n_slices, te, tr)
             preds = [model.predict(c.image, te, tr, field_t=c.field_t) for c in cases]
             floors = [floor_maps(c) for c in cases]
+            if not oracle:  # the same subjects under every input: the oracle does not look at the image
+                answers = [prior_oracle.oracle_maps(c.labels, c.field_t, priors) for c in cases]
+                oracle = {"tissues": _tissue(answers, cases, tissues), **prior_oracle.describe(split, n_ref)}
             idp = np.concatenate([p.te_tr_pred for p in preds])
             th = Thresholds(te_id_rel_err=NODE_ID_LIMIT, tr_id_rel_err=NODE_ID_LIMIT, **model.info.qa_limits)
             qa = [series_qa(p, node_body_mask(c.image, p.scale), te, tr, th) for p, c in zip(preds, cases)]
@@ -185,8 +197,25 @@ def generalisation(model_path: str | Path, n_subjects: int = 6, n_slices: int = 
                 "qa_example_reasons": next((q.reasons for q in qa if q.reasons), []),
             }
         rows_summary = summarise_split(rows)
-        report["splits"][split] = {"inputs": rows, "summary": rows_summary}
+        limit = TARGETS["unseen_tissue_max_pct" if split.startswith("unseen") else "pelvis_tissue_max_pct"]
+        rows_summary.update(oracle_summary(rows, oracle, limit))
+        report["splits"][split] = {"inputs": rows, "oracle": oracle, "summary": rows_summary}
     return report
+
+
+def oracle_summary(rows: dict, oracle: dict, limit_pct: float) -> dict[str, Any]:
+    """The network beside the tissue-prior oracle: how often it reads more than the prior, and how many of its
+    misses of ``limit_pct`` are cells where even the prior misses (the image must carry the parameter there)."""
+    ot = oracle["tissues"]
+    vals = {m: [v[m] for v in ot.values()] for m in ("t1", "t2")}
+    cells = [(r["network"]["tissues"][t][m], ot[t][m]) for r in rows.values()
+             for t in r["network"]["tissues"] if t in ot for m in ("t1", "t2")]
+    misses = [(n, o) for n, o in cells if n > limit_pct]
+    return {"oracle_max_t1_pct": max(vals["t1"]), "oracle_max_t2_pct": max(vals["t2"]),
+            "oracle_median_t1_pct": float(np.median(vals["t1"])), "oracle_median_t2_pct": float(np.median(vals["t2"])),
+            "tissue_cells_better_than_oracle": int(sum(n < o for n, o in cells)),
+            "tissue_cells_missing_target": len(misses),
+            "tissue_cells_missing_target_where_oracle_misses": int(sum(o > limit_pct for _, o in misses))}
 
 
 def summarise_split(rows: dict) -> dict:
@@ -237,16 +266,23 @@ def format_generalisation(report: dict) -> str:
                 n, f = r["network"]["tissues"].get(t), r["floor"]["tissues"].get(t)
                 cells += f"{n['t1']:6.1f}/{n['t2']:5.1f} | {f['t1']:5.1f}/{f['t2']:5.1f}" if n and f else f"{'-':>26s}"
             lines.append(f"{name:9s}{cells}")
+        if data.get("oracle"):
+            ot = data["oracle"]["tissues"]
+            lines.append(f"{'oracle':9s}" + "".join(f"{ot[t]['t1']:6.1f}/{ot[t]['t2']:5.1f}{'':14s}" if t in ot
+                                                    else f"{'-':>26s}" for t in tissues)
+                         + "   (tissue-prior oracle: knows the tissue and the field, not the subject)")
         lines.append(f"{'input':9s} cross SSIM min/mean (network | floor)   PSNR min dB (network | floor)   TE/TR id err %"
-                     "   cov90 T1/T2 %   Spearman T1/T2   QA flagged")
+                     "   cov90 T1/T2 %   Spearman T1/T2 (calibrated ceiling)   QA flagged")
         for name, r in rows.items():
             ns = [v["ssim"] for v in r["network"]["cross"].values()]
             fs = [v["ssim"] for v in r["floor"]["cross"].values()]
             npk = min(v["psnr"] for v in r["network"]["cross"].values())
             fpk = min(v["psnr"] for v in r["floor"]["cross"].values())
             c = r["calibration"]
+            ceil = (f" ({c['t1_spearman_ceiling']:4.2f}/{c['t2_spearman_ceiling']:4.2f})"
+                    if c and "t1_spearman_ceiling" in c else "")
             cal = (f"{c['t1_coverage90_pct']:5.1f}/{c['t2_coverage90_pct']:5.1f}   {c['t1_spearman']:5.2f}/{c['t2_spearman']:5.2f}"
-                   if c else f"{'n/a':>11s}   {'n/a':>11s}")
+                   f"{ceil}" if c else f"{'n/a':>11s}   {'n/a':>11s}")
             lines.append(f"{name:9s} {min(ns):.3f}/{np.mean(ns):.3f} | {min(fs):.3f}/{np.mean(fs):.3f}        "
                          f"{npk:5.1f} | {fpk:5.1f}                  {r['te_id_err_pct']:5.1f}/{r['tr_id_err_pct']:5.1f}"
                          f"      {cal}      {r['qa_flagged']}/{r['qa_series']}")
@@ -281,7 +317,17 @@ def measured_limitations(report: dict, pelvis_summary: dict | None = None) -> li
             out.append(f"{kind}: 90 % intervals cover {s['mean_t1_coverage90_pct']:.0f} % (T1) / "
                        f"{s['mean_t2_coverage90_pct']:.0f} % (T2) of voxels (target {lo:.0f}-{hi:.0f} %); Spearman of "
                        f"predicted sd vs |error| {s['mean_t1_spearman']:.2f} / {s['mean_t2_spearman']:.2f} (target >= "
-                       f"{t['spearman_min']})")
+                       f"{t['spearman_min']})" + (
+                           f"; a perfectly calibrated Gaussian sd of the same spread would score "
+                           f"{s['mean_t1_spearman_ceiling']:.2f} / {s['mean_t2_spearman_ceiling']:.2f}"
+                           if "mean_t1_spearman_ceiling" in s else ""))
+        if "oracle_max_t1_pct" in s:
+            out.append(f"{kind}: tissue-prior oracle (knows every voxel's tissue and the field, not the subject): worst "
+                       f"per-tissue median T1/T2 error {s['oracle_max_t1_pct']:.0f} / {s['oracle_max_t2_pct']:.0f} %; "
+                       f"the network reads more than the prior in {s['tissue_cells_better_than_oracle']} of "
+                       f"{s['tissue_cells']} cells; of its {s['tissue_cells_missing_target']} cells over {limit:.0f} %, "
+                       f"{s['tissue_cells_missing_target_where_oracle_misses']} are cells where the prior alone "
+                       f"misses too (the input must carry that parameter)")
         if "qa_held" in s:
             want = ("held or flagged: target >= 95 %" if split.startswith("unseen") else "passed: target >= 95 %")
             out.append(f"{kind}: node QA passed {s['qa_passed']}, held (uncertainty over the model's limit) "
