@@ -44,19 +44,18 @@ class Truth:
     labels: np.ndarray
     t1: np.ndarray
     t2: np.ndarray
-    field_t: float
 
 
 def pelvis_reference(seed: int, field_t: float) -> Truth:
     """One pelvis subject of the training generator, one slice through the prostate, at the split's resolution."""
     maps, _ = phantom.volume(seed, n_slices=1, shape=(256, 256), pixel_mm=1.6, slice_mm=12.0, field_t=field_t)
-    return Truth(maps.labels, maps.t1, maps.t2, field_t)
+    return Truth(maps.labels, maps.t1, maps.t2)
 
 
 def head_reference(seed: int, field_t: float) -> Truth:
     """One head subject of the evaluation-only head generator, one slice through the ventricles."""
     h = brain.head_volume(seed, n_slices=1, field_t=field_t)
-    return Truth(h.labels, h.t1, h.t2, field_t)
+    return Truth(h.labels, h.t1, h.t2)
 
 
 #: Split name -> reference generator (the same generator as the split's cases).
@@ -71,7 +70,8 @@ def interior(labels: np.ndarray, lab: int) -> np.ndarray:
 
 def tissue_priors(split: str, tissues: dict[str, int], n_per_field: int = ORACLE_SUBJECTS_PER_FIELD,
                   seed_base: int = ORACLE_SEED_BASE) -> dict[float, dict[int, tuple[float, float]]]:
-    """Median (T1, T2) per field and tissue label over reference subjects of ``split``'s generator."""
+    """Median (T1, T2) per field and tissue label over the pooled interior voxels of reference subjects of
+    ``split``'s generator."""
     make = REFERENCES[split]
     out: dict[float, dict[int, tuple[float, float]]] = {}
     for fi, field in enumerate(FIELDS_T):
