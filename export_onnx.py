@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "No real patient data. ", ""))
     if tc.get("init"):
         card["training"]["initialised_from"] = str(tc["init"])
+    if ck.get("ident_refit"):  # rtcontrast.research.refit_ident: the identification head refit after training
+        card["training"]["ident_refit"] = ck["ident_refit"]
     if fusion:
         card["io"]["inputs"] = {"image": "float32 [N,K,H,W] each input's stored values / its series scale",
                                 "te_tr": "float32 [N,K,2] ms", "present": "float32 [N,K] 1 = present"}

@@ -56,3 +56,34 @@ def test_oracle_summary_counts_misses_the_prior_shares() -> None:
     assert s["tissue_cells_missing_target_where_oracle_misses"] == 1  # fat T2: the prior alone is at 12 %
     assert s["tissue_cells_better_than_oracle"] == 2  # fat T1, muscle T2
     assert s["oracle_max_t2_pct"] == 12.0 and s["oracle_median_t1_pct"] == 7.0
+
+
+def test_rendering_oracle_gives_the_input_back_and_the_prior_elsewhere() -> None:
+    """PD is solved from the input at the case's own TE/TR: rendered there, the oracle returns the input exactly
+    (a PD solved at any other timing would not); at another contrast it renders the prior's T1/T2, so it beats the
+    constant floor on a pelvis T2w -> T1w render but is not the truth."""
+    from rtcontrast.research.evaluate_se import ALL_TISSUES, _cross, floor_maps, pelvis_cases
+
+    from rtcontrast.core.physics import signal, weighting
+
+    priors = prior_oracle.tissue_priors("in_domain_pelvis", ALL_TISSUES["in_domain_pelvis"], n_per_field=3)
+    assert phantom.LABELS["seminal_vesicle"] in priors[1.5]  # every tissue, not only the reported ones
+    (case,) = pelvis_cases(1, 2, 120.0, 4500.0)
+    m = prior_oracle.rendering_maps(case.image, case.labels, case.field_t, 120.0, 4500.0, priors)
+    # where the prior's T1/T2 leave < 0.1 % of PD as signal (bone, gas at TE 120 ms) PD is bounded, not solved
+    body = (case.labels > 0) & (weighting(120.0, 4500.0, m.t1, m.t2) >= prior_oracle.MIN_WEIGHTING)
+    assert body.sum() > 0.9 * (case.labels > 0).sum()
+    np.testing.assert_allclose(signal(m.pd, 120.0, 4500.0, m.t1, m.t2)[body], case.image[body], rtol=1e-4, atol=1e-3)
+    assert np.all(np.isfinite(m.t1)) and np.all(m.t1 > 0) and np.all(np.isfinite(m.pd))
+    oracle = _cross([m], [case], "T2w_120")["T1w_400"]
+    floor = _cross([floor_maps(case)], [case], "T2w_120")["T1w_400"]
+    assert floor["ssim"] < oracle["ssim"] < 0.99, (oracle, floor)
+
+
+def test_oracle_summary_sets_the_rendering_beside_the_network() -> None:
+    rows = {"T2w": {"network": {"tissues": {"fat": {"t1": 5.0, "t2": 4.0}},
+                                "cross": {"T1w": {"ssim": 0.9, "psnr": 25.0}, "PDw": {"ssim": 0.7, "psnr": 20.0}}},
+                    "oracle_cross": {"T1w": {"ssim": 0.8, "psnr": 22.0}, "PDw": {"ssim": 0.75, "psnr": 18.0}}}}
+    s = oracle_summary(rows, {"tissues": {"fat": {"t1": 6.0, "t2": 5.0}}}, 10.0)
+    assert s["oracle_min_cross_ssim"] == 0.75 and s["oracle_min_cross_psnr_db"] == 18.0
+    assert s["cross_ssim_cells_better_than_oracle"] == 1

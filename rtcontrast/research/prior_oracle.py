@@ -26,9 +26,15 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import spearmanr
 
+from rtcontrast.core.maps import QMaps
+from rtcontrast.core.physics import weighting
 from rtcontrast.research import phantom
 from rtcontrast.research.eval_phantoms import brain
 
+#: The constant-maps floor (as rtcontrast.research.evaluate_se), for voxels the prior has no figure for.
+FLOOR_T1_MS, FLOOR_T2_MS = 1000.0, 80.0
+#: Smallest signal weighting PD is solved with (as the network: rtcontrast.research.model.MIN_WEIGHTING).
+MIN_WEIGHTING = 1e-3
 #: Reference subjects for the oracle (disjoint from training 0..2400, validation, evaluation, calibration and the
 #: unseen head seeds 5_000_000+).
 ORACLE_SEED_BASE = 6_000_000
@@ -106,6 +112,24 @@ def oracle_maps(labels: np.ndarray, field_t: float, priors: dict[float, dict[int
         t1[labels == lab] = v1
         t2[labels == lab] = v2
     return OracleMaps(t1, t2)
+
+
+def rendering_maps(image: np.ndarray, labels: np.ndarray, field_t: float, te: float, tr: float,
+                   priors: dict[float, dict[int, tuple[float, float]]]) -> QMaps:
+    """The oracle's maps for rendering one case: every labelled voxel's tissue T1/T2 from the prior (the constant
+    floor's 1000/80 ms where the prior has no figure), PD solved from the input at the case's TE/TR with the exact
+    signal equation (as the floor and the network solve it).
+
+    Rendered at the input's own TE/TR these maps give the input back; at any other contrast the error is the
+    prior's: what tissue knowledge plus exact physics renders without reading the subject.
+    """
+    ans = oracle_maps(labels, field_t, priors)
+    t1 = np.where(np.isnan(ans.t1), FLOOR_T1_MS, ans.t1).astype(np.float32)
+    t2 = np.where(np.isnan(ans.t2), FLOOR_T2_MS, ans.t2).astype(np.float32)
+    e = np.maximum(weighting(te, tr, t1, t2), MIN_WEIGHTING)
+    n = image.shape[0]
+    return QMaps(pd=(image / e).astype(np.float32), t1=t1, t2=t2, te_tr_pred=np.full((n, 2), np.nan, np.float32),
+                 scale=1.0)
 
 
 def spearman_ceiling(sd: np.ndarray, rng: np.random.Generator, draws: int = 5) -> float:
