@@ -226,6 +226,11 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
     end = min(cfg.steps, stop_after) if stop_after else cfg.steps
     spent = False
     elapsed_total = elapsed0  # measured after each step: the same figure decides the last validation and the stop
+    pf = None
+    if cfg.data_workers and not mixed:  # phantom batches made ahead by workers (rtcontrast.research.prefetch)
+        from rtcontrast.research.prefetch import TARGET_STREAM, Prefetcher, step_rng
+
+        pf = Prefetcher(bank, cfg, dd.rank, step, cfg.data_workers)
     while step < end:
         elapsed, spent = _clock(cfg, dd, elapsed_total)
         if spent:
@@ -233,7 +238,13 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg, elapsed)
-        if not mixed:
+        if pf is not None:
+            b = batch_to_torch(pf.get(step), dev)
+            with autocast:
+                lo = losses(model, b, target_contrasts(step_rng(cfg, dd.rank, step, TARGET_STREAM),
+                                                       cfg.random_targets), cfg)
+            fake = None
+        elif not mixed:
             idx = rng.integers(0, len(bank), cfg.batch_size)  # type: ignore[arg-type]
             b = batch_to_torch(make_batch(bank, idx, rng, cfg), dev)  # type: ignore[arg-type]
             with autocast:
@@ -278,6 +289,8 @@ def train(cfg: TrainConfig, device: str = "cpu", resume: str | None = None, stop
             save_checkpoint(out / "last.pt", core, opt, step, cfg, best, rng, history,
                             {**_extra(disc, disc_opt, real_rng, real), "elapsed_total_s": elapsed_total})
     bar.close()
+    if pf is not None:
+        pf.close()
     if metrics is not None:
         metrics.close()
     dd.barrier()

@@ -95,6 +95,12 @@ class TrainConfig:
     se_val_sources: dict[str, int] = field(default_factory=lambda: {"pelvis": 24, "random": 16, "abdomen": 8})
     #: qmap/3: weight of the Gaussian NLL of log T1, log T2, log PD (trains the uncertainty outputs)
     w_nll: float = 0.1
+    #: processes that make phantom batches ahead of the step (rtcontrast.research.prefetch; 0: in the training process,
+    #: from one sequential generator).  On a GPU the phantom acquisition on the CPU is the bottleneck.  With workers
+    #: each step's batch comes from a generator seeded by (seed, rank, step): the run is the same for any number.
+    data_workers: int = 0
+    #: batches in flight per data worker
+    prefetch_per_worker: int = 2
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -127,5 +133,9 @@ class TrainConfig:
             raise SystemExit("fusion_gated / init_fused need init_single: the trained qmap/1 checkpoint")
         if self.contract == "qmap/3" and self.uses_real:
             raise SystemExit("real-data training is not implemented for qmap/3 models yet (phantom sources only)")
+        if self.data_workers < 0 or self.prefetch_per_worker < 1:
+            raise SystemExit("data_workers must be >= 0 and prefetch_per_worker >= 1")
+        if self.data_workers and (self.uses_real or self.w_phantom != 1.0):
+            raise SystemExit("data_workers is for phantom-only training (w_phantom 1, no real data); set data_workers: 0")
         if self.amp not in ("none", "bf16", "fp16", "auto"):
             raise SystemExit(f"amp must be none, bf16, fp16 or auto, got {self.amp!r}")
