@@ -70,7 +70,8 @@ class QMapSENet(nn.Module):
         self.id_head = nn.Sequential(nn.Linear(2 * w[-1], self.cfg.id_hidden), nn.ReLU(inplace=True),
                                      nn.Linear(self.cfg.id_hidden, 2))
 
-    def forward(self, image: torch.Tensor, te_tr: torch.Tensor, field_t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps, finest first (the last is the bottleneck)."""
         feats = []
         x = image
         for i, blk in enumerate(self.enc):
@@ -78,9 +79,12 @@ class QMapSENet(nn.Module):
                 x = F.max_pool2d(x, 2)
             x = blk(x)
             feats.append(x)
-        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-        idr = self.id_head(pooled)
-        te_tr_pred = torch.cat([_bounded(idr[:, 0:1], *TE_ID_RANGE), _bounded(idr[:, 1:2], *TR_ID_RANGE)], dim=1)
+        return feats
+
+    def forward(self, image: torch.Tensor, te_tr: torch.Tensor, field_t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.encode(image)
+        x = feats[-1]
+        te_tr_pred = identify(self.id_head, pool(x))
         cond = torch.cat([norm_te_tr(te_tr), norm_field(field_t)], dim=1)[:, :, None, None]
         for j, blk in enumerate(self.dec):
             skip = feats[len(feats) - 2 - j]
@@ -96,6 +100,18 @@ class QMapSENet(nn.Module):
         t2_sd = _bounded(out[:, 4:5], *LOG_SD_RANGE)
         pd_sd = pd * _bounded(out[:, 5:6], *LOG_SD_RANGE)
         return pd, t1, t2, te_tr_pred, t1_sd, t2_sd, pd_sd
+
+
+def pool(bottleneck: torch.Tensor) -> torch.Tensor:
+    """What the identification head reads: the bottleneck's mean and max over the image ([N, 2C])."""
+    return torch.cat([bottleneck.mean(dim=(2, 3)), bottleneck.amax(dim=(2, 3))], dim=1)
+
+
+def identify(id_head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """TE/TR in ms ([N, 2]) from pooled features through ``id_head`` (the network's or a refit copy,
+    :mod:`rtcontrast.research.refit_ident`)."""
+    idr = id_head(pooled)
+    return torch.cat([_bounded(idr[:, 0:1], *TE_ID_RANGE), _bounded(idr[:, 1:2], *TR_ID_RANGE)], dim=1)
 
 
 def gaussian_nll(pred_log: torch.Tensor, true_log: torch.Tensor, sd: torch.Tensor, mask: torch.Tensor,

@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from rtcontrast.core.contract import pad_amounts, series_scale
 from rtcontrast.research import abdomen_phantom, dataset, dataset_se, phantom
-from rtcontrast.research.model import TE_ID_RANGE, TR_ID_RANGE, ModelConfig, _bounded
-from rtcontrast.research.model_se import QMapSENet
+from rtcontrast.research.model import ModelConfig
+from rtcontrast.research.model_se import QMapSENet, identify, pool
 
 #: Slice sizes drawn for the features: the training size, the node's usual 256 (weighted) and a larger matrix.
 SIZES = (128, 160, 192, 224, 256, 256, 256, 320)
@@ -86,11 +85,7 @@ def pooled_features(net: QMapSENet, image: np.ndarray) -> np.ndarray:
     x = torch.zeros((1, 1, h + ph, w + pw))
     x[0, 0, :h, :w] = torch.from_numpy(image)
     with torch.no_grad():
-        for i, blk in enumerate(net.enc):
-            if i > 0:
-                x = F.max_pool2d(x, 2)
-            x = blk(x)
-        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)[0].numpy()
+        return pool(net.encode(x)[-1])[0].numpy()
 
 
 def features(net: QMapSENet, jobs: list[tuple[str, int, int]], workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -102,12 +97,6 @@ def features(net: QMapSENet, jobs: list[tuple[str, int, int]], workers: int = 2)
                 xs.append(pooled_features(net, img))
                 ys.append((te, tr))
     return np.array(xs, np.float32), np.array(ys, np.float32)
-
-
-def identify(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's own output mapping of the head ([M, 2] ms; :class:`QMapSENet`)."""
-    idr = head(x)
-    return torch.cat([_bounded(idr[:, 0:1], *TE_ID_RANGE), _bounded(idr[:, 1:2], *TR_ID_RANGE)], dim=1)
 
 
 def _figures(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
