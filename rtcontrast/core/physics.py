@@ -16,6 +16,9 @@ import numpy as np
 
 #: Smallest relaxation time used in the exponentials (ms).  Avoids division by zero.
 EPS_MS = 1e-6
+#: Smallest E used when solving PD = c / E: a voxel that gives < 0.1 % of its PD as signal carries no usable PD
+#: information (PD is then bounded, not exploded).  The networks and the evaluation oracle solve PD the same way.
+MIN_WEIGHTING = 1e-3
 
 #: The seed paper's five training contrasts (TE, TR) in ms.
 SEED_CONTRASTS: tuple[tuple[float, float], ...] = (

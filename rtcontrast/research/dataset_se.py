@@ -31,7 +31,7 @@ from rtcontrast.research.dataset import INPUT_PERCENTILE, Sample
 
 SOURCES: tuple[str, ...] = ("pelvis", "random", "abdomen")
 #: Seeds of each source are offset so that the sources never share a seed stream.
-_SOURCE_OFFSET = {"pelvis": 0, "random": 10_000_000, "abdomen": 20_000_000}
+SOURCE_OFFSET = {"pelvis": 0, "random": 10_000_000, "abdomen": 20_000_000}
 
 
 @dataclass
@@ -57,9 +57,9 @@ def _one(args: tuple[str, int, int]) -> tuple[np.ndarray, ...]:
     if source == "pelvis":
         m = phantom.random_slice(seed, (size, size))
     elif source == "random":
-        m = random_phantom.random_maps(seed + _SOURCE_OFFSET["random"], (size, size))
+        m = random_phantom.random_maps(seed + SOURCE_OFFSET["random"], (size, size))
     elif source == "abdomen":
-        m = abdomen_phantom.abdomen_maps(seed + _SOURCE_OFFSET["abdomen"], (size, size))
+        m = abdomen_phantom.abdomen_maps(seed + SOURCE_OFFSET["abdomen"], (size, size))
     else:
         raise ValueError(f"unknown source {source!r}")
     return m.pd, m.t1, m.t2, m.labels, np.float32(m.field_t)

@@ -22,16 +22,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rtcontrast.core.physics import weighting
+from rtcontrast.core.physics import MIN_WEIGHTING, weighting
 
 T1_RANGE = (1.0, 10000.0)
 T2_RANGE = (1.0, 5000.0)
 #: The identification head's output range (slightly wider than the trained input range).
 TE_ID_RANGE = (4.0, 300.0)
 TR_ID_RANGE = (150.0, 12000.0)
-#: Smallest E used when solving PD = c / E: a voxel that gives < 0.1 % of its PD as
-#: signal carries no usable PD information (PD is then bounded, not exploded).
-MIN_WEIGHTING = 1e-3
 #: Added before the log of a (series-scaled) input for the fusion network's log channel.
 LOG_FLOOR = 1e-2
 

@@ -27,14 +27,12 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 
 from rtcontrast.core.maps import QMaps
-from rtcontrast.core.physics import weighting
+from rtcontrast.core.physics import MIN_WEIGHTING, weighting
 from rtcontrast.research import phantom
 from rtcontrast.research.eval_phantoms import brain
 
 #: The constant-maps floor (as rtcontrast.research.evaluate_se), for voxels the prior has no figure for.
 FLOOR_T1_MS, FLOOR_T2_MS = 1000.0, 80.0
-#: Smallest signal weighting PD is solved with (as the network: rtcontrast.research.model.MIN_WEIGHTING).
-MIN_WEIGHTING = 1e-3
 #: Reference subjects for the oracle (disjoint from training 0..2400, validation, evaluation, calibration and the
 #: unseen head seeds 5_000_000+).
 ORACLE_SEED_BASE = 6_000_000

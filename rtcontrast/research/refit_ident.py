@@ -46,7 +46,7 @@ def whole_slice(source: str, seed: int, rng: np.random.Generator) -> phantom.Map
     whole body at 1.2-2.4 mm as the held-out volumes are cut."""
     size = int(rng.choice(SIZES))
     if source == "abdomen":
-        return abdomen_phantom.abdomen_maps(seed + dataset_se._SOURCE_OFFSET["abdomen"], (size, size))
+        return abdomen_phantom.abdomen_maps(seed + dataset_se.SOURCE_OFFSET["abdomen"], (size, size))
     if rng.random() < 0.5:
         return phantom.random_slice(seed, (size, size))
     px = float(rng.uniform(1.2, 2.4))
